@@ -1,0 +1,219 @@
+"""``LinearAttention``: the one multi-head attention module for every feature map, and softmax."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .feature_maps import FeatureMap, create_feature_map, list_feature_maps
+
+__all__ = ["LinearAttention", "list_attentions"]
+
+SOFTMAX = "softmax"
+
+# Keyword arguments timm's blocks pass to ``attn_layer`` that this module accepts and ignores.
+_TIMM_IGNORED_KWARGS = frozenset({"scale_norm", "depth", "attn_head_dim", "rope", "fused_attn"})
+
+
+def list_attentions() -> list[str]:
+    """Every value accepted by ``LinearAttention(attn=...)``: ``"softmax"`` and the feature maps."""
+    return [SOFTMAX, *list_feature_maps()]
+
+
+def _square_grid(n: int) -> tuple[int, int] | None:
+    side = math.isqrt(n)
+    return (side, side) if side * side == n and n > 0 else None
+
+
+class LinearAttention(nn.Module):
+    """Multi-head attention ``[B, N, C] → [B, N, C]`` with a pluggable feature map.
+
+    ``attn`` names a feature map of :func:`mirrorla.feature_maps.list_feature_maps` (linear, O(N)) or
+    ``"softmax"`` (``scaled_dot_product_attention``, O(N²)). The signature is a superset of timm's
+    ``Attention``, so ``functools.partial(LinearAttention, attn="mirror")`` is a valid ``attn_layer`` of
+    timm's ``VisionTransformer``.
+
+    Args:
+        dim: channels C; must be divisible by ``num_heads``.
+        num_heads: heads H; head width d = C / H.
+        attn: ``"mirror"`` (default), ``"relu"``, ``"elu"``, ``"focused"``, ``"polarity"`` or ``"softmax"``.
+        attn_kwargs: options of the feature map (e.g. ``{"variance": False}`` for the mirror ablation).
+        qkv_bias, proj_bias: biases of the projections.
+        qk_norm: normalise q and k per head with ``norm_layer`` (before the feature map).
+        attn_drop: dropout on the attention weights (softmax only: linear attention forms no weights).
+        proj_drop: dropout after the output projection.
+        norm_layer: the layer for ``qk_norm`` (default ``nn.LayerNorm``).
+        local_kernel: kernel of the depthwise convolution of V over the token grid added to the output
+            (the anchors' local term). ``None`` (default) means 5 for linear maps and off for softmax;
+            ``0`` turns it off.
+        num_prefix_tokens: tokens before the grid (class/register tokens), left out of the local term.
+            ``None`` infers 0 or 1 from N when no grid is given.
+        grid_size: ``(height, width)`` of the token grid; may also be set later (``attn.grid_size = ...``)
+            or passed to :meth:`forward`. Without it a square grid is inferred from N.
+        eps: added to the linear-attention normaliser.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        attn: str = "mirror",
+        attn_kwargs: dict | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        local_kernel: int | None = None,
+        num_prefix_tokens: int | None = None,
+        grid_size: tuple[int, int] | None = None,
+        eps: float = 1e-6,
+        dim_out: int | None = None,
+        gated: bool = False,
+        device=None,
+        dtype=None,
+        **timm_kwargs,
+    ) -> None:
+        super().__init__()
+        unknown = set(timm_kwargs) - _TIMM_IGNORED_KWARGS
+        if unknown:
+            raise TypeError(f"LinearAttention got unexpected keyword arguments: {sorted(unknown)}")
+        if timm_kwargs.get("scale_norm"):
+            raise ValueError("scale_norm=True is not supported by LinearAttention")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if attn not in list_attentions():
+            raise ValueError(f"unknown attention {attn!r}; known: {', '.join(list_attentions())}")
+        if dim_out not in (None, dim):
+            raise ValueError(f"dim_out must equal dim ({dim}) for LinearAttention, got {dim_out}")
+        dd = {"device": device, "dtype": dtype}
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.attn_name = attn
+        self.attn_kwargs = dict(attn_kwargs or {})
+        self.eps = float(eps)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid_size = grid_size
+        self.attn_drop = float(attn_drop)
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        norm_layer = norm_layer or nn.LayerNorm
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        if attn == SOFTMAX:
+            if self.attn_kwargs:
+                raise ValueError(f"attn='softmax' takes no attn_kwargs, got {sorted(self.attn_kwargs)}")
+            self.feature_map: FeatureMap | None = None
+        else:
+            self.feature_map = create_feature_map(attn, self.num_heads, self.head_dim, **self.attn_kwargs)
+        if local_kernel is None:
+            local_kernel = 0 if attn == SOFTMAX else 5
+        if local_kernel < 0 or (local_kernel and local_kernel % 2 == 0):
+            raise ValueError(f"local_kernel must be 0 (off) or a positive odd int, got {local_kernel}")
+        self.local_kernel = local_kernel
+        self.local = (
+            nn.Conv2d(dim, dim, local_kernel, padding=local_kernel // 2, groups=dim, **dd) if local_kernel else None
+        )
+        wants_gate = gated or (self.feature_map is not None and self.feature_map.output_gate)
+        self.gate = nn.Linear(dim, dim, bias=qkv_bias, **dd) if wants_gate else None
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def configure(cls, **defaults) -> type[LinearAttention]:
+        """A subclass with other defaults, for places that need a class (timm's ``attn_layer``).
+
+        ``timm.create_model("vit_tiny_patch16_224", attn_layer=LinearAttention.configure(attn="relu"))``
+        (timm checks ``issubclass``, so ``functools.partial`` is refused there).
+        """
+        if "attn" in defaults and defaults["attn"] not in list_attentions():
+            raise ValueError(f"unknown attention {defaults['attn']!r}; known: {', '.join(list_attentions())}")
+        parent = cls
+
+        def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
+            parent.__init__(self, dim, num_heads, **{**defaults, **kwargs})
+
+        name = f"{cls.__name__}_{defaults.get('attn', 'mirror')}"
+        return type(name, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__qualname__": name})
+
+    @property
+    def is_linear(self) -> bool:
+        return self.feature_map is not None
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of the feature map's angles, vectors and scales."""
+        if self.feature_map is None:
+            return set()
+        keep = set(self.feature_map.no_weight_decay_params)
+        return {f"feature_map.{name}" for name, _ in self.feature_map.named_parameters() if name in keep}
+
+    def resolve_grid(self, n: int, grid_size: tuple[int, int] | None = None) -> tuple[int, tuple[int, int]]:
+        """``(num_prefix_tokens, (height, width))`` of a sequence of ``n`` tokens."""
+        grid = grid_size or self.grid_size
+        prefix = self.num_prefix_tokens
+        if grid is not None:
+            gh, gw = int(grid[0]), int(grid[1])
+            if prefix is None:
+                prefix = n - gh * gw
+            if prefix < 0 or prefix + gh * gw != n:
+                raise ValueError(
+                    f"grid_size {(gh, gw)} with {prefix} prefix tokens does not match N = {n} tokens "
+                    f"(expected N = num_prefix_tokens + height·width)"
+                )
+            return prefix, (gh, gw)
+        for p in ((prefix,) if prefix is not None else (0, 1)):
+            square = _square_grid(n - p)
+            if square is not None:
+                return p, square
+        raise ValueError(
+            f"cannot infer the token grid of N = {n} tokens (not a square after {prefix or '0 or 1'} prefix "
+            "tokens): pass grid_size=(height, width) to LinearAttention or its forward"
+        )
+
+    def _local_term(self, v: torch.Tensor, grid_size: tuple[int, int] | None) -> torch.Tensor:
+        """Depthwise convolution of V over the grid, ``[B, H, N, d] → [B, N, C]``, zero on prefix tokens."""
+        b, h, n, d = v.shape
+        prefix, (gh, gw) = self.resolve_grid(n, grid_size)
+        grid = v[:, :, prefix:].transpose(2, 3).reshape(b, h * d, gh, gw)
+        local = self.local(grid).flatten(2).transpose(1, 2)  # [B, gh·gw, C]
+        return F.pad(local, (0, 0, prefix, 0)) if prefix else local
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        grid_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """x ``[B, N, C]`` → ``[B, N, C]``. ``attn_mask``/``is_causal`` are honoured by softmax only."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [B, N, C={self.dim}], got {tuple(x.shape)}")
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.feature_map is None:
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                dropout_p=self.attn_drop if self.training else 0.0,
+            )
+        else:
+            if attn_mask is not None or is_causal:
+                raise ValueError(
+                    f"attn_mask/is_causal are not supported by non-causal linear attention ({self.attn_name!r})"
+                )
+            o = self.feature_map.attend(q, k, v, eps=self.eps)
+        o = o.transpose(1, 2).reshape(b, n, c)
+        if self.local is not None:
+            o = o + self._local_term(v, grid_size)
+        if self.gate is not None:
+            o = o * self.gate(x)
+        return self.proj_drop(self.proj(o))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, attn={self.attn_name!r}, local_kernel={self.local_kernel}"

@@ -1,0 +1,395 @@
+"""Feature maps for linear attention, behind one registry.
+
+Every map is a small ``nn.Module`` that takes queries and keys *together* (``[B, H, N, d]`` each, after
+the projections and the head split) and returns their non-negative features. Q and K go through the
+same parameters and the same statistics; that is what keeps MirrorLA's reflections inner-product
+preserving. ``attend`` runs the one linear-attention core of :mod:`mirrorla.ops` on the features; a
+map with several streams (polarity) overrides it and still calls the same core.
+
+    >>> fmap = create_feature_map("mirror", num_heads=3, head_dim=64)
+    >>> phi_q, phi_k = fmap(q, k)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import (
+    PAIRINGS,
+    block_reflect,
+    block_variance,
+    cross_head_reflect,
+    linear_attention,
+    linear_attention_reference,
+)
+
+__all__ = [
+    "DELTA_FORMS",
+    "ELUFeatureMap",
+    "FeatureMap",
+    "FocusedFeatureMap",
+    "MirrorFeatureMap",
+    "PolarityFeatureMap",
+    "ReLUFeatureMap",
+    "create_feature_map",
+    "list_feature_maps",
+    "register_feature_map",
+]
+
+_REGISTRY: dict[str, type[FeatureMap]] = {}
+
+
+def register_feature_map(name: str) -> Callable[[type[FeatureMap]], type[FeatureMap]]:
+    """Class decorator: make a :class:`FeatureMap` subclass available to :func:`create_feature_map`."""
+
+    def wrap(cls: type[FeatureMap]) -> type[FeatureMap]:
+        if name in _REGISTRY:
+            raise ValueError(f"feature map {name!r} is already registered ({_REGISTRY[name].__name__})")
+        cls.map_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_feature_maps() -> list[str]:
+    """Names accepted by :func:`create_feature_map`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create_feature_map(name: str, num_heads: int, head_dim: int, **kwargs) -> FeatureMap:
+    """Build a registered feature map for ``num_heads`` heads of width ``head_dim``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown feature map {name!r}; known feature maps: {', '.join(list_feature_maps())}")
+    return _REGISTRY[name](num_heads, head_dim, **kwargs)
+
+
+class FeatureMap(nn.Module):
+    """Base class. Subclasses implement :meth:`forward` ``(q, k) -> (φ(q), φ(k))``.
+
+    Class attributes a subclass may set:
+        output_gate: the attention module multiplies its output by a linear gate of the input (PolaFormer).
+        no_weight_decay_params: names of parameters that must not be weight-decayed (angles, scales).
+    """
+
+    map_name: str = "base"
+    output_gate: bool = False
+    no_weight_decay_params: tuple[str, ...] = ()
+
+    def __init__(self, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        if not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+
+    def _check(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        for name, t in (("q", q), ("k", k)):
+            if t.dim() != 4 or t.shape[1] != self.num_heads or t.shape[3] != self.head_dim:
+                raise ValueError(
+                    f"{name} must have shape [B, H={self.num_heads}, N, d={self.head_dim}], got {tuple(t.shape)}"
+                )
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        eps: float = 1e-6,
+        return_attn: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Linear attention with this map: q, k ``[B, H, N, d]``, v ``[B, H, N, dv]`` → ``[B, H, N, dv]``.
+
+        With ``return_attn`` the explicit N×N path is used and the attention matrices are returned too, one
+        ``[B, H, Nq, N]`` per stream (one stream for every map but polarity).
+        """
+        fq, fk = self(q, k)
+        if return_attn:
+            out, attn = linear_attention_reference(fq, fk, v, eps=eps, return_attn=True)
+            return out, [attn]
+        return linear_attention(fq, fk, v, eps=eps)
+
+    def elementwise_flops_per_token(self) -> int:
+        """Analytic element-wise FLOPs per token of this map on q and k together (matmuls excluded)."""
+        return 2 * self.num_heads * self.head_dim  # one max per coordinate of q and of k
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+@register_feature_map("relu")
+class ReLUFeatureMap(FeatureMap):
+    """φ(x) = ReLU(x): plain linear attention (Katharopoulos et al. 2020 style)."""
+
+    def forward(self, q, k):
+        self._check(q, k)
+        return F.relu(q), F.relu(k)
+
+
+@register_feature_map("elu")
+class ELUFeatureMap(FeatureMap):
+    """φ(x) = ELU(x) + 1 (Linear Transformer, MLLA)."""
+
+    def forward(self, q, k):
+        self._check(q, k)
+        return F.elu(q) + 1.0, F.elu(k) + 1.0
+
+    def elementwise_flops_per_token(self) -> int:
+        return 2 * self.num_heads * self.head_dim * 3  # exp, compare/select, +1
+
+
+class _LearnedScale(nn.Module):
+    """Divides by softplus(s), s per channel [H, d], zero-init (FLatten / PolaFormer temperature)."""
+
+    def __init__(self, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(num_heads, 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / F.softplus(self.scale)
+
+
+@register_feature_map("focused")
+class FocusedFeatureMap(FeatureMap):
+    """FLatten's focused map (ICCV'23): ``x = (ReLU(x) + 1e-6) / softplus(s)``, then
+    ``f_p(x) = (‖x‖ / ‖x^p‖) · x^p`` element-wise power p. As in FLatten the norms run over all C
+    channels of a token (every head), so the map sharpens direction and keeps the token's norm.
+    Computed in fp32: ``x³`` of activations overflows fp16.
+    """
+
+    no_weight_decay_params = ("scale.scale",)
+
+    def __init__(self, num_heads: int, head_dim: int, *, power: float = 3.0) -> None:
+        super().__init__(num_heads, head_dim)
+        if power <= 0:
+            raise ValueError(f"power must be positive, got {power}")
+        self.power = float(power)
+        self.scale = _LearnedScale(num_heads, head_dim)
+
+    def _focus(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.scale(F.relu(x.float()) + 1e-6)
+        norm = x.pow(2).sum(dim=(1, 3), keepdim=True).sqrt()
+        xp = x.pow(self.power)
+        return xp * (norm / xp.pow(2).sum(dim=(1, 3), keepdim=True).sqrt())
+
+    def forward(self, q, k):
+        self._check(q, k)
+        return self._focus(q).to(q.dtype), self._focus(k).to(k.dtype)
+
+    def elementwise_flops_per_token(self) -> int:
+        return 2 * self.num_heads * self.head_dim * 9
+
+
+@register_feature_map("polarity")
+class PolarityFeatureMap(FeatureMap):
+    """PolaFormer's polarity-aware map (ICLR'25).
+
+    ``x⁺ = ReLU(x)^π``, ``x⁻ = ReLU(−x)^π`` with a learnable per-(head, channel) power
+    ``π = 1 + α·sigmoid(w)`` (w zero-init, so π starts at 1 + α/2), shared by q and k, after PolaFormer's
+    softplus temperature. Same-sign stream: ``([q⁺, q⁻], [k⁺, k⁻], v₁)``; opposite-sign stream:
+    ``([q⁻, q⁺], [k⁺, k⁻], v₂)`` with v split in halves along channels; outputs are concatenated. The
+    attention module adds PolaFormer's linear output gate (``output_gate``).
+    """
+
+    output_gate = True
+    no_weight_decay_params = ("power", "scale.scale")
+
+    def __init__(self, num_heads: int, head_dim: int, *, alpha: float = 4.0) -> None:
+        super().__init__(num_heads, head_dim)
+        if head_dim % 2:
+            raise ValueError(f"polarity splits v in two halves per head: head_dim must be even, got {head_dim}")
+        self.alpha = float(alpha)
+        self.power = nn.Parameter(torch.zeros(num_heads, 1, head_dim))
+        self.scale = _LearnedScale(num_heads, head_dim)
+
+    def _signed_powers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = 1.0 + self.alpha * torch.sigmoid(self.power)
+        x = self.scale(x.float())
+        return F.relu(x).pow(p), F.relu(-x).pow(p)
+
+    def forward(self, q, k):
+        """Returns the same-sign features ``([q⁺, q⁻], [k⁺, k⁻])`` (``[B, H, N, 2d]`` each)."""
+        self._check(q, k)
+        qp, qn = self._signed_powers(q)
+        kp, kn = self._signed_powers(k)
+        return torch.cat([qp, qn], -1).to(q.dtype), torch.cat([kp, kn], -1).to(k.dtype)
+
+    def attend(self, q, k, v, *, eps=1e-6, return_attn=False):
+        self._check(q, k)
+        qp, qn = self._signed_powers(q)
+        kp, kn = self._signed_powers(k)
+        phi_k = torch.cat([kp, kn], -1)
+        streams = ((torch.cat([qp, qn], -1), v[..., : v.shape[-1] // 2]),
+                   (torch.cat([qn, qp], -1), v[..., v.shape[-1] // 2:]))
+        outs, attns = [], []
+        for phi_q, v_half in streams:
+            if return_attn:
+                o, a = linear_attention_reference(phi_q, phi_k, v_half, eps=eps, return_attn=True)
+                attns.append(a)
+            else:
+                o = linear_attention(phi_q, phi_k, v_half, eps=eps)
+            outs.append(o)
+        out = torch.cat(outs, -1)
+        return (out, attns) if return_attn else out
+
+    def elementwise_flops_per_token(self) -> int:
+        return 2 * self.num_heads * self.head_dim * 8
+
+
+def _delta_tanh_log(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    return gamma * torch.tanh(torch.log(var + eps))
+
+
+def _delta_log(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    return gamma * torch.log(var + eps)
+
+
+def _delta_rsqrt(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    return gamma * torch.rsqrt(var + eps)
+
+
+DELTA_FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "tanh_log": _delta_tanh_log,  # γ·tanh(log(σ² + ε)): bounded, the default
+    "log": _delta_log,  # γ·log(σ² + ε): unbounded
+    "rsqrt": _delta_rsqrt,  # γ/√(σ² + ε): shrinks the offset as features spread out
+}
+"""Forms of the variance-aware angle offset Δα(σ²) (docs/method.md §2.3, an open choice)."""
+
+
+@register_feature_map("mirror")
+class MirrorFeatureMap(FeatureMap):
+    """MirrorLA (docs/method.md §2): ``φ(z) = ReLU(H_blk(Θ) · split_heads(H_cross · z))`` for z = q, k.
+
+    Args:
+        num_heads, head_dim: head layout of q and k; ``head_dim`` must be even when ``block`` is on.
+        block: block-wise 2×2 reflections with learnable angles θ ``[H, d/2]``.
+        variance: modulate the angles, ``Θ = θ + Δα(σ²)``, with σ² the per-(sample, head, block) variance
+            of the keys after the cross-head reflection, over tokens and the block's two channels; the
+            same Θ reflects that sample's queries, so ``qᵀk`` is preserved. Needs ``block``.
+        cross_head: one Householder reflection ``I − 2uuᵀ/‖u‖²`` over all C = H·d channels, applied first.
+        pairing: ``"adjacent"`` channel pairs ``(2i, 2i+1)`` (default, the paper's figure) or ``"half"``.
+        delta_form: the form of Δα, a key of :data:`DELTA_FORMS` (default ``"tanh_log"``); γ
+            ``[H, d/2]`` is zero-initialised so a model starts as plain block reflection.
+        theta_init: ``"uniform"`` (U[0, π), default), ``"zero"`` or a float (every angle that value).
+        u_init: ``"normal"`` (default, N(0, 1) entries) or ``"ones"`` (an even mix of all channels).
+        eps: ε inside Δα.
+
+    With every component off the map is exactly ReLU, so the ablation
+    ReLU → +block → +variance → +cross-head is configuration only.
+    """
+
+    no_weight_decay_params = ("theta", "gamma", "u")
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        *,
+        block: bool = True,
+        variance: bool = True,
+        cross_head: bool = True,
+        pairing: str = "adjacent",
+        delta_form: str = "tanh_log",
+        theta_init: str | float = "uniform",
+        u_init: str = "normal",
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__(num_heads, head_dim)
+        if variance and not block:
+            raise ValueError("variance=True modulates the block angles and needs block=True")
+        if block and head_dim % 2:
+            raise ValueError(f"block reflection pairs channels: head_dim must be even, got {head_dim}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        if delta_form not in DELTA_FORMS:
+            raise ValueError(f"delta_form must be one of {sorted(DELTA_FORMS)}, got {delta_form!r}")
+        if u_init not in ("normal", "ones"):
+            raise ValueError(f"u_init must be 'normal' or 'ones', got {u_init!r}")
+        self.block, self.variance, self.cross_head = bool(block), bool(variance), bool(cross_head)
+        self.pairing, self.delta_form, self.eps = pairing, delta_form, float(eps)
+        self.theta_init, self.u_init = theta_init, u_init
+        blocks = head_dim // 2
+        self.theta = nn.Parameter(torch.empty(num_heads, blocks)) if block else None
+        self.gamma = nn.Parameter(torch.zeros(num_heads, blocks)) if variance else None
+        self.u = nn.Parameter(torch.empty(num_heads * head_dim)) if cross_head else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.theta is not None:
+                if self.theta_init == "uniform":
+                    self.theta.uniform_(0.0, math.pi)
+                elif self.theta_init == "zero":
+                    self.theta.zero_()
+                elif isinstance(self.theta_init, (int, float)):
+                    self.theta.fill_(float(self.theta_init))
+                else:
+                    raise ValueError(f"theta_init must be 'uniform', 'zero' or a float, got {self.theta_init!r}")
+            if self.gamma is not None:
+                self.gamma.zero_()
+            if self.u is not None:
+                if self.u_init == "normal":
+                    self.u.normal_()
+                else:
+                    self.u.fill_(1.0)
+
+    def delta_alpha(self, k_cross: torch.Tensor) -> torch.Tensor:
+        """Δα(σ²) ``[B, H, d/2]`` (fp32) from keys after the cross-head reflection ``[B, H, N, d]``."""
+        var = block_variance(k_cross, pairing=self.pairing, dim=2)
+        return DELTA_FORMS[self.delta_form](var, self.gamma.to(var.dtype), self.eps)
+
+    def angles(self, k_cross: torch.Tensor) -> torch.Tensor:
+        """Θ per sample ``[B or 1, H, 1, d/2]`` (fp32) for keys after the cross-head reflection."""
+        theta = self.theta.to(torch.promote_types(self.theta.dtype, torch.float32)).unsqueeze(0)  # [1, H, d/2]
+        if self.variance:
+            theta = theta + self.delta_alpha(k_cross)
+        return theta.unsqueeze(2)
+
+    def reflect(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The map before the ReLU: an orthogonal map per sample, shared by q and k (``[B, H, N, d]``).
+
+        It preserves the inner product of every query-key pair of a sample over all C = H·d channels; the
+        per-head products change when ``cross_head`` mixes channels across heads.
+        """
+        self._check(q, k)
+        if self.cross_head:
+            q, k = cross_head_reflect(q, self.u), cross_head_reflect(k, self.u)
+        if self.block:
+            theta = self.angles(k)
+            q = block_reflect(q, theta, pairing=self.pairing)
+            k = block_reflect(k, theta, pairing=self.pairing)
+        return q, k
+
+    def forward(self, q, k):
+        q, k = self.reflect(q, k)
+        return F.relu(q), F.relu(k)
+
+    def elementwise_flops_per_token(self) -> int:
+        c = self.num_heads * self.head_dim
+        flops = 2 * c  # ReLU on q and k
+        if self.cross_head:
+            flops += 2 * 4 * c  # uᵀz (mul+add) and z − 2su (mul+sub), for q and k
+        if self.block:
+            flops += 2 * 3 * c  # per output coordinate: two products and one add, q and k
+        if self.variance:
+            flops += 3 * c  # sum and sum of squares of k
+        return flops
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, block={self.block}, variance={self.variance}, "
+            f"cross_head={self.cross_head}, pairing={self.pairing!r}, delta_form={self.delta_form!r}"
+        )

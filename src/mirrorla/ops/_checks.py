@@ -1,0 +1,25 @@
+"""Argument checks shared by the ops: every error names the argument and the expected shape."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_rank(name: str, x: torch.Tensor, rank: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank} ({layout}), got shape {tuple(x.shape)}")
+
+
+def check_even_last_dim(name: str, x: torch.Tensor) -> None:
+    if x.dim() == 0 or x.shape[-1] % 2 != 0:
+        raise ValueError(
+            f"{name} must have an even last dimension (channels are reflected in pairs), "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def check_floating(name: str, x: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")

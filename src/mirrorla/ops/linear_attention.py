@@ -1,0 +1,88 @@
+"""Non-causal linear attention: the O(N) core shared by every linear feature map, and its N×N reference."""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_floating, check_rank
+
+__all__ = ["linear_attention", "linear_attention_reference"]
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_rank("q", q, 4, "[B, H, N, dq]")
+    check_rank("k", k, 4, "[B, H, N, dq]")
+    check_rank("v", v, 4, "[B, H, N, dv]")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_floating(name, t)
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must share batch, heads and feature dim: q {tuple(q.shape)} vs k {tuple(k.shape)} "
+            "(expected [B, H, N, dq] for both)"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"v must match k in batch, heads and tokens: v {tuple(v.shape)} vs k {tuple(k.shape)} "
+            "(expected v [B, H, N, dv])"
+        )
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"q and k need at least one token, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 when an input is fp64: never accumulate in half precision."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """Mean-normalised linear attention, ``o_i = φq_iᵀ S / (φq_iᵀ z̄ + eps)``.
+
+    ``S = (1/N) Σ_j φk_j v_jᵀ`` and ``z̄ = (1/N) Σ_j φk_j`` (docs/method.md §2.4).
+
+    Args:
+        q: feature-mapped (non-negative) queries ``[B, H, Nq, dq]``.
+        k: feature-mapped (non-negative) keys ``[B, H, N, dq]``.
+        v: values ``[B, H, N, dv]``.
+        eps: added to the normaliser.
+
+    Returns:
+        ``[B, H, Nq, dv]`` in v's dtype. The reduction and the normaliser always run in fp32, also under
+        autocast, because the KV state of thousands of tokens overflows fp16.
+    """
+    _check_qkv(q, k, v)
+    out_dtype = v.dtype
+    acc = _accumulation_dtype(q, k, v)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+        inv_n = 1.0 / k.shape[2]
+        kv = torch.matmul(kf.transpose(-2, -1), vf).mul_(inv_n)  # [B, H, dq, dv]
+        k_mean = kf.mean(dim=2).unsqueeze(-1)  # [B, H, dq, 1]
+        num = torch.matmul(qf, kv)  # [B, H, Nq, dv]
+        den = torch.matmul(qf, k_mean).add_(eps)  # [B, H, Nq, 1]
+        out = num.div_(den)
+    return out.to(out_dtype)
+
+
+def linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    return_attn: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The same result as :func:`linear_attention`, through the explicit N×N attention matrix.
+
+    ``A = φQ φKᵀ / N``, ``attn = A / (A·1 + eps)``, ``o = attn V``. O(N²): for tests and attention maps.
+
+    Returns:
+        ``o`` ``[B, H, Nq, dv]`` (v's dtype), and with ``return_attn`` also ``attn`` ``[B, H, Nq, N]``
+        (fp32, or fp64 for fp64 inputs).
+    """
+    _check_qkv(q, k, v)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        acc = _accumulation_dtype(q, k, v)
+        a = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) / k.shape[2]
+        attn = a / (a.sum(dim=-1, keepdim=True) + eps)
+        out = torch.matmul(attn, v.to(acc)).to(v.dtype)
+    return (out, attn) if return_attn else out

@@ -1,0 +1,151 @@
+"""Householder reflections used by the MirrorLA feature map (pure functions, no parameters).
+
+A reflection ``H = I − 2uuᵀ/‖u‖²`` is orthogonal and symmetric, so applying the same ``H`` to queries
+and keys keeps every inner product ``(Hq)ᵀ(Hk) = qᵀk`` (docs/method.md §1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_even_last_dim, check_floating
+
+__all__ = [
+    "PAIRINGS",
+    "block_reflect",
+    "block_variance",
+    "cross_head_reflect",
+    "householder_reflect",
+    "pair_channels",
+    "unpair_channels",
+]
+
+PAIRINGS = ("adjacent", "half")
+
+
+def _check_pairing(pairing: str) -> None:
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+
+
+def pair_channels(x: torch.Tensor, pairing: str = "adjacent") -> torch.Tensor:
+    """View ``[..., d]`` as ``[..., d/2, 2]`` blocks: ``(2i, 2i+1)`` (adjacent) or ``(i, i+d/2)`` (half)."""
+    _check_pairing(pairing)
+    check_even_last_dim("x", x)
+    half = x.shape[-1] // 2
+    if pairing == "adjacent":
+        return x.unflatten(-1, (half, 2))
+    return x.unflatten(-1, (2, half)).transpose(-1, -2)
+
+
+def unpair_channels(x: torch.Tensor, pairing: str = "adjacent") -> torch.Tensor:
+    """Inverse of :func:`pair_channels`: ``[..., d/2, 2]`` → ``[..., d]``."""
+    _check_pairing(pairing)
+    if pairing == "adjacent":
+        return x.flatten(-2)
+    return x.transpose(-1, -2).flatten(-2)
+
+
+def block_reflect(x: torch.Tensor, theta: torch.Tensor, *, pairing: str = "adjacent") -> torch.Tensor:
+    """Reflect each channel pair of ``x`` by ``H(θ) = [[−cos2θ, −sin2θ], [−sin2θ, cos2θ]]``.
+
+    ``H(θ) = I − 2uuᵀ`` with ``u = (cos θ, sin θ)``, so ‖u‖ = 1 by construction.
+
+    Args:
+        x: ``[..., d]`` with d even.
+        theta: angles broadcastable to ``[..., d/2]`` (one per block).
+        pairing: ``"adjacent"`` pairs channels ``(2i, 2i+1)`` (default, as in the paper's figure);
+            ``"half"`` pairs ``(i, i + d/2)``.
+
+    Returns:
+        ``[..., d]``, same dtype as ``x``.
+    """
+    check_floating("x", x)
+    check_floating("theta", theta)
+    pairs = pair_channels(x, pairing)  # [..., d/2, 2]
+    try:
+        torch.broadcast_shapes(theta.shape, pairs.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"theta must broadcast to [..., d/2] = {tuple(pairs.shape[:-1])}, got shape {tuple(theta.shape)}"
+        ) from None
+    two_theta = 2.0 * theta
+    cos = torch.cos(two_theta).to(x.dtype).unsqueeze(-1)  # [..., d/2, 1]
+    sin = torch.sin(two_theta).to(x.dtype).unsqueeze(-1)
+    sign = torch.tensor([-1.0, 1.0], dtype=x.dtype, device=x.device)
+    # y = (−c·x0 − s·x1, −s·x0 + c·x1) = sign ⊙ c ⊙ x − s ⊙ swap(x)
+    y = torch.addcmul(-sin * pairs.flip(-1), cos * sign, pairs)
+    return unpair_channels(y, pairing)
+
+
+def _unit(u: torch.Tensor) -> torch.Tensor:
+    """u / ‖u‖ in at least fp32: ‖u‖² of a bf16 parameter would round badly."""
+    u = u.to(torch.promote_types(u.dtype, torch.float32))
+    return u * torch.rsqrt(u.pow(2).sum().clamp_min(1e-12))
+
+
+def householder_reflect(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``x − 2 (uᵀx / ‖u‖²) u`` on the last dimension.
+
+    Args:
+        x: ``[..., C]``.
+        u: ``[C]``, any non-zero vector (it is normalised here, so it can be a free parameter).
+
+    Returns:
+        ``[..., C]`` in x's dtype.
+    """
+    check_floating("x", x)
+    check_floating("u", u)
+    if u.dim() != 1 or x.dim() == 0 or u.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"u must have shape [C] with C = x.shape[-1] = {x.shape[-1] if x.dim() else '?'}, "
+            f"got u {tuple(u.shape)}"
+        )
+    unit = _unit(u).to(x.dtype)
+    proj = torch.matmul(x, unit)  # [...]
+    return torch.addcmul(x, proj.unsqueeze(-1), unit, value=-2.0)
+
+
+def block_variance(x: torch.Tensor, *, pairing: str = "adjacent", dim: int = -2) -> torch.Tensor:
+    """Variance of each channel block over the token dimension and the block's two channels.
+
+    Args:
+        x: ``[..., N, d]`` (tokens on ``dim``, channels last), d even.
+        pairing: how channels form blocks, as in :func:`block_reflect`.
+        dim: the token dimension (not the last).
+
+    Returns:
+        ``[..., d/2]`` (the token dimension removed), fp32 or wider, population variance over ``2N`` values.
+    """
+    check_floating("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [..., N, d], got {tuple(x.shape)}")
+    pairs = pair_channels(x, pairing)  # [..., N, d/2, 2]
+    pairs = pairs.to(torch.promote_types(pairs.dtype, torch.float32))
+    token_dim = dim if dim >= 0 else x.dim() + dim
+    if token_dim == x.dim() - 1:
+        raise ValueError("dim must be the token dimension, not the channel dimension")
+    var, _ = torch.var_mean(pairs, dim=(token_dim, -1), correction=0)
+    return var
+
+
+def cross_head_reflect(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`householder_reflect` on the concatenated heads of ``x``, without merging them.
+
+    Args:
+        x: ``[B, H, N, d]``; head h holds channels ``h·d … h·d + d − 1`` of the model's C = H·d.
+        u: ``[H·d]`` reflecting vector spanning all heads (any non-zero vector).
+
+    Returns:
+        ``[B, H, N, d]``, equal to splitting ``householder_reflect(merge_heads(x), u)`` into heads.
+    """
+    check_floating("x", x)
+    check_floating("u", u)
+    if x.dim() != 4:
+        raise ValueError(f"x must have rank 4 ([B, H, N, d]), got shape {tuple(x.shape)}")
+    heads, head_dim = x.shape[1], x.shape[3]
+    if u.dim() != 1 or u.shape[0] != heads * head_dim:
+        raise ValueError(f"u must have shape [H·d] = [{heads * head_dim}], got {tuple(u.shape)}")
+    unit = _unit(u).to(x.dtype).view(heads, 1, head_dim)
+    proj = (x * unit).sum(dim=(1, 3), keepdim=True)  # [B, 1, N, 1]: uᵀz per token, over all heads
+    return torch.addcmul(x, proj, unit, value=-2.0)

@@ -1,0 +1,1 @@
+"""Tools on top of the models: CLI, training, benchmarks, analysis."""

@@ -1,0 +1,142 @@
+"""LinearAttention: shapes, grids, prefix tokens, batch independence, low precision and timm integration."""
+
+import pytest
+import timm
+import torch
+
+from mirrorla import LinearAttention, list_attentions
+from mirrorla.ops import linear_attention_reference
+
+C, HEADS = 48, 3
+
+
+@pytest.mark.parametrize("attn", list_attentions())
+def test_every_attention_forward_backward(attn):
+    m = LinearAttention(C, HEADS, attn=attn)
+    x = torch.randn(2, 1 + 6 * 4, C, requires_grad=True)
+    y = m(x, grid_size=(6, 4))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.square().mean().backward()
+    assert x.grad.abs().sum() > 0
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+
+
+@pytest.mark.parametrize("attn", list_attentions())
+def test_sample_output_does_not_depend_on_rest_of_batch(attn):
+    m = LinearAttention(C, HEADS, attn=attn).eval()
+    x = torch.randn(5, 65, C)
+    with torch.no_grad():
+        full = m(x)
+        alone = m(x[2:3])
+        other = m(torch.cat([x[2:3], 100 * torch.randn(3, 65, C)]))
+    torch.testing.assert_close(full[2:3], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_module_equals_explicit_computation():
+    """Projections, mirror map, N×N linear attention and the local term written out by hand."""
+    m = LinearAttention(C, HEADS, attn="mirror", num_prefix_tokens=1).double()
+    with torch.no_grad():
+        m.feature_map.gamma.normal_()
+    x = torch.randn(2, 1 + 5 * 3, C, dtype=torch.float64)
+    b, n, _ = x.shape
+    q, k, v = m.qkv(x).view(b, n, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+    fq, fk = m.feature_map(q, k)
+    o = linear_attention_reference(fq, fk, v).transpose(1, 2).reshape(b, n, C)
+    grid = v[:, :, 1:].transpose(2, 3).reshape(b, C, 5, 3)
+    local = torch.nn.functional.conv2d(grid, m.local.weight, m.local.bias, padding=2, groups=C)
+    o[:, 1:] += local.flatten(2).transpose(1, 2)
+    expected = m.proj(o)
+    torch.testing.assert_close(m(x, grid_size=(5, 3)), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_local_term_skips_prefix_tokens_and_handles_non_square_grids():
+    m = LinearAttention(C, HEADS, attn="relu", num_prefix_tokens=2)
+    v = torch.randn(1, HEADS, 2 + 7 * 3, C // HEADS)
+    local = m._local_term(v, (7, 3))
+    assert local.shape == (1, 2 + 21, C)
+    assert torch.all(local[:, :2] == 0)
+    with pytest.raises(ValueError, match=r"grid_size \(4, 4\) with 2 prefix tokens does not match N = 23"):
+        m._local_term(v, (4, 4))
+
+
+def test_grid_inference():
+    m = LinearAttention(C, HEADS, attn="relu")
+    assert m.resolve_grid(196) == (0, (14, 14))
+    assert m.resolve_grid(197) == (1, (14, 14))
+    with pytest.raises(ValueError, match="cannot infer the token grid of N = 150"):
+        m.resolve_grid(150)
+    assert m.resolve_grid(150, (10, 15)) == (0, (10, 15))
+    no_local = LinearAttention(C, HEADS, attn="relu", local_kernel=0)
+    assert no_local(torch.randn(1, 150, C)).shape == (1, 150, C)  # any N without the local term
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("attn", ["mirror", "relu", "elu", "focused", "polarity"])
+def test_autocast_long_sequence_stays_finite(attn, dtype):
+    m = LinearAttention(64, 2, attn=attn)
+    x = 4 * torch.randn(1, 128 * 128, 64)  # N = 16,384
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        y = m(x)
+    assert torch.isfinite(y).all()
+    with torch.no_grad():
+        ref = m(x)
+    assert (y.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"dim": 50, "num_heads": 3}, "must be divisible by num_heads"),
+        ({"dim": 48, "num_heads": 3, "attn": "cosine"}, "unknown attention 'cosine'; known: softmax"),
+        ({"dim": 45, "num_heads": 3, "attn": "mirror"}, "head_dim must be even"),
+        ({"dim": 48, "num_heads": 3, "local_kernel": 4}, "local_kernel must be"),
+        ({"dim": 48, "num_heads": 3, "attn": "softmax", "attn_kwargs": {"block": False}}, "takes no attn_kwargs"),
+    ],
+)
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LinearAttention(**kwargs)
+
+
+def test_unknown_keyword_is_a_type_error():
+    with pytest.raises(TypeError, match="unexpected keyword arguments: \\['heads'\\]"):
+        LinearAttention(C, heads=3)
+
+
+def test_forward_errors():
+    m = LinearAttention(C, HEADS)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, N, C=48\]"):
+        m(torch.randn(2, 16, 32))
+    with pytest.raises(ValueError, match=r"x must have shape \[B, N, C=48\]"):
+        m(torch.randn(16, C))
+    with pytest.raises(ValueError, match="attn_mask/is_causal are not supported"):
+        m(torch.randn(1, 16, C), is_causal=True)
+
+
+def test_no_weight_decay_lists_reflection_parameters():
+    assert LinearAttention(C, HEADS).no_weight_decay() == {
+        "feature_map.theta", "feature_map.gamma", "feature_map.u"}
+    assert LinearAttention(C, HEADS, attn_kwargs={"variance": False}).no_weight_decay() == {
+        "feature_map.theta", "feature_map.u"}
+
+
+@pytest.mark.parametrize("attn", ["mirror", "polarity", "softmax"])
+def test_timm_vision_transformer_accepts_it_and_trains(attn):
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=4,
+        attn_layer=LinearAttention.configure(attn=attn), qk_norm=True, qkv_bias=True,
+    )
+    assert all(isinstance(b.attn, LinearAttention) for b in model.blocks)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

@@ -1,0 +1,174 @@
+"""Exact properties of the pure ops: reflections and the linear-attention core."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mirrorla.ops import (
+    block_reflect,
+    block_variance,
+    cross_head_reflect,
+    householder_reflect,
+    linear_attention,
+    linear_attention_reference,
+)
+
+
+def reflection_2x2(theta: float) -> torch.Tensor:
+    u = torch.tensor([math.cos(theta), math.sin(theta)], dtype=torch.float64)
+    return torch.eye(2, dtype=torch.float64) - 2 * torch.outer(u, u)
+
+
+def matrix_of(fn, d: int) -> torch.Tensor:
+    """The matrix M with fn(x) = M x, read off the basis vectors (fn acts on the last dim)."""
+    return fn(torch.eye(d, dtype=torch.float64)).T
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.3, 1.2, math.pi / 2, 2.9, -0.7])
+def test_block_reflect_2x2_closed_form_equals_householder(theta):
+    m = matrix_of(lambda x: block_reflect(x, torch.tensor([theta], dtype=torch.float64)), 2)
+    torch.testing.assert_close(m, reflection_2x2(theta), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("pairing", ["adjacent", "half"])
+def test_block_reflect_is_orthogonal_symmetric_involution(pairing):
+    d = 8
+    theta = torch.rand(d // 2, dtype=torch.float64) * math.pi
+    m = matrix_of(lambda x: block_reflect(x, theta, pairing=pairing), d)
+    eye = torch.eye(d, dtype=torch.float64)
+    torch.testing.assert_close(m @ m.T, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m, m.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m @ m, eye, rtol=0, atol=1e-12)
+    assert torch.linalg.det(m).item() == pytest.approx((-1) ** (d // 2), abs=1e-10)  # det −1 per block
+    pairs = [(2 * i, 2 * i + 1) for i in range(d // 2)] if pairing == "adjacent" else [
+        (i, i + d // 2) for i in range(d // 2)]
+    for i, (a, b) in enumerate(pairs):
+        block = m[[a, b]][:, [a, b]]
+        torch.testing.assert_close(block, reflection_2x2(theta[i].item()), rtol=0, atol=1e-12)
+
+
+def test_block_reflect_broadcasts_per_sample_angles():
+    x = torch.randn(2, 3, 5, 6)
+    theta = torch.rand(2, 3, 1, 3)
+    y = block_reflect(x, theta)
+    for b in range(2):
+        for h in range(3):
+            torch.testing.assert_close(y[b, h], block_reflect(x[b, h], theta[b, h, 0]))
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+
+
+def test_householder_reflect_matches_explicit_matrix():
+    c = 12
+    u = torch.randn(c, dtype=torch.float64) * 3
+    m = matrix_of(lambda x: householder_reflect(x, u), c)
+    unit = u / u.norm()
+    explicit = torch.eye(c, dtype=torch.float64) - 2 * torch.outer(unit, unit)
+    torch.testing.assert_close(m, explicit, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m @ m, torch.eye(c, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_cross_head_reflect_equals_householder_on_merged_heads():
+    b, h, n, d = 2, 3, 7, 4
+    x = torch.randn(b, h, n, d, dtype=torch.float64)
+    u = torch.randn(h * d, dtype=torch.float64)
+    merged = x.transpose(1, 2).reshape(b, n, h * d)
+    expected = householder_reflect(merged, u).view(b, n, h, d).transpose(1, 2)
+    torch.testing.assert_close(cross_head_reflect(x, u), expected, rtol=0, atol=1e-12)
+
+
+def test_block_variance_matches_definition():
+    x = torch.randn(2, 3, 11, 6, dtype=torch.float64)
+    var = block_variance(x, dim=2)
+    assert var.shape == (2, 3, 3)
+    for i in range(3):
+        vals = x[..., 2 * i:2 * i + 2].reshape(2, 3, -1)
+        torch.testing.assert_close(var[..., i], vals.var(dim=-1, unbiased=False))
+    var_half = block_variance(x, pairing="half", dim=2)
+    vals = torch.cat([x[..., 0:1], x[..., 3:4]], -1).reshape(2, 3, -1)
+    torch.testing.assert_close(var_half[..., 0], vals.var(dim=-1, unbiased=False))
+
+
+@pytest.mark.parametrize("dq,dv,nq,n", [(16, 16, 33, 33), (8, 24, 17, 40), (32, 4, 5, 64)])
+def test_linear_attention_equals_reference(dq, dv, nq, n):
+    q = torch.rand(2, 3, nq, dq)
+    k = torch.rand(2, 3, n, dq)
+    v = torch.randn(2, 3, n, dv)
+    out = linear_attention(q, k, v)
+    ref = linear_attention_reference(q, k, v)
+    assert out.shape == (2, 3, nq, dv)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 3), h=st.integers(1, 3), n=st.integers(1, 40), dq=st.integers(1, 12), dv=st.integers(1, 12),
+)
+def test_linear_attention_equals_reference_property(b, h, n, dq, dv):
+    g = torch.Generator().manual_seed(b * 1000 + h * 100 + n * 10 + dq + dv)
+    q = torch.rand(b, h, n, dq, generator=g, dtype=torch.float64)
+    k = torch.rand(b, h, n, dq, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h, n, dv, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(linear_attention(q, k, v).double(), linear_attention_reference(q, k, v).double(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_reference_attention_rows_are_normalised_and_reproduce_output():
+    q, k, v = torch.rand(1, 2, 9, 4), torch.rand(1, 2, 9, 4), torch.randn(1, 2, 9, 5)
+    out, attn = linear_attention_reference(q, k, v, return_attn=True)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(1, 2, 9), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn @ v, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_attention_low_precision_long_sequence_stays_finite(dtype):
+    # 16,384 tokens of magnitude ~30: Σ φk vᵀ reaches ~1e7, far beyond fp16's 65,504.
+    n = 16_384
+    q = (torch.rand(1, 2, n, 16) * 30).to(dtype)
+    k = (torch.rand(1, 2, n, 16) * 30).to(dtype)
+    v = (torch.randn(1, 2, n, 16) * 30).to(dtype)
+    out = linear_attention(q, k, v)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    ref = linear_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=0.5)
+
+
+def test_linear_attention_under_autocast_reduces_in_fp32():
+    n = 16_384
+    q, k, v = (torch.rand(1, 1, n, 8) * 30 for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_attention(q, k, v)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, linear_attention(q, k, v))
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.rand(2, 3, 4), torch.rand(2, 3, 4, 5), torch.rand(2, 3, 4, 5)), "q must have rank 4"),
+        ((torch.rand(2, 3, 4, 5), torch.rand(2, 3, 4, 6), torch.rand(2, 3, 4, 5)), "q and k must share"),
+        ((torch.rand(2, 3, 4, 5), torch.rand(2, 3, 4, 5), torch.rand(2, 3, 7, 5)), "v must match k"),
+        ((torch.rand(2, 3, 4, 5), torch.rand(1, 3, 4, 5), torch.rand(1, 3, 4, 5)), "q and k must share"),
+    ],
+)
+def test_linear_attention_rejects_bad_shapes(args, match):
+    with pytest.raises(ValueError, match=match):
+        linear_attention(*args)
+
+
+def test_reflection_ops_reject_bad_input():
+    with pytest.raises(ValueError, match="even last dimension"):
+        block_reflect(torch.rand(3, 5), torch.rand(2))
+    with pytest.raises(ValueError, match=r"theta must broadcast to \[\.\.\., d/2\]"):
+        block_reflect(torch.rand(3, 6), torch.rand(4))
+    with pytest.raises(ValueError, match="pairing must be one of"):
+        block_reflect(torch.rand(3, 6), torch.rand(3), pairing="diagonal")
+    with pytest.raises(ValueError, match=r"u must have shape \[C\]"):
+        householder_reflect(torch.rand(3, 6), torch.rand(5))
+    with pytest.raises(ValueError, match=r"u must have shape \[H·d\]"):
+        cross_head_reflect(torch.rand(1, 2, 3, 4), torch.rand(4))
+    with pytest.raises(TypeError, match="floating-point"):
+        block_reflect(torch.ones(3, 6, dtype=torch.long), torch.rand(3))
