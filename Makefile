@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mirrorla-installed
 
-.PHONY: test demo lint bench-cpu clean
+.PHONY: test demo lint bench-cpu model-table clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m mirrorla demo --out runs/demo
+
+model-table: $(STAMP)
+	$(PY) -m mirrorla info --table --readme README.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -14,6 +14,7 @@ from .feature_maps import (
     list_feature_maps,
     register_feature_map,
 )
+from .models import list_models, mirrorize  # noqa: E402  (registers the timm models)
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __all__ = [
     "create_feature_map",
     "list_attentions",
     "list_feature_maps",
+    "list_models",
+    "mirrorize",
     "ops",
     "register_feature_map",
 ]

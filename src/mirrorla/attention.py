@@ -53,6 +53,9 @@ class LinearAttention(nn.Module):
             ``None`` infers 0 or 1 from N when no grid is given.
         grid_size: ``(height, width)`` of the token grid; may also be set later (``attn.grid_size = ...``)
             or passed to :meth:`forward`. Without it a square grid is inferred from N.
+        sr_ratio: PVT's spatial reduction: keys and values come from the grid downsampled by a strided
+            ``sr_ratio``×``sr_ratio`` convolution and a LayerNorm (1 = off). Needs a grid without prefix
+            tokens; excludes the local term.
         eps: added to the linear-attention normaliser.
     """
 
@@ -72,6 +75,7 @@ class LinearAttention(nn.Module):
         local_kernel: int | None = None,
         num_prefix_tokens: int | None = None,
         grid_size: tuple[int, int] | None = None,
+        sr_ratio: int = 1,
         eps: float = 1e-6,
         dim_out: int | None = None,
         gated: bool = False,
@@ -116,6 +120,16 @@ class LinearAttention(nn.Module):
             local_kernel = 0 if attn == SOFTMAX else 5
         if local_kernel < 0 or (local_kernel and local_kernel % 2 == 0):
             raise ValueError(f"local_kernel must be 0 (off) or a positive odd int, got {local_kernel}")
+        if not isinstance(sr_ratio, int) or sr_ratio < 1:
+            raise ValueError(f"sr_ratio must be a positive int, got {sr_ratio!r}")
+        if sr_ratio > 1 and local_kernel:
+            raise ValueError("sr_ratio > 1 reduces V to a coarser grid: set local_kernel=0 with it")
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, **dd)
+            self.sr_norm = nn.LayerNorm(dim, **dd)
+        else:
+            self.sr, self.sr_norm = None, None
         self.local_kernel = local_kernel
         self.local = (
             nn.Conv2d(dim, dim, local_kernel, padding=local_kernel // 2, groups=dim, **dd) if local_kernel else None
@@ -184,6 +198,21 @@ class LinearAttention(nn.Module):
         local = self.local(grid).flatten(2).transpose(1, 2)  # [B, gh·gw, C]
         return F.pad(local, (0, 0, prefix, 0)) if prefix else local
 
+    def _spatially_reduced_qkv(self, x: torch.Tensor, grid_size: tuple[int, int] | None):
+        """q from every token, k and v from the grid reduced by ``sr_ratio`` (PVT v1)."""
+        b, n, c = x.shape
+        prefix, (gh, gw) = self.resolve_grid(n, grid_size)
+        if prefix:
+            raise ValueError(f"sr_ratio > 1 needs a grid without prefix tokens, got {prefix} prefix tokens")
+        reduced = self.sr(x.transpose(1, 2).reshape(b, c, gh, gw)).flatten(2).transpose(1, 2)
+        reduced = self.sr_norm(reduced)
+        w_q, w_kv = self.qkv.weight.split([c, 2 * c])
+        b_q, b_kv = self.qkv.bias.split([c, 2 * c]) if self.qkv.bias is not None else (None, None)
+        q = nn.functional.linear(x, w_q, b_q).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = nn.functional.linear(reduced, w_kv, b_kv).view(b, -1, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -195,7 +224,10 @@ class LinearAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [B, N, C={self.dim}], got {tuple(x.shape)}")
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.sr is None:
+            q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = self._spatially_reduced_qkv(x, grid_size)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.feature_map is None:
             o = F.scaled_dot_product_attention(
@@ -216,4 +248,6 @@ class LinearAttention(nn.Module):
         return self.proj_drop(self.proj(o))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, attn={self.attn_name!r}, local_kernel={self.local_kernel}"
+        sr = f", sr_ratio={self.sr_ratio}" if self.sr_ratio > 1 else ""
+        return (f"dim={self.dim}, num_heads={self.num_heads}, attn={self.attn_name!r}, "
+                f"local_kernel={self.local_kernel}{sr}")

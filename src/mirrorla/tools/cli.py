@@ -1,38 +1,100 @@
-"""The ``mirrorla`` command line."""
+"""The ``mirrorla`` command line: ``info``, ``train``, ``eval``, ``compare``, ``bench``, ``analyze``, ``demo``.
+
+Each subcommand imports its tool lazily, so ``mirrorla info`` does not pay for the training stack.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    import torch
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
-    from ..attention import LinearAttention
 
-    x = torch.randn(2, 1 + 14 * 14, 192, requires_grad=True)
-    for attn in ("softmax", "relu", "mirror"):
-        layer = LinearAttention(192, 3, attn=attn)
-        y = layer(x)
-        y.square().mean().backward()
-        print(f"{attn:8s} out {tuple(y.shape)}  grad-norm {x.grad.norm():.3f}")
-        x.grad = None
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--attn-kwargs must be a JSON object, got {text!r}: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--attn-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from ..models import list_models
+    from .info import format_info, model_info, model_table, update_readme_table
+
+    if args.table:
+        names = args.model or [m for m in list_models() if "nano" not in m]
+        table = model_table(names, attns=tuple(_csv(args.attn or "softmax,mirror")), img_size=args.img_size)
+        if args.readme:
+            update_readme_table(Path(args.readme), table)
+            print(f"updated the model table in {args.readme}")
+        else:
+            print(table)
+        return 0
+    if not args.model:
+        raise SystemExit("mirrorla info: name a MODEL (see `mirrorla info --list`) or use --table")
+    for name in args.model:
+        for attn in _csv(args.attn or "mirror"):
+            info = model_info(name, img_size=args.img_size, attn=attn, in_chans=args.in_chans,
+                              attn_kwargs=args.attn_kwargs)
+            print(json.dumps(info, default=str) if args.json else format_info(info))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mirrorla", description="MirrorLA linear attention tools")
+    parser = argparse.ArgumentParser(prog="mirrorla", description="MirrorLA linear attention: models, training, "
+                                     "benchmarks and analysis")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the demo")
-    demo.add_argument("--out", default="runs/demo")
-    demo.set_defaults(func=_cmd_demo)
+
+    info = sub.add_parser("info", help="parameters, FLOPs and attention layout of a model")
+    info.add_argument("model", nargs="*", help="registered model name(s), e.g. mirrorla_deit_tiny_patch16_224")
+    info.add_argument("--img-size", type=int, default=224)
+    info.add_argument("--in-chans", type=int, default=3)
+    info.add_argument("--attn", default=None,
+                      help="attention(s), comma separated (default: mirror; with --table softmax,mirror)")
+    info.add_argument("--attn-kwargs", type=_json_dict, default=None, help='feature-map options as JSON')
+    info.add_argument("--json", action="store_true", help="one JSON object per line")
+    info.add_argument("--table", action="store_true", help="markdown table of models × attentions")
+    info.add_argument("--readme", help="with --table: rewrite the table between the markers of this file")
+    info.set_defaults(func=_cmd_info)
+
+    for register in _REGISTRARS:
+        register(sub)
     return parser
 
 
+def _register_tools(sub: argparse._SubParsersAction) -> None:
+    """Subcommands of the heavier tools, added when their modules exist."""
+    import importlib
+
+    for module_name in ("train", "bench", "analyze"):
+        try:
+            module = importlib.import_module(f"{__package__}.{module_name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.{module_name}":
+                raise
+            continue
+        module.add_subcommands(sub)
+
+
+_REGISTRARS = [_register_tools]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mirrorla {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

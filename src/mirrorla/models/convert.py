@@ -1,0 +1,124 @@
+"""``mirrorize``: turn a softmax timm ViT/DeiT or Swin into a linear-attention model, in place, keeping
+every pretrained weight it can (q/k/v and projections, norms, MLPs), so a softmax checkpoint can be
+fine-tuned into MirrorLA."""
+
+from __future__ import annotations
+
+import torch
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from timm.models.vision_transformer import Attention, VisionTransformer
+from torch import nn
+
+from ..attention import LinearAttention
+from ._helpers import check_attn, set_token_grid
+from .blocks import NHWCGridBlock
+
+__all__ = ["mirrorize"]
+
+
+def _zero_local_term(layer: LinearAttention) -> None:
+    # The local term is new: start it at zero so the converted model differs only by its attention.
+    if layer.local is not None:
+        nn.init.zeros_(layer.local.weight)
+        nn.init.zeros_(layer.local.bias)
+
+
+def _linear_from_timm_attention(old: Attention, attn: str, attn_kwargs: dict, prefix_tokens: int) -> LinearAttention:
+    if not isinstance(getattr(old, "norm", None), nn.Identity) or getattr(old, "gate", None) is not None:
+        raise ValueError("mirrorize supports timm Attention without scale_norm and gating")
+    dim = old.qkv.in_features
+    if old.qkv.out_features != 3 * dim or old.proj.in_features != dim:
+        raise ValueError(f"mirrorize needs attention with qkv {dim}→{3 * dim}, got {old.qkv.out_features} outputs")
+    qk_norm = not isinstance(old.q_norm, nn.Identity)
+    new = LinearAttention(
+        dim, old.num_heads, attn=attn, attn_kwargs=attn_kwargs, qkv_bias=old.qkv.bias is not None,
+        qk_norm=qk_norm, proj_bias=old.proj.bias is not None, proj_drop=old.proj_drop.p,
+        num_prefix_tokens=prefix_tokens,
+        norm_layer=type(old.q_norm) if qk_norm else None,
+    ).to(device=old.qkv.weight.device, dtype=old.qkv.weight.dtype)
+    new.qkv.load_state_dict(old.qkv.state_dict())
+    new.proj.load_state_dict(old.proj.state_dict())
+    if qk_norm:
+        new.q_norm.load_state_dict(old.q_norm.state_dict())
+        new.k_norm.load_state_dict(old.k_norm.state_dict())
+    _zero_local_term(new)
+    return new
+
+
+def _global_block_from_swin(blk: SwinTransformerBlock, attn: str, attn_kwargs: dict) -> NHWCGridBlock:
+    dim = blk.norm1.normalized_shape[0]
+    new = NHWCGridBlock(
+        dim, blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / dim, attn=attn, attn_kwargs=attn_kwargs,
+        qkv_bias=blk.attn.qkv.bias is not None, drop_path=getattr(blk.drop_path1, "drop_prob", 0.0),
+    ).to(device=blk.attn.qkv.weight.device, dtype=blk.attn.qkv.weight.dtype)
+    for name in ("norm1", "norm2", "mlp"):
+        getattr(new, name).load_state_dict(getattr(blk, name).state_dict())
+    new.attn.qkv.load_state_dict(blk.attn.qkv.state_dict())
+    new.attn.proj.load_state_dict(blk.attn.proj.state_dict())
+    _zero_local_term(new.attn)
+    return new
+
+
+def _track_vit_grid(model: VisionTransformer) -> None:
+    """Tell the attention layers the token grid of every input (timm's ViT attention never sees it)."""
+    prefix = model.num_prefix_tokens
+    set_token_grid(model, tuple(model.patch_embed.grid_size), prefix)
+
+    def hook(_module, _inputs, out):
+        if out.dim() == 4:  # dynamic_img_size keeps [B, H, W, C] here
+            set_token_grid(model, (out.shape[1], out.shape[2]), prefix)
+
+    if not getattr(model, "_mirrorla_grid_hook", False):
+        model.patch_embed.register_forward_hook(hook)
+        model._mirrorla_grid_hook = True
+
+
+@torch.no_grad()
+def mirrorize(
+    model: nn.Module,
+    attn: str = "mirror",
+    *,
+    stages: tuple[int, ...] | None = None,
+    **attn_kwargs,
+) -> nn.Module:
+    """Replace the softmax attention of a timm model by ``LinearAttention(attn, **attn_kwargs)``, in place.
+
+    - ``VisionTransformer`` (ViT, DeiT, and this package's DeiT models built with ``attn="softmax"``):
+      every block; q/k/v, q/k norms and the output projection are copied exactly.
+    - ``SwinTransformer``: the blocks of ``stages`` (default (0, 1), the anchors' hybrid) become one global
+      attention over the stage map; norms, MLPs, q/k/v and projections are copied; the relative position
+      bias (meaningless without windows) is dropped.
+
+    The new local term starts at zero. Returns ``model``.
+    """
+    check_attn(attn)
+    if isinstance(model, VisionTransformer):
+        prefix = model.num_prefix_tokens
+        converted = 0
+        for blk in model.blocks:
+            old = blk.attn
+            if isinstance(old, LinearAttention):
+                if old.is_linear:
+                    continue
+                raise ValueError("mirrorize: LinearAttention(attn='softmax') blocks are converted by rebuilding "
+                                 "the model with attn=...; got a model of this package already")
+            if not isinstance(old, Attention):
+                raise ValueError(f"mirrorize supports timm's vision_transformer.Attention, got {type(old).__name__}")
+            blk.attn = _linear_from_timm_attention(old, attn, attn_kwargs, prefix)
+            converted += 1
+        _track_vit_grid(model)
+        return model
+    if isinstance(model, SwinTransformer):
+        stages = (0, 1) if stages is None else tuple(stages)
+        for i in stages:
+            if not 0 <= i < len(model.layers):
+                raise ValueError(f"stages must index the {len(model.layers)} Swin stages, got {i}")
+            stage = model.layers[i]
+            stage.blocks = nn.Sequential(*(
+                _global_block_from_swin(blk, attn, attn_kwargs) if isinstance(blk, SwinTransformerBlock) else blk
+                for blk in stage.blocks
+            ))
+        return model
+    raise TypeError(
+        f"mirrorize supports timm VisionTransformer and SwinTransformer models, got {type(model).__name__}"
+    )
