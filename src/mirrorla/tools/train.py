@@ -1,0 +1,479 @@
+"""``mirrorla train`` / ``mirrorla eval``: image classification with timm's training pieces, on one CPU or on
+many GPUs and machines through ``torchrun`` + DistributedDataParallel.
+
+Reproducibility: every epoch reseeds torch, numpy and random from ``(seed, epoch, rank)`` and the sampler
+shuffles with ``(seed, epoch)``, so a run resumed from its epoch-``e`` checkpoint replays exactly what the
+uninterrupted run did after epoch ``e``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from tqdm.auto import tqdm
+
+from ..models import list_models
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .data import load_data
+
+__all__ = ["TrainConfig", "evaluate", "evaluate_checkpoint", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint)."""
+
+    model: str = "mirrorla_vit_nano_patch4"
+    attn: str = "mirror"
+    attn_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = "animal-mnist"
+    out: str = "runs/train"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    clip_grad: float | None = 1.0
+    drop_path: float = 0.0
+    amp: str = "none"  # "none" or "bf16"
+    model_ema: bool = False
+    model_ema_decay: float = 0.999
+    seed: int = 0
+    split_seed: int = 0
+    img_size: int | None = None
+    train_subset: int | None = None  # train on a seeded random subset of N training images (quick runs, tests)
+    workers: int = 0
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model not in list_models() and not timm.is_model(self.model):
+            raise ValueError(f"unknown model {self.model!r}; this package's models: {', '.join(list_models())}")
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed() -> DistInfo:
+    """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``): nccl on GPUs,
+    gloo on CPUs. Without torchrun: one process, CUDA if available."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world <= 1:
+        return DistInfo(device=torch.device("cuda" if cuda else "cpu"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if not cuda:
+        # ranks share the machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    return DistInfo(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` takes indices ``r, r+w, …``: every sample exactly once across ranks (no padding),
+    so reduced evaluation metrics are exact."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def build_model(config: TrainConfig, num_classes: int, in_chans: int, img_size: int) -> torch.nn.Module:
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                                  drop_path_rate=config.drop_path)
+    if config.model.startswith("mirrorla_"):
+        kwargs.update(attn=config.attn, attn_kwargs=config.attn_kwargs)
+    return timm.create_model(config.model, **kwargs)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, info: DistInfo | None = None,
+             amp: str = "none") -> dict[str, float]:
+    """Top-1, top-5 and mean cross-entropy of ``model`` over ``loader`` (summed across ranks)."""
+    info = info or DistInfo(device=device)
+    model.eval()
+    loss_sum = correct1 = correct5 = count = 0.0
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 += (top[:, 0] == y).sum().item()
+            correct5 += (top == y[:, None]).any(dim=1).sum().item()
+            count += y.numel()
+    loss_sum, correct1, correct5, count = _all_reduce_sum([loss_sum, correct1, correct5, count], info)
+    count = max(count, 1.0)
+    return {"loss": loss_sum / count, "top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count}
+
+
+def _loader(dataset, batch_size: int, *, train: bool, info: DistInfo, seed: int, workers: int) -> DataLoader:
+    if train:
+        sampler: Sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                              seed=seed, drop_last=True)
+    else:
+        sampler = ShardSampler(len(dataset), info.rank, info.world_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=train, pin_memory=info.device.type == "cuda", persistent_workers=workers > 0)
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Train ``config`` (or continue the run in ``resume``); returns the final metrics (also ``out/metrics.json``).
+
+    ``stop_after``: stop after this many epochs of *this* invocation, the schedule still spanning
+    ``config.epochs`` (for time-boxed jobs; continue with ``resume``).
+    """
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
+
+    state: dict[str, Any] = {}
+    parts: dict[str, Any] = {}
+    if resume is not None:
+        state, parts = load_checkpoint(resume, "last")
+        config = TrainConfig(**state["config"])
+    info = setup_distributed()
+    out = Path(config.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(config.seed)
+    data = load_data(config.data, img_size=config.img_size, split_seed=config.split_seed)
+    train_set = data.train
+    if config.train_subset:
+        # a seeded random subset: the bundled sets store their labels in sorted blocks
+        order = np.random.default_rng(config.split_seed).permutation(len(train_set))[: config.train_subset]
+        train_set = torch.utils.data.Subset(train_set, sorted(order.tolist()))
+    per_rank_batch = max(1, config.batch_size // info.world_size)
+    train_loader = _loader(train_set, per_rank_batch, train=True, info=info, seed=config.seed, workers=config.workers)
+    val_loader = _loader(data.val, per_rank_batch * 2, train=False, info=info, seed=config.seed, workers=config.workers)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {config.batch_size} is larger than the {len(train_set)} training images")
+
+    model = build_model(config, data.num_classes, data.in_chans, data.img_size).to(info.device)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=config.epochs * steps_per_epoch, lr_min=config.min_lr,
+        warmup_t=int(config.warmup_epochs * steps_per_epoch), warmup_lr_init=config.lr * 1e-2, t_in_epochs=False,
+    )
+    ema = ModelEmaV3(model, decay=config.model_ema_decay) if config.model_ema else None
+    mixup = None
+    if config.mixup > 0 or config.cutmix > 0:
+        mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                      num_classes=data.num_classes)
+        criterion: torch.nn.Module = SoftTargetCrossEntropy()
+    elif config.label_smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(config.label_smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+
+    start_epoch, best_top1, history, train_seconds = 0, -1.0, [], 0.0
+    if resume is not None:
+        model.load_state_dict(parts["model"])
+        optimizer.load_state_dict(parts["optimizer"])
+        if ema is not None and parts["ema"] is not None:
+            ema.module.load_state_dict(parts["ema"])
+        start_epoch, best_top1 = state["epoch"], state["best_top1"]
+        history, train_seconds = state["history"], state["train_seconds"]
+    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type
+                 == "cuda" else None) if info.enabled else model)
+    writer = None
+    if config.tensorboard and info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+    if info.is_main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    epochs_run = 0
+    for epoch in range(start_epoch, config.epochs):
+        if stop_after is not None and epochs_run >= stop_after:
+            break
+        seed_everything(config.seed * 100_003 + epoch * 101 + info.rank)
+        train_loader.sampler.set_epoch(epoch)
+        ddp_model.train()
+        t0 = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        bar = tqdm(train_loader, desc=f"{config.attn} epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not (config.progress and info.is_main), dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            target = y
+            if mixup is not None:
+                x, target = mixup(x, y)
+            with _autocast(config, info.device):
+                logits = ddp_model(x)
+            loss = criterion(logits.float(), target)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            optimizer.step()
+            scheduler.step_update(epoch * steps_per_epoch + step + 1)
+            if ema is not None:
+                ema.update(model, step=epoch * steps_per_epoch + step + 1)
+            n = y.numel()
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += n
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                            img_s=f"{seen * info.world_size / max(elapsed, 1e-9):.0f}")
+        bar.close()
+        epoch_seconds = time.perf_counter() - t0
+        loss_sum, correct, seen, seconds_sum = _all_reduce_sum([loss_sum, correct, seen, epoch_seconds], info)
+        epoch_seconds = seconds_sum / info.world_size  # mean over ranks
+        train_seconds += epoch_seconds
+        val = evaluate(model, val_loader, info.device, info, config.amp)
+        ema_val = evaluate(ema.module, val_loader, info.device, info, config.amp) if ema is not None else None
+        top1 = max(val["top1"], ema_val["top1"]) if ema_val else val["top1"]
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": round(loss_sum / seen, 5),
+            "train_top1": round(100 * correct / seen, 3),
+            "val_loss": round(val["loss"], 5),
+            "val_top1": round(val["top1"], 3),
+            "val_top5": round(val["top5"], 3),
+            "ema_val_top1": round(ema_val["top1"], 3) if ema_val else "",
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_second": round(seen / max(epoch_seconds, 1e-9), 2),
+            "epoch_seconds": round(epoch_seconds, 3),
+        }
+        history.append(row)
+        improved = top1 > best_top1
+        best_top1 = max(best_top1, top1)
+        epochs_run += 1
+        if info.is_main:
+            _append_csv(out / "log.csv", row)
+            if writer is not None:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        writer.add_scalar(key, value, epoch + 1)
+            ckpt_state = {"config": dataclasses.asdict(config), "epoch": epoch + 1, "best_top1": best_top1,
+                          "history": history, "train_seconds": train_seconds, "params": params,
+                          "num_classes": data.num_classes, "in_chans": data.in_chans, "img_size": data.img_size}
+            save_checkpoint(out, "last", model=model, state=ckpt_state, optimizer=optimizer, ema=ema.module if ema
+                            else None)
+            if improved:
+                best_model = ema.module if ema_val and ema_val["top1"] >= val["top1"] else model
+                save_checkpoint(out, "best", model=best_model, state=ckpt_state)
+            print(f"epoch {epoch + 1}/{config.epochs}  train loss {row['train_loss']:.4f} acc {row['train_top1']:.2f}"
+                  f"  val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}  {row['images_per_second']:.0f} img/s",
+                  flush=True)
+    if writer is not None:
+        writer.close()
+
+    finished = len(history) >= config.epochs
+    metrics = {
+        "model": config.model,
+        "attn": config.attn,
+        "attn_kwargs": config.attn_kwargs,
+        "data": config.data,
+        "epochs": len(history),
+        "finished": finished,
+        "seed": config.seed,
+        "best_top1": round(best_top1, 3),
+        "final_top1": history[-1]["val_top1"] if history else None,
+        "params": params,
+        "train_seconds": round(train_seconds, 2),
+        "images_per_second": round(sum(r["images_per_second"] for r in history) / max(len(history), 1), 2),
+        "world_size": info.world_size,
+    }
+    if finished:
+        test_loader = _loader(data.test, per_rank_batch * 2, train=False, info=info, seed=config.seed,
+                              workers=config.workers)
+        metrics["test_top1"] = round(evaluate(model, test_loader, info.device, info, config.amp)["top1"], 3)
+    if info.is_main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if info.enabled:
+        dist.barrier()
+    return metrics
+
+
+def evaluate_checkpoint(path: str | Path, data: str | None = None, *, split: str = "test", use_ema: bool = False,
+                        batch_size: int = 256) -> dict[str, Any]:
+    """Evaluate a checkpoint (a run directory → its ``best`` checkpoint, or one checkpoint file)."""
+    p = Path(path).expanduser()
+    name = "best" if p.is_dir() and (p / "best.json").exists() else "last"
+    state, parts = load_checkpoint(p, name)
+    config = TrainConfig(**state["config"])
+    bundle = load_data(data or config.data, img_size=state["img_size"], split_seed=config.split_seed, augment=False)
+    if (bundle.num_classes, bundle.in_chans) != (state["num_classes"], state["in_chans"]):
+        raise ValueError(f"data {data!r} has {bundle.num_classes} classes and {bundle.in_chans} channels; the "
+                         f"checkpoint expects {state['num_classes']} and {state['in_chans']}")
+    model = build_model(config, state["num_classes"], state["in_chans"], state["img_size"])
+    weights = parts["ema"] if use_ema else parts["model"]
+    if weights is None:
+        raise CheckpointError(f"checkpoint {p} holds no EMA weights")
+    model.load_state_dict(weights)
+    dataset = {"train": bundle.train, "val": bundle.val, "test": bundle.test}[split]
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    result = evaluate(model, loader, torch.device("cpu"))
+    return {"checkpoint": str(p), "data": data or config.data, "split": split, "model": config.model,
+            "attn": config.attn, "epoch": state["epoch"], **{k: round(v, 4) for k, v in result.items()}}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return TrainConfig(**values)
+
+
+def add_train_arguments(p: argparse.ArgumentParser, *, with_attn: bool = True) -> None:
+    from .cli import _json_dict
+
+    d = TrainConfig
+    p.add_argument("--model", default=None, help=f"timm model name (default {d.model})")
+    if with_attn:
+        p.add_argument("--attn", default=None, help="attention: mirror, softmax, relu, elu, focused, polarity")
+    p.add_argument("--attn-kwargs", dest="attn_kwargs", type=_json_dict, default=None,
+                   help='feature-map options as JSON, e.g. \'{"variance": false}\'')
+    p.add_argument("--data", default=None, help="animal-mnist (default), mnist5k, digits, cifar10:PATH, "
+                   "cifar100:PATH, folder:PATH")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="global batch size")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--min-lr", dest="min_lr", type=float, default=None)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=None)
+    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=None)
+    p.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=None)
+    p.add_argument("--mixup", type=float, default=None, help="mixup alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0 = off)")
+    p.add_argument("--clip-grad", dest="clip_grad", type=float, default=None)
+    p.add_argument("--drop-path", dest="drop_path", type=float, default=None)
+    p.add_argument("--amp", choices=["none", "bf16"], default=None, help="bf16 autocast")
+    p.add_argument("--model-ema", dest="model_ema", action="store_true", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--split-seed", dest="split_seed", type=int, default=None)
+    p.add_argument("--img-size", dest="img_size", type=int, default=None)
+    p.add_argument("--train-subset", dest="train_subset", type=int, default=None,
+                   help="train on a seeded random subset of N training images")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--tensorboard", action="store_true", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.resume:
+        metrics = train(TrainConfig(), resume=args.resume, stop_after=args.stop_after)
+    else:
+        metrics = train(_config_from_args(args), stop_after=args.stop_after)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, use_ema=args.ema)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node=N -m mirrorla train ... for DDP)")
+    add_train_arguments(p)
+    p.add_argument("--out", default=None, help="run directory (checkpoints, log.csv, metrics.json)")
+    p.add_argument("--resume", default=None, help="continue the run in this directory with its stored config")
+    p.add_argument("--stop-after", dest="stop_after", type=int, default=None,
+                   help="stop after N epochs of this invocation (the schedule still spans --epochs)")
+    p.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    e.add_argument("--checkpoint", required=True, help="a run directory (its best checkpoint) or a checkpoint file")
+    e.add_argument("--data", default=None, help="data source (default: the one it was trained on)")
+    e.add_argument("--split", choices=["train", "val", "test"], default="test")
+    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    e.set_defaults(func=_cmd_eval)
+
+    from .compare import add_subcommands as add_compare
+
+    add_compare(sub)
