@@ -127,7 +127,7 @@ def plot_results(results: list[dict[str, Any]], path: Path) -> Path:
     ax_bar.set_ylim(max(0, low - 10), min(100, max(means, default=100) + 3))
     ax_bar.set_ylabel("best val top-1 (%)")
     ax_bar.set_title("accuracy (mean ± std over seeds)")
-    for r, label in zip(table, labels):
+    for r, label in zip(table, labels, strict=True):
         curves = []
         for res in results:
             if (res["attn"], res["variant"]) == (r["attn"], r["variant"]):

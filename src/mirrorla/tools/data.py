@@ -62,7 +62,9 @@ class TensorImageDataset(Dataset):
         if images.dim() == 3:
             images = images.unsqueeze(1)
         if images.dim() != 4 or images.dtype != torch.uint8:
-            raise ValueError(f"images must be uint8 [N, H, W] or [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be uint8 [N, H, W] or [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
+            )
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must have shape [N={images.shape[0]}], got {tuple(labels.shape)}")
         self.images, self.labels = images, labels.long()
@@ -147,7 +149,12 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return np.round(d.images * (255.0 / 16.0)).astype(np.uint8), d.target.astype(np.int64)
 
 
-_BUNDLED_LOADERS = {"animal-mnist": (_load_animal_mnist, 28), "mnist5k": (_load_mnist5k, 28), "digits": (_load_digits, 16)}
+# loader and native image size of each bundled set (digits are upsampled from 8 px to 16 px)
+_BUNDLED_LOADERS = {
+    "animal-mnist": (_load_animal_mnist, 28),
+    "mnist5k": (_load_mnist5k, 28),
+    "digits": (_load_digits, 16),
+}
 
 
 def _bundled(name: str, img_size: int | None, split_seed: int, augment: bool) -> DataBundle:
