@@ -57,6 +57,9 @@ class LinearAttention(nn.Module):
             ``sr_ratio``×``sr_ratio`` convolution and a LayerNorm (1 = off). Needs a grid without prefix
             tokens; excludes the local term.
         eps: added to the linear-attention normaliser.
+        fold_feature_map: move the static part of the feature map (MirrorLA's cross-head reflection and
+            fixed block reflections) into the q/k projection weights once per forward instead of applying
+            it to every token (exact; needs ``qk_norm=False``). On by default where possible.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class LinearAttention(nn.Module):
         grid_size: tuple[int, int] | None = None,
         sr_ratio: int = 1,
         eps: float = 1e-6,
+        fold_feature_map: bool = True,
         dim_out: int | None = None,
         gated: bool = False,
         device=None,
@@ -133,6 +137,9 @@ class LinearAttention(nn.Module):
         self.local_kernel = local_kernel
         self.local = (
             nn.Conv2d(dim, dim, local_kernel, padding=local_kernel // 2, groups=dim, **dd) if local_kernel else None
+        )
+        self.fold_feature_map = bool(
+            fold_feature_map and self.feature_map is not None and self.feature_map.foldable and not qk_norm
         )
         wants_gate = gated or (self.feature_map is not None and self.feature_map.output_gate)
         self.gate = nn.Linear(dim, dim, bias=qkv_bias, **dd) if wants_gate else None
@@ -198,7 +205,21 @@ class LinearAttention(nn.Module):
         local = self.local(grid).flatten(2).transpose(1, 2)  # [B, gh·gw, C]
         return F.pad(local, (0, 0, prefix, 0)) if prefix else local
 
-    def _spatially_reduced_qkv(self, x: torch.Tensor, grid_size: tuple[int, int] | None):
+    def _qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The qkv projection, with the feature map's static part folded into its q and k rows."""
+        weight, bias = self.qkv.weight, self.qkv.bias
+        if not self.fold_feature_map:
+            return weight, bias
+        c = self.dim
+        w_q, b_q = self.feature_map.fold_projection(weight[:c], None if bias is None else bias[:c])
+        w_k, b_k = self.feature_map.fold_projection(weight[c:2 * c], None if bias is None else bias[c:2 * c])
+        weight = torch.cat([w_q, w_k, weight[2 * c:]], 0)
+        if bias is not None:
+            bias = torch.cat([b_q, b_k, bias[2 * c:]], 0)
+        return weight, bias
+
+    def _spatially_reduced_qkv(self, x: torch.Tensor, grid_size: tuple[int, int] | None, weight: torch.Tensor,
+                               bias: torch.Tensor | None):
         """q from every token, k and v from the grid reduced by ``sr_ratio`` (PVT v1)."""
         b, n, c = x.shape
         prefix, (gh, gw) = self.resolve_grid(n, grid_size)
@@ -206,8 +227,8 @@ class LinearAttention(nn.Module):
             raise ValueError(f"sr_ratio > 1 needs a grid without prefix tokens, got {prefix} prefix tokens")
         reduced = self.sr(x.transpose(1, 2).reshape(b, c, gh, gw)).flatten(2).transpose(1, 2)
         reduced = self.sr_norm(reduced)
-        w_q, w_kv = self.qkv.weight.split([c, 2 * c])
-        b_q, b_kv = self.qkv.bias.split([c, 2 * c]) if self.qkv.bias is not None else (None, None)
+        w_q, w_kv = weight.split([c, 2 * c])
+        b_q, b_kv = bias.split([c, 2 * c]) if bias is not None else (None, None)
         q = nn.functional.linear(x, w_q, b_q).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         kv = nn.functional.linear(reduced, w_kv, b_kv).view(b, -1, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -224,10 +245,12 @@ class LinearAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [B, N, C={self.dim}], got {tuple(x.shape)}")
         b, n, c = x.shape
+        weight, bias = self._qkv_weight()
         if self.sr is None:
-            q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            qkv = F.linear(x, weight, bias)
+            q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q, k, v = self._spatially_reduced_qkv(x, grid_size)
+            q, k, v = self._spatially_reduced_qkv(x, grid_size, weight, bias)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.feature_map is None:
             o = F.scaled_dot_product_attention(
@@ -239,7 +262,8 @@ class LinearAttention(nn.Module):
                 raise ValueError(
                     f"attn_mask/is_causal are not supported by non-causal linear attention ({self.attn_name!r})"
                 )
-            o = self.feature_map.attend(q, k, v, eps=self.eps)
+            map_kwargs = {"folded": True} if self.fold_feature_map else {}
+            o = self.feature_map.attend(q, k, v, eps=self.eps, **map_kwargs)
         o = o.transpose(1, 2).reshape(b, n, c)
         if self.local is not None:
             o = o + self._local_term(v, grid_size)

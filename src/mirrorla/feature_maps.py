@@ -26,6 +26,9 @@ from .ops import (
     cross_head_reflect,
     linear_attention,
     linear_attention_reference,
+    pair_channels,
+    rotate_pairs,
+    token_moments,
 )
 
 __all__ = [
@@ -81,6 +84,16 @@ class FeatureMap(nn.Module):
     output_gate: bool = False
     no_weight_decay_params: tuple[str, ...] = ()
 
+    @property
+    def foldable(self) -> bool:
+        """Whether part of the map is a fixed linear map that :meth:`fold_projection` can move into the q/k
+        projection weights (then call the map with ``folded=True``)."""
+        return False
+
+    def fold_projection(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """Fold the map's static linear part into a q or k projection ``weight [C, C_in]``, ``bias [C]``."""
+        raise NotImplementedError(f"feature map {self.map_name!r} has nothing to fold")
+
     def __init__(self, num_heads: int, head_dim: int) -> None:
         super().__init__()
         if not isinstance(num_heads, int) or num_heads < 1:
@@ -110,13 +123,15 @@ class FeatureMap(nn.Module):
         *,
         eps: float = 1e-6,
         return_attn: bool = False,
+        **map_kwargs,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Linear attention with this map: q, k ``[B, H, N, d]``, v ``[B, H, N, dv]`` → ``[B, H, N, dv]``.
 
         With ``return_attn`` the explicit N×N path is used and the attention matrices are returned too, one
-        ``[B, H, Nq, N]`` per stream (one stream for every map but polarity).
+        ``[B, H, Nq, N]`` per stream (one stream for every map but polarity). ``map_kwargs`` go to
+        :meth:`forward` (e.g. ``folded=True``).
         """
-        fq, fk = self(q, k)
+        fq, fk = self(q, k, **map_kwargs)
         if return_attn:
             out, attn = linear_attention_reference(fq, fk, v, eps=eps, return_attn=True)
             return out, [attn]
@@ -373,9 +388,65 @@ class MirrorFeatureMap(FeatureMap):
             k = block_reflect(k, theta, pairing=self.pairing)
         return q, k
 
-    def forward(self, q, k):
-        q, k = self.reflect(q, k)
-        return F.relu(q), F.relu(k)
+    @property
+    def foldable(self) -> bool:
+        return self.cross_head or self.block
+
+    def _static_theta(self) -> torch.Tensor:
+        # With the variance modulation the per-sample part stays per token; H(0) is folded, so the tokens
+        # only need the rotation R(2Θ) (H(Θ) = R(2Θ)·H(0)). Without it the whole H(θ) is static.
+        return torch.zeros_like(self.theta) if self.variance else self.theta
+
+    def fold_projection(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """``(T·W, T·b)`` for the static part ``T = H_blk(θ or 0) · H_cross`` of the map.
+
+        ``weight`` ``[C, C_in]`` (output channels head-major, as the heads are split), ``bias`` ``[C]`` or None.
+        Costs O(C·C_in) per call, nothing next to the N·C·C_in of the projection itself.
+        """
+        c = self.num_heads * self.head_dim
+        if weight.dim() != 2 or weight.shape[0] != c or (bias is not None and bias.shape != (c,)):
+            raise ValueError(f"weight must be [C={c}, C_in] and bias [C={c}], got {tuple(weight.shape)} and "
+                             f"{None if bias is None else tuple(bias.shape)}")
+        rows = weight.t() if bias is None else torch.cat([weight.t(), bias[None]], 0)  # [C_in (+1), C] "tokens"
+        x = rows.reshape(1, rows.shape[0], self.num_heads, self.head_dim).transpose(1, 2)  # [1, H, M, d]
+        if self.cross_head:
+            x = cross_head_reflect(x, self.u)
+        if self.block:
+            x = block_reflect(x, self._static_theta()[None, :, None, :].to(x.dtype), pairing=self.pairing)
+        rows = x.transpose(1, 2).reshape(rows.shape[0], c)
+        if bias is None:
+            return rows.t(), None
+        return rows[:-1].t(), rows[-1]
+
+    def _variance_of_unfolded_keys(self, k_folded: torch.Tensor) -> torch.Tensor:
+        """σ² of the keys after the cross-head reflection, from the folded keys ``H(0)·H_cross·k`` (one pass).
+
+        ``H(0)`` negates the first channel of each block: per-channel second moments are unchanged and the
+        block mean of the unfolded keys is ``(m₁ − m₀)/2``.
+        """
+        mean_c, mean_sq_c = token_moments(k_folded, dim=2)  # [B, H, d] over tokens
+        mean_p, mean_sq_p = pair_channels(mean_c, self.pairing), pair_channels(mean_sq_c, self.pairing)
+        # E[a² + b²]/2 − ((m_b − m_a)/2)², in as few small kernels as possible (this runs every forward)
+        diff = mean_p[..., 1] - mean_p[..., 0]
+        return (mean_sq_p.sum(-1) - 0.5 * diff.square()).mul_(0.5).clamp_min_(0)
+
+    def forward(self, q, k, *, folded: bool = False):
+        """``(φ(q), φ(k))``. With ``folded=True`` q and k come from projections folded by
+        :meth:`fold_projection`, and only the per-sample part of the map runs here."""
+        if not folded:
+            q, k = self.reflect(q, k)
+            return F.relu(q), F.relu(k)
+        self._check(q, k)
+        if not (self.block and self.variance):
+            return F.relu(q), F.relu(k)
+        # fp32 here costs nothing extra: linear_attention reduces in fp32 anyway
+        acc = torch.promote_types(q.dtype, torch.float32)
+        q, k = q.to(acc), k.to(acc)
+        var = self._variance_of_unfolded_keys(k)
+        theta = self.theta.to(acc)[None] + DELTA_FORMS[self.delta_form](var, self.gamma.to(acc), self.eps)
+        angle = (2.0 * theta).unsqueeze(2)  # [B, H, 1, d/2]
+        q, k = rotate_pairs(q, k, angle=angle, pairing=self.pairing)
+        return q.relu_(), k.relu_()  # fresh tensors: ReLU in place saves an allocation each
 
     def elementwise_flops_per_token(self) -> int:
         c = self.num_heads * self.head_dim

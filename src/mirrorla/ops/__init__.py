@@ -8,6 +8,8 @@ from .reflect import (
     cross_head_reflect,
     householder_reflect,
     pair_channels,
+    rotate_pairs,
+    token_moments,
     unpair_channels,
 )
 
@@ -20,5 +22,7 @@ __all__ = [
     "linear_attention",
     "linear_attention_reference",
     "pair_channels",
+    "rotate_pairs",
+    "token_moments",
     "unpair_channels",
 ]

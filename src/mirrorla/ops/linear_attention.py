@@ -57,9 +57,10 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
         inv_n = 1.0 / k.shape[2]
         kv = torch.matmul(kf.transpose(-2, -1), vf).mul_(inv_n)  # [B, H, dq, dv]
         k_mean = kf.mean(dim=2).unsqueeze(-1)  # [B, H, dq, 1]
-        num = torch.matmul(qf, kv)  # [B, H, Nq, dv]
-        den = torch.matmul(qf, k_mean).add_(eps)  # [B, H, Nq, 1]
-        out = num.div_(den)
+        # numerator and normaliser in one pass over q: q · [S | z̄]
+        num_den = torch.matmul(qf, torch.cat([kv, k_mean], dim=-1))  # [B, H, Nq, dv + 1]
+        dv = v.shape[-1]
+        out = num_den[..., :dv] / num_den[..., dv:].add_(eps)
     return out.to(out_dtype)
 
 

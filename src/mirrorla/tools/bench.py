@@ -1,0 +1,466 @@
+"""``mirrorla bench op`` / ``mirrorla bench model``: speed and memory of every attention, in the same run.
+
+Each case runs in a fresh subprocess, so that a case that runs out of memory or time is recorded as such
+(``status``: ``ok``, ``oom``, ``timeout``, ``error``) instead of ending the benchmark, and so that its peak
+memory is its own:
+
+- CPU: the subprocess's peak resident set size during the first step minus its resident size just before
+  it (Linux ``/proc/self/status`` VmHWM after resetting it through ``/proc/self/clear_refs``). It sees every
+  allocation torch makes (inputs excluded: they exist before the step).
+- CUDA: ``torch.cuda.max_memory_allocated`` during the first step minus the allocation before it.
+
+Timing: the cases that differ only by attention run in one subprocess, interleaved: after warm-up, each
+round times a block of calls of every attention in turn (``time.perf_counter`` on the CPU, CUDA events on
+GPUs); median and IQR are over rounds. Interleaving keeps the ratios fair on a machine whose speed drifts
+(the 2-core VMs this was developed on swing by up to 2× between processes).
+
+Cases (see ``docs/benchmarks.md`` of the project): **op** — q, k, v ``[B, H, N, d]`` given; the feature map
+plus the attention core, against ``scaled_dot_product_attention`` for softmax. ``mirror`` is the map as
+``LinearAttention`` runs it (static reflections folded into the projections, per-sample rotation and ReLU
+per token); ``mirror_unfolded`` applies every reflection to every token. **model** — a whole model's
+images/s at each resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["bench_model", "bench_op", "machine_info", "measure_memory", "measure_times", "run_cases", "write_report"]
+
+OP_EXTRA = ("mirror_unfolded",)
+# glibc returns large freed blocks to the OS and page-faults them back on the next call; which allocations
+# that hits varies from process to process and made CPU timings swing up to 2×. Keeping freed memory in
+# the heap (same setting for every case) makes the medians repeatable.
+_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _op_step(case: dict[str, Any], device: torch.device):
+    """The timed callable of an op case and the tensors it needs."""
+    import torch.nn.functional as F
+
+    from ..feature_maps import create_feature_map
+
+    b, h, n, d = case["batch"], case["heads"], case["n"], case["head_dim"]
+    dtype = DTYPES[case["dtype"]]
+    train = case["mode"] == "train"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype).requires_grad_(train)
+               for _ in range(3))
+    attn = case["attn"]
+    if attn == "softmax":
+        def fn():
+            return F.scaled_dot_product_attention(q, k, v)
+    else:
+        name = "mirror" if attn in ("mirror", "mirror_unfolded") else attn
+        fmap = create_feature_map(name, h, d).to(device)
+        kwargs = {"folded": True} if attn == "mirror" else {}
+
+        def fn():
+            return fmap.attend(q, k, v, **kwargs)
+
+    if case.get("compile"):
+        fn = torch.compile(fn, fullgraph=True)
+    if not train:
+        def step():
+            with torch.no_grad():
+                return fn()
+    else:
+        def step():
+            out = fn()
+            out.float().sum().backward()
+            q.grad = k.grad = v.grad = None
+            return out
+    return step
+
+
+def _model_step(case: dict[str, Any], device: torch.device):
+    import timm
+
+    from .. import models  # noqa: F401  (registers the models)
+
+    dtype = DTYPES[case["dtype"]]
+    kwargs: dict[str, Any] = dict(attn=case["attn"], img_size=case["img_size"], num_classes=1000)
+    if case.get("window"):
+        kwargs["window_size"] = case["window"]
+    model = timm.create_model(case["model"], **kwargs).to(device)
+    x = torch.randn(case["batch"], 3, case["img_size"], case["img_size"], device=device)
+    train = case["mode"] == "train"
+    model.train(train)
+    fn = torch.compile(model) if case.get("compile") else model
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    if not train:
+        def step():
+            with torch.no_grad(), autocast:
+                return fn(x)
+    else:
+        def step():
+            with autocast:
+                out = fn(x)
+            out.float().sum().backward()
+            for p in model.parameters():
+                p.grad = None
+            return out
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _build_step(case: dict[str, Any], device: torch.device):
+    return _op_step(case, device) if case["kind"] == "op" else _model_step(case, device)
+
+
+def measure_memory(case: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of one step, measured on the first call in a fresh process (later calls reuse heap the
+    allocator kept from earlier ones); with ``compile`` on the second call, after compilation."""
+    device = torch.device(case["device"])
+    step = _build_step(case, device)
+    if case.get("compile"):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return {"peak_mem_mb": round((torch.cuda.max_memory_allocated() - before) / 2**20, 2), "status": "ok"}
+    exact = _reset_peak_rss()
+    before = _rss_kb("VmRSS")
+    step()
+    peak_mb = (_rss_kb("VmHWM") - before) / 1024 if exact else None
+    return {"peak_mem_mb": None if peak_mb is None else round(peak_mb, 2), "status": "ok"}
+
+
+def measure_times(cases: list[dict[str, Any]], *, min_run_time: float, max_call_seconds: float,
+                  rounds: int = 7) -> list[dict[str, Any]]:
+    """Median and IQR of the per-call time of each case, interleaved: every round times a block of calls of
+    each case in turn, so drift of a shared machine hits every attention alike and their ratios stay fair."""
+    device = torch.device(cases[0]["device"])
+    blocks: list[tuple[Any, int] | None] = []
+    results: list[dict[str, Any]] = []
+    for case in cases:
+        step = _build_step(case, device)
+        step()  # warm-up (and compilation)
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        one = time.perf_counter() - t0
+        if one > max_call_seconds:
+            blocks.append(None)
+            results.append({"status": "timeout", "note": f"one call took {one:.1f} s > {max_call_seconds:.0f} s"})
+            continue
+        calls = max(1, int(max(min_run_time / rounds, 0.02) / max(one, 1e-6)))
+        blocks.append((step, calls))
+        results.append({"status": "ok", "calls_per_round": calls})
+    samples: list[list[float]] = [[] for _ in cases]
+    for _ in range(rounds):
+        for i, block in enumerate(blocks):
+            if block is None:
+                continue
+            step, calls = block
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(calls):
+                    step()
+                end.record()
+                torch.cuda.synchronize()
+                samples[i].append(start.elapsed_time(end) / calls)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                samples[i].append((time.perf_counter() - t0) * 1e3 / calls)
+    for case, result, ts in zip(cases, results, samples, strict=True):
+        if result["status"] != "ok":
+            continue
+        quartiles = statistics.quantiles(ts, n=4, method="inclusive")
+        result.update(median_ms=round(statistics.median(ts), 4), iqr_ms=round(quartiles[2] - quartiles[0], 4),
+                      rounds=len(ts))
+        if case["kind"] == "model":
+            result["images_per_second"] = round(case["batch"] / (result["median_ms"] / 1e3), 2)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- driver side
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": device,
+            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
+
+
+def _worker(payload: dict[str, Any], timeout: float) -> list[dict[str, Any]] | dict[str, Any]:
+    """Run a worker subprocess; its failure becomes a status."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mirrorla.tools.bench", json.dumps(payload)],
+                              capture_output=True, text=True, timeout=timeout, env={**_WORKER_ENV, **os.environ})
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout"}
+    if proc.returncode == 0 and proc.stdout.strip():
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    err = proc.stderr[-3000:]
+    oom = proc.returncode in (-9, 137) or "out of memory" in err.lower() or "MemoryError" in err
+    return {"status": "oom" if oom else "error",
+            "error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
+
+
+def run_cases(cases: list[dict[str, Any]], *, timeout: float, progress: bool = True) -> list[dict[str, Any]]:
+    """Memory of each case in its own fresh subprocess, then the timings of each group of cases that differ
+    only by attention in one subprocess, interleaved. Failures become records with their status."""
+    from tqdm.auto import tqdm
+
+    records = [{**c, "median_ms": None, "iqr_ms": None, "peak_mem_mb": None} for c in cases]
+    bar = tqdm(total=2 * len(cases), desc="bench", disable=not progress, dynamic_ncols=True)
+    for r in records:
+        bar.set_postfix_str(f"memory {r['attn']} {r.get('n', r.get('img_size'))} {r['mode']} {r['dtype']}")
+        r.update(_worker({"task": "memory", "case": r}, timeout))
+        bar.update()
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(_key(r), []).append(r)
+    for key, members in groups.items():
+        runnable = [r for r in members if r["status"] == "ok"]
+        bar.set_postfix_str(f"time {key[0]} {key[4]} {key[2]} {key[3]}")
+        if runnable:
+            out = _worker({"task": "time", "cases": runnable, "min_run_time": runnable[0]["min_run_time"],
+                           "max_call_seconds": timeout / 4}, timeout * (len(runnable) + 1))
+            for r, res in zip(runnable, out if isinstance(out, list) else [out] * len(runnable), strict=True):
+                r.update(res)
+        bar.update(len(members))
+    bar.close()
+    return records
+
+
+def _op_cases(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
+    from .cli import _csv
+
+    cases = []
+    for dtype in _csv(args.dtype):
+        for mode in _csv(args.mode):
+            for n in (int(x) for x in _csv(args.n)):
+                for attn in _csv(args.attn):
+                    cases.append(dict(kind="op", attn=attn, n=n, mode=mode, dtype=dtype, device=device,
+                                      batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                                      compile=args.compile, min_run_time=args.min_run_time))
+    return cases
+
+
+def _model_cases(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
+    from .cli import _csv
+
+    windows = [int(w) for w in _csv(args.window)] if args.window else [None]
+    cases = []
+    for model in _csv(args.model):
+        for dtype in _csv(args.dtype):
+            for mode in _csv(args.mode):
+                for size in (int(x) for x in _csv(args.img_size)):
+                    for attn in _csv(args.attn):
+                        for window in windows if attn == "softmax" and "swin" in model else [None]:
+                            cases.append(dict(kind="model", model=model, attn=attn, img_size=size, mode=mode,
+                                              dtype=dtype, device=device, batch=args.batch, window=window,
+                                              compile=args.compile, min_run_time=args.min_run_time))
+    return cases
+
+
+def _label(r: dict[str, Any]) -> str:
+    label = r["attn"]
+    if r.get("window"):
+        label += f" (window {r['window']})"
+    return label
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    return (r["kind"], r.get("model"), r["mode"], r["dtype"], r.get("n", r.get("img_size")))
+
+
+def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, Any]) -> None:
+    """``bench.json``, ``bench.md`` (ratios against softmax and ReLU of the same size) and ``bench.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"machine": machine, "records": records}, indent=2))
+    lines = [f"# Benchmark ({machine['device']}{', ' + machine['gpu'] if machine.get('gpu') else ''}; "
+             f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']})", ""]
+    by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in records:
+        by_key.setdefault(_key(r), {})[_label(r)] = r
+    groups: dict[tuple, list[tuple]] = {}
+    for key in by_key:
+        groups.setdefault(key[:4], []).append(key)
+    for group, keys in groups.items():
+        kind, model, mode, dtype = group
+        size_name = "N" if kind == "op" else "img"
+        title = f"## {kind}{' ' + model if model else ''} — {mode}, {dtype}"
+        lines += [title, "", f"| {size_name} | attention | median ms | IQR ms | peak MB | × softmax | × relu | "
+                  + ("img/s |" if kind == "model" else "status |"), "|---" * 9 + "|"]
+        for key in sorted(keys, key=lambda k: k[4]):
+            row = by_key[key]
+            soft, relu = row.get("softmax"), row.get("relu")
+            for label, r in row.items():
+                def ratio(base, r=r):
+                    if not base or base.get("status") != "ok" or r.get("status") != "ok":
+                        return "–"
+                    return f"{base['median_ms'] / r['median_ms']:.2f}"
+                med = f"{r['median_ms']:.3f}" if r.get("median_ms") is not None else "–"
+                iqr = f"{r['iqr_ms']:.3f}" if r.get("iqr_ms") is not None else "–"
+                mem = f"{r['peak_mem_mb']:.1f}" if r.get("peak_mem_mb") is not None else "–"
+                last = (f"{r['images_per_second']:.1f} |" if kind == "model" and r.get("status") == "ok"
+                        else f"{r['status']} |")
+                lines.append(f"| {key[4]} | {label} | {med} | {iqr} | {mem} | {ratio(soft)} | {ratio(relu)} | {last}")
+        lines.append("")
+    lines.append("× softmax / × relu: how many times faster than softmax / ReLU linear attention of the same size, "
+                 "measured in the same run (> 1 is faster).")
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    _plot(records, out / "bench.png")
+
+
+def _plot(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r.get("status") == "ok"]
+    groups = sorted({(r["kind"], r.get("model"), r["mode"], r["dtype"]) for r in ok}, key=str)
+    if not groups:
+        return
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4 * len(groups)), squeeze=False)
+    for row, group in zip(axes, groups, strict=True):
+        kind, model, mode, dtype = group
+        rs = [r for r in ok if (r["kind"], r.get("model"), r["mode"], r["dtype"]) == group]
+        for label in sorted({_label(r) for r in rs}):
+            pts = sorted((r.get("n", r.get("img_size")), r["median_ms"], r["peak_mem_mb"]) for r in rs
+                         if _label(r) == label)
+            xs = [p[0] for p in pts]
+            row[0].plot(xs, [p[1] for p in pts], marker="o", label=label)
+            if all(p[2] is not None for p in pts):
+                row[1].plot(xs, [max(p[2], 1e-3) for p in pts], marker="o", label=label)
+        xname = "tokens N" if kind == "op" else "image size (px)"
+        for ax, yname in zip(row, ("median latency (ms)", "peak memory of the step (MB)"), strict=True):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(xname)
+            ax.set_ylabel(yname)
+            ax.set_title(f"{kind}{' ' + model if model else ''} {mode} {dtype}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _device(arg: str | None) -> str:
+    if arg:
+        return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bench_op(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = _device(args.device)
+    records = run_cases(_op_cases(args, device), timeout=args.timeout, progress=not args.no_progress)
+    write_report(records, Path(args.out), machine_info(device))
+    return records
+
+
+def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = _device(args.device)
+    records = run_cases(_model_cases(args, device), timeout=args.timeout, progress=not args.no_progress)
+    write_report(records, Path(args.out), machine_info(device))
+    return records
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="fwd,train" if p.prog.endswith("op") else "infer,train")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 (comma separated)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the measured function")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per case before it is recorded as timeout")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed repetitions per case (CPU)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _print_report(out: str) -> int:
+    print((Path(out) / "bench.md").read_text())
+    print(f"written: {out}/bench.json, {out}/bench.md, {out}/bench.png")
+    return 0
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="speed and memory benchmarks")
+    bsub = bench.add_subparsers(dest="bench_kind", required=True)
+    op = bsub.add_parser("op", help="feature map + attention core on given q, k, v")
+    op.add_argument("--n", default="196,1024,4096,16384,65536", help="token counts")
+    op.add_argument("--heads", type=int, default=3)
+    op.add_argument("--head-dim", type=int, default=64)
+    op.add_argument("--batch", type=int, default=1)
+    op.add_argument("--attn", default="softmax,relu,elu,focused,polarity,mirror",
+                    help=f"attentions (also: {', '.join(OP_EXTRA)})")
+    op.add_argument("--out", default="runs/bench/op")
+    _common(op)
+    op.set_defaults(func=lambda a: (bench_op(a), _print_report(a.out))[1])
+
+    model = bsub.add_parser("model", help="whole-model images/s and memory per resolution")
+    model.add_argument("--model", default="mirrorla_deit_tiny_patch16_224", help="model(s), comma separated")
+    model.add_argument("--attn", default="softmax,relu,mirror")
+    model.add_argument("--img-size", default="224,384,512,768,1024")
+    model.add_argument("--batch", type=int, default=8)
+    model.add_argument("--window", default=None, help="Swin softmax window sizes to sweep, e.g. 7,14,28,56")
+    model.add_argument("--out", default="runs/bench/model")
+    _common(model)
+    model.set_defaults(func=lambda a: (bench_model(a), _print_report(a.out))[1])
+
+
+def _worker_main(payload: dict[str, Any]) -> Any:
+    if payload["task"] == "memory":
+        return measure_memory(payload["case"])
+    return measure_times(payload["cases"], min_run_time=payload["min_run_time"],
+                         max_call_seconds=payload["max_call_seconds"])
+
+
+if __name__ == "__main__":  # worker: python -m mirrorla.tools.bench PAYLOAD_JSON
+    try:
+        print(json.dumps(_worker_main(json.loads(sys.argv[1]))))
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        print(json.dumps({"status": "oom", "error": str(err)[:500]}))
