@@ -27,8 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
 bench-cpu: $(STAMP)
-	$(PY) -m mirrorla bench op --out benchmarks/results/cpu/op
-	$(PY) -m mirrorla bench model --out benchmarks/results/cpu/model
+	bash benchmarks/run_cpu.sh $(PY)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

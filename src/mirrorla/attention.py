@@ -208,8 +208,6 @@ class LinearAttention(nn.Module):
     def _qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The qkv projection, with the feature map's static part folded into its q and k rows."""
         weight, bias = self.qkv.weight, self.qkv.bias
-        if not self.fold_feature_map:
-            return weight, bias
         c = self.dim
         w_q, b_q = self.feature_map.fold_projection(weight[:c], None if bias is None else bias[:c])
         w_k, b_k = self.feature_map.fold_projection(weight[c:2 * c], None if bias is None else bias[c:2 * c])
@@ -234,6 +232,26 @@ class LinearAttention(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
+    def project(
+        self, x: torch.Tensor, grid_size: tuple[int, int] | None = None, *, fold: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``[B, H, N(or reduced), d]`` of ``x`` ``[B, N, C]``, after the q/k norms.
+
+        ``fold`` (default: the module's ``fold_feature_map``) returns q and k with the feature map's static
+        part already applied; ``fold=False`` returns the plain projections (what analysis tools inspect).
+        """
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [B, N, C={self.dim}], got {tuple(x.shape)}")
+        b, n, _ = x.shape
+        fold = self.fold_feature_map if fold is None else fold and self.fold_feature_map
+        weight, bias = self._qkv_weight() if fold else (self.qkv.weight, self.qkv.bias)
+        if self.sr is None:
+            qkv = F.linear(x, weight, bias)
+            q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = self._spatially_reduced_qkv(x, grid_size, weight, bias)
+        return self.q_norm(q), self.k_norm(k), v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -242,16 +260,8 @@ class LinearAttention(nn.Module):
         grid_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """x ``[B, N, C]`` → ``[B, N, C]``. ``attn_mask``/``is_causal`` are honoured by softmax only."""
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape [B, N, C={self.dim}], got {tuple(x.shape)}")
+        q, k, v = self.project(x, grid_size)
         b, n, c = x.shape
-        weight, bias = self._qkv_weight()
-        if self.sr is None:
-            qkv = F.linear(x, weight, bias)
-            q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q, k, v = self._spatially_reduced_qkv(x, grid_size, weight, bias)
-        q, k = self.q_norm(q), self.k_norm(k)
         if self.feature_map is None:
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=is_causal,

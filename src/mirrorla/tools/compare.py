@@ -15,7 +15,10 @@ from typing import Any
 
 from .train import TrainConfig, add_train_arguments, train
 
-__all__ = ["ABLATION", "aggregate", "compare", "plot_results", "results_markdown"]
+__all__ = ["ABLATION", "ANALYSIS_COLUMNS", "aggregate", "compare", "plot_results", "results_markdown"]
+
+# layer-averaged statistics that `compare --analyze` adds (see mirrorla.tools.analyze)
+ANALYSIS_COLUMNS = ("retention_q", "retention_k", "rank_k", "attn_entropy")
 
 # (variant name, mirror feature-map options): each row adds one component to the previous one.
 ABLATION: list[tuple[str, dict[str, bool]]] = [
@@ -85,16 +88,17 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "top1_mean": statistics.fmean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
             "params": rs[0]["params"], "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in rs),
         }
-        for key in ("retention_q", "retention_k", "rank_k", "attn_entropy"):
-            if all(key in r for r in rs):
-                entry[key] = statistics.fmean(r[key] for r in rs)
+        for key in ANALYSIS_COLUMNS:
+            values = [r[key] for r in rs if r.get(key) is not None]
+            if any(key in r for r in results):
+                entry[key] = statistics.fmean(values) if values else None  # softmax has no feature map
         table.append(entry)
     return table
 
 
 def results_markdown(results: list[dict[str, Any]], base: TrainConfig | None = None) -> str:
     table = aggregate(results)
-    extra = [k for k in ("retention_q", "retention_k", "rank_k", "attn_entropy") if table and k in table[0]]
+    extra = [k for k in ANALYSIS_COLUMNS if table and k in table[0]]
     lines = []
     if base is not None:
         lines += [f"model `{base.model}`, data `{base.data}`, {base.epochs} epochs, batch {base.batch_size}, "
@@ -102,7 +106,7 @@ def results_markdown(results: list[dict[str, Any]], base: TrainConfig | None = N
     header = "| attention | variant | seeds | top-1 (%) | params | train s |" + "".join(f" {k} |" for k in extra)
     lines += [header, "|" + "---|" * (6 + len(extra))]
     for r in table:
-        cells = "".join(f" {r[k]:.3f} |" for k in extra)
+        cells = "".join(" – |" if r[k] is None else f" {r[k]:.3f} |" for k in extra)
         lines.append(f"| {r['attn']} | {r['variant']} | {r['seeds']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
                      f"| {r['params']:,} | {r['train_seconds_mean']:.0f} |{cells}")
     return "\n".join(lines) + "\n"
