@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from conftest import fit_batch
 
 from mirrorla import LinearAttention, list_attentions
 from mirrorla.ops import linear_attention_reference
@@ -130,13 +131,5 @@ def test_timm_vision_transformer_accepts_it_and_trains(attn):
         attn_layer=LinearAttention.configure(attn=attn), qk_norm=True, qkv_bias=True,
     )
     assert all(isinstance(b.attn, LinearAttention) for b in model.blocks)
-    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(15):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_batch(model, torch.randn(8, 3, 32, 32), torch.arange(8) % 4)
     assert losses[-1] < 0.5 * losses[0], losses

@@ -5,6 +5,7 @@ import re
 import pytest
 import timm
 import torch
+from conftest import fit_batch
 
 import mirrorla
 from mirrorla import LinearAttention
@@ -137,16 +138,8 @@ def test_mirrorize_vit_copies_weights_exactly_and_trains():
     assert new and all(re.search(r"\.attn\.(local|feature_map)\.", k) for k in new)
     assert all(isinstance(b.attn, LinearAttention) and b.attn.is_linear for b in vit.blocks)
     assert all(not b.attn.feature_map.variance for b in vit.blocks)
-    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
-    opt = torch.optim.AdamW(vit.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(15):
-        loss = torch.nn.functional.cross_entropy(vit(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    losses = fit_batch(vit, torch.randn(8, 3, 32, 32), torch.arange(8) % 4)
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_mirrorize_dynamic_vit_tracks_the_grid():

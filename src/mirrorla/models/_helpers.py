@@ -12,6 +12,7 @@ from ..attention import SOFTMAX, LinearAttention, list_attentions
 
 __all__ = [
     "attention_counts",
+    "build",
     "check_attn",
     "default_cfg",
     "feature_map_no_weight_decay",
@@ -46,6 +47,17 @@ def default_cfg(**kwargs: Any) -> dict[str, Any]:
         "license": "apache-2.0",
         **kwargs,
     }
+
+
+def build(model_cls: type, variant: str, pretrained: bool, default_out_indices: Any, feature_cfg: dict[str, Any],
+          **kwargs: Any):
+    """timm's ``build_model_with_cfg`` for a model of this package (``out_indices`` may be passed in kwargs)."""
+    from timm.models import build_model_with_cfg
+
+    refuse_pretrained(variant, pretrained)
+    out_indices = kwargs.pop("out_indices", default_out_indices)
+    feature_cfg = dict(out_indices=out_indices, **feature_cfg)
+    return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 def refuse_pretrained(variant: str, pretrained: bool) -> None:

@@ -10,16 +10,16 @@ from typing import Any
 import torch
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed import resample_abs_pos_embed
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ._helpers import (
+    build,
     default_cfg,
     feature_map_no_weight_decay,
     is_softmax,
-    refuse_pretrained,
     to_2tuple_int,
 )
 from .blocks import GridBlock
@@ -257,15 +257,8 @@ class PyramidVisionTransformer(nn.Module):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    refuse_pretrained(variant, pretrained)
-    out_indices = kwargs.pop("out_indices", 4)
-    return build_model_with_cfg(
-        PyramidVisionTransformer,
-        variant,
-        pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter", flatten_sequential=True),
-        **kwargs,
-    )
+    return build(PyramidVisionTransformer, variant, pretrained, 4,
+                 dict(feature_cls="getter", flatten_sequential=True), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.pvt_v2 import PyramidVisionTransformerV2
 
 from ..attention import LinearAttention
-from ._helpers import check_attn, default_cfg, feature_map_no_weight_decay, is_softmax, refuse_pretrained
+from ._helpers import build, check_attn, default_cfg, feature_map_no_weight_decay, is_softmax
 
 __all__ = ["FeatSizeLinearAttention", "MirrorPvtV2"]
 
@@ -50,12 +50,7 @@ class MirrorPvtV2(PyramidVisionTransformerV2):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MirrorPvtV2:
-    refuse_pretrained(variant, pretrained)
-    out_indices = kwargs.pop("out_indices", tuple(range(4)))
-    return build_model_with_cfg(
-        MirrorPvtV2, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
-        **kwargs,
-    )
+    return build(MirrorPvtV2, variant, pretrained, tuple(range(4)), dict(flatten_sequential=True), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
-from ._helpers import check_attn, default_cfg, feature_map_no_weight_decay, is_softmax, refuse_pretrained
+from ._helpers import build, check_attn, default_cfg, feature_map_no_weight_decay, is_softmax
 from .blocks import NHWCGridBlock
 
 __all__ = ["MirrorSwinTransformer"]
@@ -64,12 +64,8 @@ class MirrorSwinTransformer(SwinTransformer):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MirrorSwinTransformer:
-    refuse_pretrained(variant, pretrained)
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 6, 2))))))
-    return build_model_with_cfg(
-        MirrorSwinTransformer, variant, pretrained,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs,
-    )
+    return build(MirrorSwinTransformer, variant, pretrained, tuple(range(len(kwargs.get("depths", (2, 2, 6, 2))))),
+                 dict(flatten_sequential=True), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..attention import LinearAttention
-from ._helpers import check_attn, default_cfg, feature_map_no_weight_decay, refuse_pretrained, set_token_grid
+from ._helpers import build, check_attn, default_cfg, feature_map_no_weight_decay, set_token_grid
 
 __all__ = ["MirrorVisionTransformer"]
 
@@ -50,15 +50,7 @@ class MirrorVisionTransformer(VisionTransformer):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MirrorVisionTransformer:
-    refuse_pretrained(variant, pretrained)
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        MirrorVisionTransformer,
-        variant,
-        pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return build(MirrorVisionTransformer, variant, pretrained, 3, dict(feature_cls="getter"), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
