@@ -213,7 +213,8 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
     parts: dict[str, Any] = {}
     if resume is not None:
         state, parts = load_checkpoint(resume, "last")
-        config = TrainConfig(**state["config"])
+        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        config = dataclasses.replace(TrainConfig(**state["config"]), out=str(run_dir))  # the run may have moved
     info = setup_distributed()
     out = Path(config.out)
     if info.is_main:
@@ -393,8 +394,9 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, *, split: str
         raise CheckpointError(f"checkpoint {p} holds no EMA weights")
     model.load_state_dict(weights)
     dataset = {"train": bundle.train, "val": bundle.val, "test": bundle.test}[split]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    result = evaluate(model, loader, torch.device("cpu"))
+    result = evaluate(model.to(device), loader, device)
     return {"checkpoint": str(p), "data": data or config.data, "split": split, "model": config.model,
             "attn": config.attn, "epoch": state["epoch"], **{k: round(v, 4) for k, v in result.items()}}
 
