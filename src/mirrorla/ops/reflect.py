@@ -133,21 +133,22 @@ def block_variance(x: torch.Tensor, *, pairing: str = "adjacent", dim: int = -2)
 def token_moments(x: torch.Tensor, *, dim: int = -2, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and mean square over the token dimension, in fp32 or wider: ``[..., N, d] → [..., d]``.
 
-    ``torch.var_mean`` over a non-innermost dimension is ~20× slower on CPUs than a plain mean; squares are
-    summed in chunks of tokens that stay in cache. Variances from these moments are exact enough for
+    ``torch.var_mean`` over a non-innermost dimension is ~20× slower on CPUs than a plain mean; long inputs
+    are summed in chunks of tokens that stay in cache. Variances from these moments are exact enough for
     angle modulation in fp32 (they are clamped at 0).
     """
     acc = torch.promote_types(x.dtype, torch.float32)
     x = x.to(acc)
     n = x.shape[dim]
-    mean = x.mean(dim=dim)
     if torch.compiler.is_compiling() or n <= chunk:
-        return mean, x.square().mean(dim=dim)
-    sq = None
+        return x.mean(dim=dim), x.square().mean(dim=dim)
+    # both sums per chunk: the second read of a chunk hits the cache, so x streams from memory once
+    total = total_sq = None
     for part in x.split(chunk, dim=dim):
-        s = part.square().sum(dim=dim)
-        sq = s if sq is None else sq.add_(s)
-    return mean, sq.div_(n)
+        s, sq = part.sum(dim=dim), part.square().sum(dim=dim)
+        total = s if total is None else total.add_(s)
+        total_sq = sq if total_sq is None else total_sq.add_(sq)
+    return total.div_(n), total_sq.div_(n)
 
 
 def cross_head_reflect(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
