@@ -8,10 +8,6 @@ def _seed_and_threads():
     yield
 
 
-def rand(*shape, dtype=torch.float32, scale=1.0):
-    return torch.randn(*shape, dtype=dtype) * scale
-
-
 def fit_batch(model, x, y, steps: int = 15, lr: float = 1e-3) -> list[float]:
     """AdamW steps on one fixed batch; returns the losses (a model that can learn drives them down)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
