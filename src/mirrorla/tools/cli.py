@@ -65,26 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--readme", help="with --table: rewrite the table between the markers of this file")
     info.set_defaults(func=_cmd_info)
 
-    for register in _REGISTRARS:
-        register(sub)
+    # the heavier tools register their own subcommands (train also adds eval, compare and demo)
+    from . import analyze, bench, train
+
+    for tool in (train, bench, analyze):
+        tool.add_subcommands(sub)
     return parser
-
-
-def _register_tools(sub: argparse._SubParsersAction) -> None:
-    """Subcommands of the heavier tools, added when their modules exist."""
-    import importlib
-
-    for module_name in ("train", "bench", "analyze"):
-        try:
-            module = importlib.import_module(f"{__package__}.{module_name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__package__}.{module_name}":
-                raise
-            continue
-        module.add_subcommands(sub)
-
-
-_REGISTRARS = [_register_tools]
 
 
 def main(argv: list[str] | None = None) -> int:
