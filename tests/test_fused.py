@@ -8,7 +8,15 @@ import torch
 
 from mirrorla import LinearAttention
 from mirrorla.feature_maps import MirrorFeatureMap
-from mirrorla.ops import block_reflect, block_variance, cross_head_reflect, rotate_pairs, token_moments
+from mirrorla.ops import (
+    block_reflect,
+    block_variance,
+    cross_head_reflect,
+    folded_variance,
+    rotate_pairs,
+    token_moments,
+    token_sums,
+)
 
 COMBOS = [dict(block=b, variance=v, cross_head=c, pairing=p)
           for b, v, c, p in itertools.product([True, False], [True, False], [True, False], ["adjacent", "half"])
@@ -51,8 +59,11 @@ def test_variance_from_folded_keys_equals_block_variance():
     fmap = MirrorFeatureMap(3, 8).double()
     k = torch.randn(2, 3, 50, 8, dtype=torch.float64) + 0.7
     k_cross = cross_head_reflect(k, fmap.u)
-    folded = block_reflect(k_cross, torch.zeros(3, 1, 4, dtype=torch.float64))  # H(0)·H_cross·k
-    torch.testing.assert_close(fmap._variance_of_unfolded_keys(folded), block_variance(k_cross, dim=2))
+    folded = block_reflect(k_cross, torch.zeros(3, 1, 4, dtype=torch.float64)).detach()  # H(0)·H_cross·k
+    for grad in (False, True):  # the fused kernel (no gradients) and the reference
+        with torch.set_grad_enabled(grad):
+            var = folded_variance(token_sums(folded.detach().requires_grad_(grad)), 50)
+        torch.testing.assert_close(var, block_variance(k_cross, dim=2).detach())
 
 
 @pytest.mark.parametrize("kwargs", COMBOS, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
@@ -70,6 +81,9 @@ def test_folded_layer_equals_plain_layer_values_and_gradients(kwargs):
     out_plain = layer(x, grid_size=(6, 5))
     grads_plain = torch.autograd.grad(out_plain.square().sum(), list(layer.parameters()))
     torch.testing.assert_close(out_fast, out_plain, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # inference: the fused CPU kernel where it is built
+        layer.fold_feature_map = layer.feature_map.foldable
+        torch.testing.assert_close(layer(x, grid_size=(6, 5)), out_plain, rtol=1e-10, atol=1e-10)
     for (name, _), gf, gp in zip(layer.named_parameters(), grads_fast, grads_plain, strict=True):
         torch.testing.assert_close(gf, gp, rtol=1e-8, atol=1e-10, msg=name)
 

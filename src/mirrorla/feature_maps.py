@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import (
+    DELTA_FORMS,
     PAIRINGS,
     block_reflect,
     block_variance,
@@ -27,8 +28,7 @@ from .ops import (
     linear_attention,
     linear_attention_reference,
     pair_channels,
-    rotate_pairs,
-    token_moments,
+    folded_mirror_map,
 )
 
 __all__ = [
@@ -264,24 +264,6 @@ class PolarityFeatureMap(FeatureMap):
         return 2 * self.num_heads * self.head_dim * 8
 
 
-def _delta_tanh_log(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
-    return gamma * torch.tanh(torch.log(var + eps))
-
-
-def _delta_log(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
-    return gamma * torch.log(var + eps)
-
-
-def _delta_rsqrt(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
-    return gamma * torch.rsqrt(var + eps)
-
-
-DELTA_FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
-    "tanh_log": _delta_tanh_log,  # γ·tanh(log(σ² + ε)): bounded, the default
-    "log": _delta_log,  # γ·log(σ² + ε): unbounded
-    "rsqrt": _delta_rsqrt,  # γ/√(σ² + ε): shrinks the offset as features spread out
-}
-"""Forms of the variance-aware angle offset Δα(σ²) (docs/method.md §2.3, an open choice)."""
 
 
 @register_feature_map("mirror")
@@ -418,35 +400,18 @@ class MirrorFeatureMap(FeatureMap):
             return rows.t(), None
         return rows[:-1].t(), rows[-1]
 
-    def _variance_of_unfolded_keys(self, k_folded: torch.Tensor) -> torch.Tensor:
-        """σ² of the keys after the cross-head reflection, from the folded keys ``H(0)·H_cross·k`` (one pass).
-
-        ``H(0)`` negates the first channel of each block: per-channel second moments are unchanged and the
-        block mean of the unfolded keys is ``(m₁ − m₀)/2``.
-        """
-        mean_c, mean_sq_c = token_moments(k_folded, dim=2)  # [B, H, d] over tokens
-        mean_p, mean_sq_p = pair_channels(mean_c, self.pairing), pair_channels(mean_sq_c, self.pairing)
-        # E[a² + b²]/2 − ((m_b − m_a)/2)², in as few small kernels as possible (this runs every forward)
-        diff = mean_p[..., 1] - mean_p[..., 0]
-        return (mean_sq_p.sum(-1) - 0.5 * diff.square()).mul_(0.5).clamp_min_(0)
-
     def forward(self, q, k, *, folded: bool = False):
         """``(φ(q), φ(k))``. With ``folded=True`` q and k come from projections folded by
-        :meth:`fold_projection`, and only the per-sample part of the map runs here."""
+        :meth:`fold_projection`, and only the per-sample part of the map runs here
+        (:func:`~mirrorla.ops.folded_mirror_map`: σ², the rotation by 2Θ and the ReLU), outputs in fp32."""
         if not folded:
             q, k = self.reflect(q, k)
             return F.relu(q), F.relu(k)
         self._check(q, k)
         if not (self.block and self.variance):
             return F.relu(q), F.relu(k)
-        # fp32 here costs nothing extra: linear_attention reduces in fp32 anyway
-        acc = torch.promote_types(q.dtype, torch.float32)
-        q, k = q.to(acc), k.to(acc)
-        var = self._variance_of_unfolded_keys(k)
-        theta = self.theta.to(acc)[None] + DELTA_FORMS[self.delta_form](var, self.gamma.to(acc), self.eps)
-        angle = (2.0 * theta).unsqueeze(2)  # [B, H, 1, d/2]
-        q, k = rotate_pairs(q, k, angle=angle, pairing=self.pairing)
-        return q.relu_(), k.relu_()  # fresh tensors: ReLU in place saves an allocation each
+        return folded_mirror_map(q, k, self.theta, self.gamma, eps=self.eps, delta_form=self.delta_form,
+                                 pairing=self.pairing)
 
     def elementwise_flops_per_token(self) -> int:
         c = self.num_heads * self.head_dim

@@ -1,7 +1,20 @@
-"""Pure functions (no parameters): the linear-attention core, its N×N reference and the reflections."""
+"""Pure functions (no parameters): the linear-attention core, its N×N reference, the reflections and the fused
+per-sample step of the MirrorLA map (with pure-PyTorch references)."""
 
+from .fused import (
+    cpu_kernels_available,
+    cpu_kernels_status,
+    folded_mirror_map,
+    folded_mirror_map_reference,
+    folded_variance,
+    rotate_relu,
+    rotate_relu_reference,
+    token_sums,
+    token_sums_reference,
+)
 from .linear_attention import linear_attention, linear_attention_reference
 from .reflect import (
+    DELTA_FORMS,
     PAIRINGS,
     block_reflect,
     block_variance,
@@ -14,15 +27,25 @@ from .reflect import (
 )
 
 __all__ = [
+    "DELTA_FORMS",
     "PAIRINGS",
     "block_reflect",
     "block_variance",
+    "cpu_kernels_available",
+    "cpu_kernels_status",
+    "folded_mirror_map",
+    "folded_mirror_map_reference",
+    "folded_variance",
     "cross_head_reflect",
     "householder_reflect",
     "linear_attention",
     "linear_attention_reference",
     "pair_channels",
     "rotate_pairs",
+    "rotate_relu",
+    "rotate_relu_reference",
     "token_moments",
+    "token_sums",
+    "token_sums_reference",
     "unpair_channels",
 ]

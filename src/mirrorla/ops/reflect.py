@@ -6,11 +6,14 @@ and keys keeps every inner product ``(Hq)ᵀ(Hk) = qᵀk`` (docs/method.md §1).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ._checks import check_even_last_dim, check_floating
 
 __all__ = [
+    "DELTA_FORMS",
     "PAIRINGS",
     "block_reflect",
     "block_variance",
@@ -220,3 +223,23 @@ def rotate_pairs(*xs: torch.Tensor, angle: torch.Tensor, pairing: str = "adjacen
         # (c·x0 − s·x1, c·x1 + s·x0) = c ⊙ x + s ⊙ sign ⊙ swap(x)
         out.append(unpair_channels(torch.addcmul(cos * pairs, sin * sign, pairs.flip(-1)), pairing))
     return tuple(out)
+
+
+def _delta_tanh_log(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    return gamma * torch.tanh(torch.log(var + eps))
+
+
+def _delta_log(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    return gamma * torch.log(var + eps)
+
+
+def _delta_rsqrt(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    return gamma * torch.rsqrt(var + eps)
+
+
+DELTA_FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "tanh_log": _delta_tanh_log,  # γ·tanh(log(σ² + ε)): bounded, the default
+    "log": _delta_log,  # γ·log(σ² + ε): unbounded
+    "rsqrt": _delta_rsqrt,  # γ/√(σ² + ε): shrinks the offset as features spread out
+}
+"""Forms of the variance-aware angle offset Δα(σ²) (docs/method.md §2.3, an open choice)."""

@@ -1,0 +1,255 @@
+"""Fused kernels for MirrorLA's per-sample step: ``ReLU(R(angle)·x)`` and per-channel token sums.
+
+Eager PyTorch runs "rotate each channel pair" and "ReLU" as separate passes over memory, and the sum and
+sum of squares over tokens as two more; on a CPU these passes made the MirrorLA map cost 1.2–1.3× a ReLU
+linear attention. ``csrc/mirror_cpu.cpp`` does each in one pass (and the backward in one pass). It is
+compiled on first use with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed;
+the build is cached per machine under ``TORCH_EXTENSIONS_DIR``, ~15 s once). Where it cannot be built, or
+on other devices, or under ``torch.compile`` (whose inductor fuses the reference itself), the pure-PyTorch
+reference runs instead; both give the same values (tests check it).
+
+Set ``MIRRORLA_CPU_KERNELS=0`` to always use the reference, ``=1`` to make a failed build an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ._checks import check_even_last_dim, check_floating, check_rank
+from .reflect import DELTA_FORMS, _check_pairing, pair_channels, rotate_pairs, token_moments
+
+__all__ = [
+    "cpu_kernels_available",
+    "cpu_kernels_status",
+    "folded_mirror_map",
+    "folded_mirror_map_reference",
+    "folded_variance",
+    "rotate_relu",
+    "rotate_relu_reference",
+    "token_sums",
+    "token_sums_reference",
+]
+
+_SOURCE = Path(__file__).with_name("csrc") / "mirror_cpu.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {"tried": False, "ok": False, "error": None}
+
+
+def _cpu_tag() -> str:
+    """Short digest of the CPU's instruction-set flags: the build uses -march=native, so a cache shared by
+    different machines (a cluster's home directory) must not hand one CPU's binary to another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def _build() -> None:
+    # torch logs a CUDA_HOME note when cpp_extension is imported on a machine without CUDA; noise here
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        _load_extension()
+    finally:
+        log.setLevel(level)
+
+
+def _load_extension() -> None:
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:
+        try:  # the pip package puts the binary next to itself, not always on PATH (an unactivated venv)
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    source_tag = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:8]
+    cpp_extension.load(
+        name=f"mirrorla_cpu_{source_tag}_{_cpu_tag()}",
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],  # at::parallel_for is an OpenMP pragma in a header: without it, one thread
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def cpu_kernels_available() -> bool:
+    """Whether the fused CPU kernels are built and loaded (builds them on the first call)."""
+    if _state["tried"]:
+        return bool(_state["ok"])
+    with _lock:
+        if _state["tried"]:
+            return bool(_state["ok"])
+        setting = os.environ.get("MIRRORLA_CPU_KERNELS", "").strip()
+        if setting == "0":
+            _state.update(tried=True, ok=False, error="disabled by MIRRORLA_CPU_KERNELS=0")
+            return False
+        try:
+            _build()
+            _state.update(tried=True, ok=True, error=None)
+        except Exception as err:  # noqa: BLE001 (no compiler, no ninja, a failed build: all mean "use the reference")
+            _state.update(tried=True, ok=False, error=f"{type(err).__name__}: {str(err).strip()[-500:]}")
+            if setting == "1":
+                raise RuntimeError(f"MIRRORLA_CPU_KERNELS=1 but the CPU kernels failed to build: {_state['error']}")
+            warnings.warn(
+                "mirrorla: the fused CPU kernels could not be built; the MirrorLA map runs as plain PyTorch ops "
+                f"(same values, slower). Reason: {_state['error']}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return bool(_state["ok"])
+
+
+def cpu_kernels_status() -> str:
+    """``"built"``, or why the reference runs instead (builds the kernels if not tried yet)."""
+    return "built" if cpu_kernels_available() else f"unavailable ({_state['error']})"
+
+
+def _use_kernel(*xs: torch.Tensor) -> bool:
+    """The kernels have no backward: they run where no gradient is wanted (inference, evaluation, the op
+    benchmark's forward); training takes the reference, whose autograd graph is PyTorch's own."""
+    if torch.compiler.is_compiling() or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in xs):
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return False
+    return cpu_kernels_available()
+
+
+# ---------------------------------------------------------------------------------------------- rotate + ReLU
+
+
+def rotate_relu_reference(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacent") -> torch.Tensor:
+    """``ReLU(R(angle)·x)`` with plain PyTorch ops (see :func:`rotate_relu`); ``angle`` broadcastable to
+    ``[B, H, N, d/2]``."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    (rotated,) = rotate_pairs(x.to(acc), angle=angle.to(acc), pairing=pairing)
+    return rotated.relu_()
+
+
+def rotate_relu(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacent") -> torch.Tensor:
+    """``ReLU`` of each channel pair of ``x`` rotated by ``angle``; one pass over memory on CPUs.
+
+    Args:
+        x: ``[B, H, N, d]``, d even, any floating dtype.
+        angle: one angle per (sample or all samples, head, pair): ``[1 or B, H, d/2]``.
+        pairing: ``"adjacent"`` pairs ``(2i, 2i+1)`` or ``"half"`` pairs ``(i, i + d/2)``.
+
+    Returns:
+        ``[B, H, N, d]`` in fp32 (fp64 for fp64 input): the attention core reduces in fp32 anyway, so the
+        map's output goes there directly. Differentiable (through the reference) in ``x`` and ``angle``.
+    """
+    check_rank("x", x, 4, "[B, H, N, d]")
+    check_floating("x", x)
+    check_even_last_dim("x", x)
+    check_floating("angle", angle)
+    _check_pairing(pairing)
+    b, h, _, d = x.shape
+    if angle.dim() != 3 or angle.shape[1:] != (h, d // 2) or angle.shape[0] not in (1, b):
+        raise ValueError(f"angle must have shape [1 or B, H, d/2] = [1 or {b}, {h}, {d // 2}], "
+                         f"got {tuple(angle.shape)}")
+    if not _use_kernel(x, angle):
+        return rotate_relu_reference(x, angle.unsqueeze(2), pairing=pairing)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    a = angle.to(acc)
+    return torch.ops.mirrorla_cpu.rotate_relu(x, torch.cos(a), torch.sin(a), pairing == "half")
+
+
+# ------------------------------------------------------------------------------------------------ token sums
+
+
+def token_sums_reference(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, 2, d]``: per-channel sum and sum of squares over the tokens of ``x`` ``[B, H, N, d]``."""
+    mean, mean_sq = token_moments(x, dim=2)
+    return torch.stack([mean, mean_sq], dim=2).mul_(x.shape[2])
+
+
+def token_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel sum and sum of squares over tokens, ``[B, H, N, d] → [B, H, 2, d]`` (fp32, or fp64 for fp64
+    input); one pass over memory on CPUs. Differentiable (through the reference)."""
+    check_rank("x", x, 4, "[B, H, N, d]")
+    check_floating("x", x)
+    if not _use_kernel(x):
+        return token_sums_reference(x)
+    return torch.ops.mirrorla_cpu.token_sums(x)
+
+
+# ------------------------------------------------------------------------------------ the folded MirrorLA step
+
+
+def folded_variance(sums: torch.Tensor, n: int, *, pairing: str = "adjacent") -> torch.Tensor:
+    """σ² ``[B, H, d/2]`` of the keys before the static reflection ``H(0)``, from the token sums
+    ``[B, H, 2, d]`` of the folded keys ``H(0)·k``.
+
+    ``H(0)`` negates the first channel of each pair: second moments are unchanged and the block mean of the
+    unfolded keys is ``(m₁ − m₀)/2``, so σ² = E[a² + b²]/2 − ((m₁ − m₀)/2)².
+    """
+    paired = pair_channels(sums, pairing)  # [B, H, 2, d/2, 2]
+    diff = (paired[:, :, 0, :, 1] - paired[:, :, 0, :, 0]).mul_(1.0 / n)
+    mean_sq = paired[:, :, 1].sum(-1).mul_(1.0 / n)
+    return torch.addcmul(mean_sq, diff, diff, value=-0.5).mul_(0.5).clamp_min_(0)
+
+
+def folded_mirror_map_reference(q, k, theta, gamma, *, eps=1e-6, delta_form="tanh_log", pairing="adjacent"):
+    """:func:`folded_mirror_map` with plain PyTorch ops (differentiable)."""
+    var = folded_variance(token_sums_reference(k), k.shape[2], pairing=pairing)
+    acc = var.dtype
+    angle = (theta.to(acc)[None] + DELTA_FORMS[delta_form](var, gamma.to(acc), eps)).mul_(2.0)
+    acc_q, acc_k = q.to(acc), k.to(acc)
+    q, k = rotate_pairs(acc_q, acc_k, angle=angle.unsqueeze(2), pairing=pairing)
+    return q.relu_(), k.relu_()
+
+
+def folded_mirror_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    theta: torch.Tensor,
+    gamma: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    delta_form: str = "tanh_log",
+    pairing: str = "adjacent",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample step of MirrorLA with its static reflections folded into the projections.
+
+    The projections already applied ``H(0)·H_cross``; this computes σ² of the keys (over tokens and each
+    pair's two channels, undoing ``H(0)`` algebraically), ``Θ = θ + Δα(σ²)`` and ``ReLU(R(2Θ)·)`` of q and k
+    (``H(Θ) = R(2Θ)·H(0)``). On CPUs without gradients it is one fused kernel call (one read of k for σ²,
+    one read-and-write of q and of k).
+
+    Args:
+        q, k: folded queries and keys ``[B, H, N, d]`` (Nq may differ from N).
+        theta, gamma: ``[H, d/2]`` angles and modulation gains.
+        eps, delta_form: Δα's ε and form (a key of :data:`DELTA_FORMS`).
+        pairing: ``"adjacent"`` or ``"half"``.
+
+    Returns:
+        ``(φ(q), φ(k))`` ``[B, H, N, d]`` in fp32 (fp64 for fp64 inputs).
+    """
+    check_rank("q", q, 4, "[B, H, Nq, d]")
+    check_rank("k", k, 4, "[B, H, N, d]")
+    _check_pairing(pairing)
+    if delta_form not in DELTA_FORMS:
+        raise ValueError(f"delta_form must be one of {sorted(DELTA_FORMS)}, got {delta_form!r}")
+    if not _use_kernel(q, k, theta, gamma) or q.dtype != k.dtype:
+        return folded_mirror_map_reference(q, k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
+    acc = torch.promote_types(k.dtype, torch.float32)
+    return torch.ops.mirrorla_cpu.folded_mirror_map(
+        q, k, theta.to(acc).contiguous(), gamma.to(acc).contiguous(), float(eps),
+        _DELTA_FORM_CODES[delta_form], pairing == "half")
+
+
+# the kernel's codes for DELTA_FORMS (csrc/mirror_cpu.cpp, folded_mirror_map)
+_DELTA_FORM_CODES = {"tanh_log": 0, "log": 1, "rsqrt": 2}
