@@ -25,10 +25,9 @@ from .ops import (
     block_reflect,
     block_variance,
     cross_head_reflect,
+    folded_mirror_map,
     linear_attention,
     linear_attention_reference,
-    pair_channels,
-    folded_mirror_map,
 )
 
 __all__ = [

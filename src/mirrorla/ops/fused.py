@@ -103,7 +103,8 @@ def cpu_kernels_available() -> bool:
         except Exception as err:  # noqa: BLE001 (no compiler, no ninja, a failed build: all mean "use the reference")
             _state.update(tried=True, ok=False, error=f"{type(err).__name__}: {str(err).strip()[-500:]}")
             if setting == "1":
-                raise RuntimeError(f"MIRRORLA_CPU_KERNELS=1 but the CPU kernels failed to build: {_state['error']}")
+                raise RuntimeError(
+                    f"MIRRORLA_CPU_KERNELS=1 but the CPU kernels failed to build: {_state['error']}") from err
             warnings.warn(
                 "mirrorla: the fused CPU kernels could not be built; the MirrorLA map runs as plain PyTorch ops "
                 f"(same values, slower). Reason: {_state['error']}",

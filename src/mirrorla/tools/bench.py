@@ -142,6 +142,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _build_step(case: dict[str, Any], device: torch.device):
+    from ..ops import cpu_kernels_available
+
+    # load (or build) the fused CPU kernels before anything is measured: the library's pages are not part of
+    # a step's memory, and every attention's process then starts from the same state
+    cpu_kernels_available()
     return _op_step(case, device) if case["kind"] == "op" else _model_step(case, device)
 
 
@@ -228,9 +233,12 @@ def machine_info(device: str) -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    from ..ops import cpu_kernels_status
+
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "device": device,
-            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
+            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+            "cpu_kernels": cpu_kernels_status()}
 
 
 def _worker(payload: dict[str, Any], timeout: float) -> list[dict[str, Any]] | dict[str, Any]:
@@ -322,7 +330,8 @@ def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"machine": machine, "records": records}, indent=2))
     lines = [f"# Benchmark ({machine['device']}{', ' + machine['gpu'] if machine.get('gpu') else ''}; "
-             f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']})", ""]
+             f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}; "
+             f"fused CPU kernels: {machine.get('cpu_kernels', 'n/a')})", ""]
     by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in records:
         by_key.setdefault(_key(r), {})[_label(r)] = r
