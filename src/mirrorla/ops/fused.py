@@ -43,15 +43,14 @@ _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None}
 
 
-def _cpu_tag() -> str:
-    """Short digest of the CPU's instruction-set flags: the build uses -march=native, so a cache shared by
-    different machines (a cluster's home directory) must not hand one CPU's binary to another."""
+def _cpu_flags() -> str:
+    """The CPU's instruction-set flags: the build uses -march=native, so a cache shared by different machines
+    (a cluster's home directory) must not hand one CPU's binary to another."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        flags = ""
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+        return ""
 
 
 def _build() -> None:
@@ -75,9 +74,10 @@ def _load_extension() -> None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass
-    source_tag = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:8]
+    # the name keys the build cache: a new source, CPU or torch (whose ABI the binary links against) rebuilds
+    tag = hashlib.sha1(_SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:12]
     cpp_extension.load(
-        name=f"mirrorla_cpu_{source_tag}_{_cpu_tag()}",
+        name=f"mirrorla_cpu_{tag}",
         sources=[str(_SOURCE)],
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],  # at::parallel_for is an OpenMP pragma in a header: without it, one thread

@@ -9,15 +9,18 @@ memory is its own:
   allocation torch makes (inputs excluded: they exist before the step).
 - CUDA: ``torch.cuda.max_memory_allocated`` during the first step minus the allocation before it.
 
-Timing: the cases that differ only by attention run in one subprocess, interleaved: after warm-up, each
-round times a block of calls of every attention in turn (``time.perf_counter`` on the CPU, CUDA events on
+Timing: the cases that differ only by attention run in one subprocess, interleaved, on the same input
+tensors: after warm-up, each round times a block of calls of every attention in turn (each round starting
+with the next attention) (``time.perf_counter`` on the CPU, CUDA events on
 GPUs); median and IQR are over rounds. Interleaving keeps the ratios fair on a machine whose speed drifts
 (the 2-core VMs this was developed on swing by up to 2× between processes).
 
 Cases (see ``docs/benchmarks.md`` of the project): **op** — q, k, v ``[B, H, N, d]`` given; the feature map
 plus the attention core, against ``scaled_dot_product_attention`` for softmax. ``mirror`` is the map as
 ``LinearAttention`` runs it (static reflections folded into the projections, per-sample rotation and ReLU
-per token); ``mirror_unfolded`` applies every reflection to every token. **model** — a whole model's
+per token: the fused CPU kernel in ``fwd`` mode where it is built, the PyTorch reference in ``train``
+mode); ``mirror_unfolded`` applies every reflection to every token. ``machine.cpu_kernels`` in
+``bench.json`` says whether the kernel was built. **model** — a whole model's
 images/s at each resolution.
 """
 
@@ -44,6 +47,7 @@ OP_EXTRA = ("mirror_unfolded",)
 # the heap (same setting for every case) makes the medians repeatable.
 _WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_OP_INPUTS: dict[tuple, tuple[torch.Tensor, ...]] = {}  # the op inputs of the size being timed (one worker)
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -75,9 +79,15 @@ def _op_step(case: dict[str, Any], device: torch.device):
     b, h, n, d = case["batch"], case["heads"], case["n"], case["head_dim"]
     dtype = DTYPES[case["dtype"]]
     train = case["mode"] == "train"
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype).requires_grad_(train)
-               for _ in range(3))
+    key = (b, h, n, d, dtype, str(device), train)
+    if key not in _OP_INPUTS:
+        # every attention of a size times on the very same tensors: where a tensor lands in memory (cache-set
+        # conflicts between q, k and v) shifted one attention's times by up to 10% against another's
+        _OP_INPUTS.clear()
+        g = torch.Generator(device="cpu").manual_seed(0)
+        _OP_INPUTS[key] = tuple(torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype)
+                                .requires_grad_(train) for _ in range(3))
+    q, k, v = _OP_INPUTS[key]
     attn = case["attn"]
     if attn == "softmax":
         def fn():
@@ -194,8 +204,10 @@ def measure_times(cases: list[dict[str, Any]], *, min_run_time: float, max_call_
         blocks.append((step, calls))
         results.append({"status": "ok", "calls_per_round": calls})
     samples: list[list[float]] = [[] for _ in cases]
-    for _ in range(rounds):
-        for i, block in enumerate(blocks):
+    for r in range(rounds):
+        # each round starts with the next attention, so none always runs first (after the others' traffic)
+        for i in [(j + r) % len(blocks) for j in range(len(blocks))]:
+            block = blocks[i]
             if block is None:
                 continue
             step, calls = block

@@ -259,20 +259,19 @@ std::tuple<at::Tensor, at::Tensor> folded_mirror_map(const at::Tensor& q, const 
     lq.angle_batch = lk.B;
     Layout lk_rot = lk;
     lk_rot.angle_batch = lk.B;
-    // q's rows, then k's, in one parallel region: one wake-up of the thread pool instead of two
-    const int64_t rows_q = lq.B * lq.H * lq.N, rows = rows_q + lk.B * lk.H * lk.N;
+    // q and k in one parallel region, each thread taking the same share of both: a thread then writes the
+    // parts of φ(q) and φ(k) that the core's matmuls (split the same way) read on its own core, and the k
+    // rows it rotates are the ones it has just summed (still in its cache)
+    const int64_t rows_q = lq.B * lq.H * lq.N, rows_k = lk.B * lk.H * lk.N, rows = std::max(rows_q, rows_k);
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
     const scalar_t* kp = k.const_data_ptr<scalar_t>();
     opmath_t* oq = out_q.mutable_data_ptr<opmath_t>();
     opmath_t* ok = out_k.mutable_data_ptr<opmath_t>();
     at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      if (begin < rows_q) {
-        rotate_relu_rows<scalar_t, opmath_t>(qp, lq, cos.data(), sin.data(), half, oq, begin, std::min(end, rows_q));
-      }
-      if (end > rows_q) {
-        rotate_relu_rows<scalar_t, opmath_t>(kp, lk_rot, cos.data(), sin.data(), half, ok,
-                                             std::max(begin, rows_q) - rows_q, end - rows_q);
-      }
+      rotate_relu_rows<scalar_t, opmath_t>(qp, lq, cos.data(), sin.data(), half, oq, begin * rows_q / rows,
+                                           end * rows_q / rows);
+      rotate_relu_rows<scalar_t, opmath_t>(kp, lk_rot, cos.data(), sin.data(), half, ok, begin * rows_k / rows,
+                                           end * rows_k / rows);
     });
   });
   return {out_q, out_k};
