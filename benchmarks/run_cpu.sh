@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the committed CPU snapshot under benchmarks/results/cpu/ (about 30 minutes on 2 cores).
+# Regenerates the committed CPU snapshot under benchmarks/results/cpu/ (about 40 minutes on 2 cores).
 # Usage: bash benchmarks/run_cpu.sh [PYTHON]   (make bench-cpu runs it with the project's .venv)
 set -euo pipefail
 PY=${1:-python}
