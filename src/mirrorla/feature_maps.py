@@ -263,8 +263,6 @@ class PolarityFeatureMap(FeatureMap):
         return 2 * self.num_heads * self.head_dim * 8
 
 
-
-
 @register_feature_map("mirror")
 class MirrorFeatureMap(FeatureMap):
     """MirrorLA (docs/method.md §2): ``φ(z) = ReLU(H_blk(Θ) · split_heads(H_cross · z))`` for z = q, k.

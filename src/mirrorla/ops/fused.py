@@ -2,11 +2,12 @@
 
 Eager PyTorch runs "rotate each channel pair" and "ReLU" as separate passes over memory, and the sum and
 sum of squares over tokens as two more; on a CPU these passes made the MirrorLA map cost 1.2–1.3× a ReLU
-linear attention. ``csrc/mirror_cpu.cpp`` does each in one pass (and the backward in one pass). It is
-compiled on first use with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed;
-the build is cached per machine under ``TORCH_EXTENSIONS_DIR``, ~15 s once). Where it cannot be built, or
-on other devices, or under ``torch.compile`` (whose inductor fuses the reference itself), the pure-PyTorch
-reference runs instead; both give the same values (tests check it).
+linear attention. ``csrc/mirror_cpu.cpp`` does each in one pass. It is compiled on first use with
+:func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; the build is cached per
+machine under ``TORCH_EXTENSIONS_DIR``, ~12 s once). The kernels have no backward, so they run only where
+no gradient is wanted; in training, on other devices, under ``torch.compile`` (whose inductor fuses the
+reference itself) and where the kernels cannot be built, the pure-PyTorch reference runs instead. Both
+give the same values (tests check it).
 
 Set ``MIRRORLA_CPU_KERNELS=0`` to always use the reference, ``=1`` to make a failed build an error.
 """
