@@ -15,6 +15,7 @@ from .feature_maps import (
     register_feature_map,
 )
 from .models import list_models, mirrorize  # noqa: E402  (registers the timm models)
+from .models.export import export_onnx
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "LinearAttention",
     "MirrorFeatureMap",
     "create_feature_map",
+    "export_onnx",
     "list_attentions",
     "list_feature_maps",
     "list_models",

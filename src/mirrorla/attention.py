@@ -159,6 +159,9 @@ class LinearAttention(nn.Module):
 
         def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
             parent.__init__(self, dim, num_heads, **{**defaults, **kwargs})
+            # The subclass only carries defaults into __init__; once built, the layer is a plain instance of
+            # the parent, so pickle, torch.save(model) and copy.deepcopy find its class by name.
+            self.__class__ = parent
 
         name = f"{cls.__name__}_{defaults.get('attn', 'mirror')}"
         return type(name, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__qualname__": name})
@@ -182,6 +185,11 @@ class LinearAttention(nn.Module):
             gh, gw = int(grid[0]), int(grid[1])
             if prefix is None:
                 prefix = n - gh * gw
+                if prefix not in (0, 1):  # more tokens than a class token: a wrong grid, not prefix tokens
+                    raise ValueError(
+                        f"grid_size {(gh, gw)} does not fit N = {n} tokens (expected N = height·width, or one "
+                        "more with a class token; set num_prefix_tokens for more prefix tokens)"
+                    )
             if prefix < 0 or prefix + gh * gw != n:
                 raise ValueError(
                     f"grid_size {(gh, gw)} with {prefix} prefix tokens does not match N = {n} tokens "

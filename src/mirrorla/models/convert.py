@@ -45,6 +45,30 @@ def _linear_from_timm_attention(old: Attention, attn: str, attn_kwargs: dict, pr
     return new
 
 
+def _convert_linear_attention(old: LinearAttention, attn: str, attn_kwargs: dict) -> LinearAttention:
+    """A ``LinearAttention`` of this package with another attention: projections, q/k norms and the local term
+    are kept; the new feature map starts from its own init."""
+    qk_norm = not isinstance(old.q_norm, nn.Identity)
+    local_kernel = old.local_kernel if old.local is not None else None
+    new = LinearAttention(
+        old.dim, old.num_heads, attn=attn, attn_kwargs=attn_kwargs, qkv_bias=old.qkv.bias is not None,
+        qk_norm=qk_norm, proj_bias=old.proj.bias is not None, proj_drop=old.proj_drop.p,
+        num_prefix_tokens=old.num_prefix_tokens, grid_size=old.grid_size, eps=old.eps,
+        local_kernel=local_kernel, norm_layer=type(old.q_norm) if qk_norm else None,
+    ).to(device=old.qkv.weight.device, dtype=old.qkv.weight.dtype)
+    new.qkv.load_state_dict(old.qkv.state_dict())
+    new.proj.load_state_dict(old.proj.state_dict())
+    if qk_norm:
+        new.q_norm.load_state_dict(old.q_norm.state_dict())
+        new.k_norm.load_state_dict(old.k_norm.state_dict())
+    if new.local is not None:
+        if old.local is not None and old.local.weight.shape == new.local.weight.shape:
+            new.local.load_state_dict(old.local.state_dict())
+        else:
+            _zero_local_term(new)
+    return new
+
+
 def _global_block_from_swin(blk: SwinTransformerBlock, attn: str, attn_kwargs: dict) -> NHWCGridBlock:
     dim = blk.norm1.normalized_shape[0]
     new = NHWCGridBlock(
@@ -83,29 +107,35 @@ def mirrorize(
 ) -> nn.Module:
     """Replace the softmax attention of a timm model by ``LinearAttention(attn, **attn_kwargs)``, in place.
 
-    - ``VisionTransformer`` (ViT, DeiT, and this package's DeiT models built with ``attn="softmax"``):
-      every block; q/k/v, q/k norms and the output projection are copied exactly.
+    - ``VisionTransformer`` (ViT, DeiT): every block; q/k/v, q/k norms and the output projection are copied
+      exactly.
     - ``SwinTransformer``: the blocks of ``stages`` (default (0, 1), the anchors' hybrid) become one global
       attention over the stage map; norms, MLPs, q/k/v and projections are copied; the relative position
       bias (meaningless without windows) is dropped.
+    - A model that already holds this package's ``LinearAttention`` (a converted model, or one of this package's
+      models built with any ``attn``, ``"softmax"`` included) is converted to ``attn``: projections, q/k norms
+      and the local term are kept, the feature map starts from its init.
 
     The new local term starts at zero. Returns ``model``.
     """
     check_attn(attn)
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, LinearAttention)]
+    if any(child.sr is not None for _, _, child in targets):  # checked before anything changes
+        raise ValueError("mirrorize cannot convert spatially reduced attention (PVT v1, sr_ratio > 1); rebuild the "
+                         "model with attn=... instead")
+    for parent, name, child in targets:
+        setattr(parent, name, _convert_linear_attention(child, attn, attn_kwargs))
+    found = bool(targets)
     if isinstance(model, VisionTransformer):
         prefix = model.num_prefix_tokens
-        converted = 0
         for blk in model.blocks:
             old = blk.attn
             if isinstance(old, LinearAttention):
-                if old.is_linear:
-                    continue
-                raise ValueError("mirrorize: LinearAttention(attn='softmax') blocks are converted by rebuilding "
-                                 "the model with attn=...; got a model of this package already")
+                continue
             if not isinstance(old, Attention):
                 raise ValueError(f"mirrorize supports timm's vision_transformer.Attention, got {type(old).__name__}")
             blk.attn = _linear_from_timm_attention(old, attn, attn_kwargs, prefix)
-            converted += 1
         _track_vit_grid(model)
         return model
     if isinstance(model, SwinTransformer):
@@ -118,6 +148,8 @@ def mirrorize(
                 _global_block_from_swin(blk, attn, attn_kwargs) if isinstance(blk, SwinTransformerBlock) else blk
                 for blk in stage.blocks
             ))
+        return model
+    if found:
         return model
     raise TypeError(
         f"mirrorize supports timm VisionTransformer and SwinTransformer models, got {type(model).__name__}"

@@ -128,6 +128,8 @@ def block_variance(x: torch.Tensor, *, pairing: str = "adjacent", dim: int = -2)
     token_dim = dim if dim >= 0 else x.dim() + dim
     if token_dim == x.dim() - 1:
         raise ValueError("dim must be the token dimension, not the channel dimension")
+    if x.shape[token_dim] == 0:
+        raise ValueError(f"x needs at least one token on dim {dim}, got shape {tuple(x.shape)}")
     mean, mean_sq = token_moments(x, dim=token_dim)  # [..., d] each
     mean, mean_sq = pair_channels(mean, pairing), pair_channels(mean_sq, pairing)
     return (mean_sq.mean(-1) - mean.mean(-1).square()).clamp_min(0)
@@ -143,7 +145,7 @@ def token_moments(x: torch.Tensor, *, dim: int = -2, chunk: int = 4096) -> tuple
     acc = torch.promote_types(x.dtype, torch.float32)
     x = x.to(acc)
     n = x.shape[dim]
-    if torch.compiler.is_compiling() or n <= chunk:
+    if _tracing() or n <= chunk:
         return x.mean(dim=dim), x.square().mean(dim=dim)
     # both sums per chunk: the second read of a chunk hits the cache, so x streams from memory once
     total = total_sq = None
@@ -186,6 +188,14 @@ def _complex_view(x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def _tracing() -> bool:
+    """Whether a compiler, exporter or tracer records this call: they get the real-valued rotation (inductor fuses
+    it; ONNX and TorchScript have no ``view_as_complex``)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return (torch.compiler.is_compiling() or is_exporting() or torch.onnx.is_in_onnx_export()
+            or torch.jit.is_tracing() or torch.jit.is_scripting())
+
+
 def rotate_pairs(*xs: torch.Tensor, angle: torch.Tensor, pairing: str = "adjacent") -> tuple[torch.Tensor, ...]:
     """Rotate each channel pair of every ``x`` by ``angle``: ``(x0, x1) ↦ (c·x0 − s·x1, s·x0 + c·x1)``.
 
@@ -199,7 +209,7 @@ def rotate_pairs(*xs: torch.Tensor, angle: torch.Tensor, pairing: str = "adjacen
 
     Returns:
         a tuple of ``[..., d]`` tensors in the inputs' dtypes. In eager mode adjacent fp32/fp64 pairs take one
-        complex multiply; under ``torch.compile`` the real form, which inductor fuses.
+        complex multiply; under ``torch.compile``, ``torch.export`` and ONNX export the real form.
     """
     for x in xs:
         check_floating("x", x)
@@ -208,7 +218,7 @@ def rotate_pairs(*xs: torch.Tensor, angle: torch.Tensor, pairing: str = "adjacen
     out = []
     rot = cos = sin = None
     for x in xs:
-        z = _complex_view(x) if pairing == "adjacent" and not torch.compiler.is_compiling() else None
+        z = _complex_view(x) if pairing == "adjacent" and not _tracing() else None
         if z is not None:
             if rot is None or rot.dtype != z.dtype:
                 a = angle.to(x.dtype)

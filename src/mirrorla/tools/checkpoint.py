@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "atomic_write_text", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
 
 FORMAT = "mirrorla-checkpoint-v1"
 
@@ -48,6 +48,11 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically: a reader or a crash sees the old file or the new one, never half."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -39,7 +39,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(table)
         return 0
     if not args.model:
-        raise SystemExit("mirrorla info: name a MODEL (see `mirrorla info --list`) or use --table")
+        raise ValueError("name a MODEL (see the README's model table) or use --table")
+    known = list_models()
+    for name in args.model:
+        if name not in known:
+            raise ValueError(f"unknown model {name!r}; this package's models: {', '.join(known)}")
     for name in args.model:
         for attn in _csv(args.attn or "mirror"):
             info = model_info(name, img_size=args.img_size, attn=attn, in_chans=args.in_chans,
@@ -78,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"mirrorla {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        # a user's mistake: one line that names it, never a traceback (CheckpointError is a ValueError)
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"mirrorla {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

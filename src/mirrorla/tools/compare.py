@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import atomic_write_text
 from .train import TrainConfig, add_train_arguments, train
 
 __all__ = ["ABLATION", "ANALYSIS_COLUMNS", "aggregate", "compare", "plot_results", "results_markdown"]
@@ -40,30 +41,81 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 
 
-def compare(base: TrainConfig, attns: list[str], seeds: list[int], out: Path, *, ablation: bool = False,
-            analyze: bool = False) -> list[dict[str, Any]]:
-    """Train every (attention or ablation variant) × seed with ``base``'s recipe; write ``out/results.*``."""
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    runs = _runs(attns, ablation)
-    for i, (attn, variant, kwargs) in enumerate(runs):
+def _planned_runs(base: TrainConfig, attns: list[str], seeds: list[int], out: Path, ablation: bool):
+    """Every (attention or variant) × seed as ``(attn, variant, config, action)``, each config validated, before
+    anything trains. ``action``: ``"train"``, ``"resume"`` (an unfinished run with the same config) or
+    ``"reuse"`` (a finished one). A run directory holding another config is an error."""
+    from .train import holds_run, resume_config
+
+    if not attns and not ablation:
+        raise ValueError("compare needs at least one attention (--attn) or --ablation")
+    if not seeds:
+        raise ValueError("compare needs at least one seed (--seeds)")
+    planned = []
+    for attn, variant, kwargs in _runs(attns, ablation):
         for seed in seeds:
             run_dir = out / "runs" / f"{_slug(attn + '_' + variant)}_s{seed}"
             # attn_kwargs of the base recipe are MirrorLA options: other attentions run with their defaults
             attn_kwargs = {**base.attn_kwargs, **kwargs} if attn == "mirror" else {}
             config = dataclasses.replace(base, attn=attn, attn_kwargs=attn_kwargs, seed=seed, out=str(run_dir))
-            print(f"[{i + 1}/{len(runs)}] {attn} ({variant}) seed {seed} -> {run_dir}", flush=True)
-            metrics = train(config)
-            row = {
-                "attn": attn, "variant": variant, "seed": seed, "top1": metrics["best_top1"],
-                "final_top1": metrics["final_top1"], "test_top1": metrics.get("test_top1"),
-                "params": metrics["params"], "train_seconds": metrics["train_seconds"],
-                "images_per_second": metrics["images_per_second"], "run_dir": str(run_dir),
-            }
-            if analyze:
-                row.update(_analysis_columns(run_dir, base.data))
-            results.append(row)
-            (out / "results.json").write_text(json.dumps(results, indent=2))  # partial results survive a crash
+            action = "train"
+            if holds_run(run_dir):
+                action = _existing_run_action(run_dir, config, resume_config)
+            planned.append((attn, variant, config, action))
+    return planned
+
+
+_IGNORED_IN_MATCH = ("out", "progress", "workers", "tensorboard")
+
+
+def _existing_run_action(run_dir: Path, config: TrainConfig, resume_config) -> str:
+    metrics_path = run_dir / "metrics.json"
+    stored_path = run_dir / "config.json"
+    stored = json.loads(stored_path.read_text()) if stored_path.exists() else {}
+    mine = dataclasses.asdict(config)
+    diff = sorted(k for k in mine if k not in _IGNORED_IN_MATCH and stored.get(k) != mine[k])
+    if diff:
+        raise ValueError(f"{run_dir} holds a run with other options ({', '.join(diff)}); use another --out or "
+                         "remove that run")
+    if metrics_path.exists() and json.loads(metrics_path.read_text()).get("finished"):
+        return "reuse"
+    try:
+        resume_config(run_dir)
+    except ValueError:  # no last checkpoint yet (crashed in epoch 1): start it again
+        return "train"
+    return "resume"
+
+
+def compare(base: TrainConfig, attns: list[str], seeds: list[int], out: Path, *, ablation: bool = False,
+            analyze: bool = False) -> list[dict[str, Any]]:
+    """Train every (attention or ablation variant) × seed with ``base``'s recipe; write ``out/results.*``.
+
+    Every run is validated before the first one trains. Rerun into the same ``out``, finished runs are reused
+    and unfinished ones resumed, so an interrupted comparison is continued by running it again.
+    """
+    planned = _planned_runs(base, attns, seeds, out, ablation)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, (attn, variant, config, action) in enumerate(planned):
+        run_dir = Path(config.out)
+        print(f"[{i + 1}/{len(planned)}] {attn} ({variant}) seed {config.seed} -> {run_dir}"
+              + {"train": "", "resume": " (resuming)", "reuse": " (finished: reused)"}[action], flush=True)
+        if action == "reuse":
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        elif action == "resume":
+            metrics = train(config, resume=run_dir)
+        else:
+            metrics = train(config, overwrite=True)  # only a run of the same config that never checkpointed
+        row = {
+            "attn": attn, "variant": variant, "seed": config.seed, "top1": metrics["best_top1"],
+            "final_top1": metrics["final_top1"], "test_top1": metrics.get("test_top1"),
+            "params": metrics["params"], "train_seconds": metrics["train_seconds"],
+            "images_per_second": metrics["images_per_second"], "run_dir": str(run_dir),
+        }
+        if analyze:
+            row.update(_analysis_columns(run_dir, base.data))
+        results.append(row)
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))  # partial results survive a crash
     (out / "results.md").write_text(results_markdown(results, base))
     plot_results(results, out / "results.png")
     return results

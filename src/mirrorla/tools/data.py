@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import importlib.util
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,6 +224,39 @@ def _cifar(kind: str, path: str, img_size: int | None, augment: bool) -> DataBun
     return DataBundle(kind, train, test, test, num_classes=n_classes, in_chans=3, img_size=size)
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _readable_image(path: str, bad: list[str]) -> bool:
+    """Whether ``path`` is an image PIL can decode; an unreadable one is recorded in ``bad`` and skipped, so a
+    corrupt file is reported up front instead of crashing an epoch. Non-image files are ignored silently."""
+    if not path.lower().endswith(_IMAGE_SUFFIXES):
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:  # noqa: BLE001 (PIL raises many types for broken files)
+        bad.append(path)
+        return False
+
+
+def _warn_upscaling(dataset, size: int, root: Path, samples: int = 16) -> None:
+    """Warn when the images are much smaller than the training size: upscaling wastes compute on no detail."""
+    from PIL import Image
+
+    sides = []
+    for path, _ in dataset.samples[:: max(1, len(dataset.samples) // samples)][:samples]:
+        with Image.open(path) as img:
+            sides.append(min(img.size))
+    if sides and size > 2 * max(sides):
+        warnings.warn(f"images in {root} are about {max(sides)} px but are trained at {size} px (upscaled "
+                      f"{size / max(sides):.1f}x per side); pass --img-size {max(sides)} to train at their size",
+                      UserWarning, stacklevel=3)
+
+
 def _folder(path: str, img_size: int | None, augment: bool) -> DataBundle:
     from torchvision.datasets import ImageFolder
 
@@ -233,10 +267,15 @@ def _folder(path: str, img_size: int | None, augment: bool) -> DataBundle:
                                     "with one sub-folder per class)")
     size = img_size or 224
     train_tf, eval_tf = _timm_transforms(size, augment)
-    train = ImageFolder(str(root / "train"), transform=train_tf)
-    val = ImageFolder(str(root / "val"), transform=eval_tf)
+    bad: list[str] = []
+    train = ImageFolder(str(root / "train"), transform=train_tf, is_valid_file=lambda p: _readable_image(p, bad))
+    val = ImageFolder(str(root / "val"), transform=eval_tf, is_valid_file=lambda p: _readable_image(p, bad))
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s) in {root}: {shown}", UserWarning, stacklevel=2)
     if train.classes != val.classes:
         raise ValueError(f"{root}/train and {root}/val have different classes: {train.classes} vs {val.classes}")
+    _warn_upscaling(train, size, root)
     return DataBundle(f"folder:{root}", train, val, val, num_classes=len(train.classes), in_chans=3, img_size=size)
 
 

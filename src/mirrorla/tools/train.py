@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
+import math
 import os
 import random
+import shutil
+import warnings
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +31,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
+from ..feature_maps import check_feature_map_options
 from ..models import list_models
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..models._helpers import check_attn
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from .data import load_data
 
 __all__ = ["TrainConfig", "evaluate", "evaluate_checkpoint", "train"]
@@ -42,7 +48,7 @@ class TrainConfig:
     attn: str = "mirror"
     attn_kwargs: dict[str, Any] = field(default_factory=dict)
     data: str = "animal-mnist"
-    out: str = "runs/train"
+    out: str | None = None  # None: a fresh directory runs/train/<timestamp>
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
@@ -66,12 +72,43 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        """Every value is checked here, before any work starts; errors name the option and what it accepts."""
         if self.model not in list_models() and not timm.is_model(self.model):
             raise ValueError(f"unknown model {self.model!r}; this package's models: {', '.join(list_models())}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        check_attn(self.attn)
+        if self.attn == "softmax":
+            if self.attn_kwargs:
+                raise ValueError(f"attn 'softmax' takes no attn_kwargs, got {sorted(self.attn_kwargs)}")
+        else:
+            check_feature_map_options(self.attn, self.attn_kwargs)
+        for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("seed", 0), ("split_seed", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        for name, value in (("train_subset", self.train_subset), ("img_size", self.img_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int (or unset), got {value!r}")
+        ranges = {  # name: (low, high, low inclusive, high inclusive)
+            "lr": (0.0, None, False, False), "min_lr": (0.0, None, True, False),
+            "weight_decay": (0.0, None, True, False), "warmup_epochs": (0.0, None, True, False),
+            "label_smoothing": (0.0, 1.0, True, False), "mixup": (0.0, None, True, False),
+            "cutmix": (0.0, None, True, False), "drop_path": (0.0, 1.0, True, False),
+            "model_ema_decay": (0.0, 1.0, False, False),
+        }
+        for name, (low, high, low_in, high_in) in ranges.items():
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (value >= low if low_in else value > low)
+            ok = ok and (high is None or (value <= high if high_in else value < high))
+            if not ok:
+                bounds = f"{'[' if low_in else '('}{low}, {high if high is not None else '∞'}{']' if high_in else ')'}"
+                raise ValueError(f"{name} must be a number in {bounds}, got {value!r}")
+        if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
+            raise ValueError(f"clip_grad must be a positive number (or unset for none), got {self.clip_grad!r}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -185,20 +222,149 @@ def _loader(dataset, batch_size: int, *, train: bool, info: DistInfo, seed: int,
                       drop_last=train, pin_memory=info.device.type == "cuda", persistent_workers=workers > 0)
 
 
-def _append_csv(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    """``log.csv`` rewritten from the run's history, atomically: one row per epoch, never a duplicate (a crash
+    between this write and the checkpoint's is repaired by the next write, which starts from the checkpoint)."""
+    if not history:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+# files that make a directory a run directory, and everything a run writes (removed by --overwrite)
+RUN_MARKERS = ("last.json", "best.json", "metrics.json", "log.csv")
+RUN_FILES = (*RUN_MARKERS, "last.safetensors", "best.safetensors", "config.json", "tensorboard")
+
+# options that may differ when a run is resumed: they change neither the model nor the data it sees
+RESUME_FREE = ("progress", "workers", "tensorboard")
+
+
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` is a directory that already holds a training run."""
+    return path.is_dir() and any((path / name).exists() for name in RUN_MARKERS)
+
+
+def fresh_run_dir(root: str | Path = "runs/train") -> Path:
+    """A new, unused directory ``root/<YYYYmmdd-HHMMSS>`` (``-2``, ``-3`` … on a clash); not created here."""
+    base = Path(root) / time.strftime("%Y%m%d-%H%M%S")
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path
+
+
+def check_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is a file, or that holds a run unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; it must be a directory (new or empty, or a run to --overwrite)")
+    if holds_run(out) and not overwrite:
+        raise ValueError(f"--out {out} already holds a run; continue or extend it with `--resume {out}`, replace it "
+                         "with `--overwrite`, or choose another --out")
+
+
+def resume_config(run: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The stored config of the run in ``run`` (its directory, or one of its checkpoint files), with ``overrides``.
+
+    ``epochs`` may grow (the run is extended: the cosine schedule is stretched to the new length from the current
+    step, see the README), and the options in :data:`RESUME_FREE` may change. Any other override must equal the
+    stored value; otherwise the error names every conflicting option.
+    """
+    run_dir = _run_dir_of(run)
+    state, _ = load_checkpoint(run_dir, "last")
+    stored = TrainConfig(**{**state["config"], "out": str(run_dir)})  # the run may have moved
+    changes: dict[str, Any] = {}
+    conflicts = []
+    for key, value in (overrides or {}).items():
+        old = getattr(stored, key)
+        if key == "out":
+            if Path(value).resolve() != run_dir.resolve():
+                conflicts.append(f"--out {value} (the run continues in {run_dir})")
+        elif key == "epochs":
+            if value < stored.epochs:
+                conflicts.append(f"--epochs {value} (the run was planned for {stored.epochs}; it can only be extended)")
+            changes[key] = value
+        elif key in RESUME_FREE:
+            changes[key] = value
+        elif value != old:
+            conflicts.append(f"--{key.replace('_', '-')} {value!r} (the run has {old!r})")
+    if conflicts:
+        raise ValueError(f"cannot resume {run_dir} with other options: {'; '.join(conflicts)}")
+    if state["epoch"] >= changes.get("epochs", stored.epochs):
+        raise ValueError(f"the run in {run_dir} has finished its {state['epoch']} epochs; extend it with "
+                         f"--resume {run_dir} --epochs N (N > {state['epoch']})")
+    return dataclasses.replace(stored, **changes)
+
+
+def _run_dir_of(run: str | Path) -> Path:
+    p = Path(run).expanduser()
+    if p.is_file() or p.suffix in (".json", ".safetensors"):
+        p = p.parent  # a checkpoint file names its run: resume always continues from the run's last checkpoint
+    if not holds_run(p):
+        raise CheckpointError(f"--resume {run}: no run there (expected a run directory holding last.json)")
+    return p
+
+
+def _remove_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path, config: TrainConfig) -> None:
+    """``load_state_dict`` whose failure is one line naming the checkpoint and what its JSON says it holds."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {source} does not fit model {config.model} with attention {config.attn!r} "
+                              f"(the model its JSON names): {first}") from None
+
+
+def _check_model_input(model: torch.nn.Module, config: TrainConfig, in_chans: int, img_size: int) -> None:
+    """One tiny forward before any work: an image size the model cannot take fails here, in one line."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, img_size, img_size))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--img-size {img_size} does not fit model {config.model}: {first}") from None
+    finally:
+        model.train()
+
+
+def _default_img_size(model: str, data: str) -> int | None:
+    """The model's configured input size (timm's ``resolve_data_config``) for folder data, which has no size of
+    its own; None for the bundled sets and CIFAR, which keep their native size."""
+    if not data.startswith("folder:"):
+        return None
+    from timm.data import resolve_data_config
+
+    cfg = timm.models.get_pretrained_cfg(model)
+    pretrained = cfg.to_dict() if cfg is not None else {}
+    return int(resolve_data_config(pretrained_cfg=pretrained, use_test_size=False)["input_size"][-1])
 
 
 # ----------------------------------------------------------------------------------------------- training
 
 
-def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: int | None = None) -> dict[str, Any]:
+def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: int | None = None,
+          overwrite: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``config`` (or continue the run in ``resume``); returns the final metrics (also ``out/metrics.json``).
+
+    Every value is checked before anything is written: the data are loaded, the model built and run on one
+    image first. ``config.out`` must not hold a run unless ``overwrite`` (its run files are then replaced);
+    ``config.out = None`` picks a fresh ``runs/train/<timestamp>``.
+
+    ``resume``: a run directory (or one of its checkpoint files); ``config`` is then ignored and the stored
+    config is used with ``overrides`` (see :func:`resume_config`: ``epochs`` may grow, the rest must agree).
 
     ``stop_after``: stop after this many epochs of *this* invocation, the schedule still spanning
     ``config.epochs`` (for time-boxed jobs; continue with ``resume``).
@@ -209,21 +375,30 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
     from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
 
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be a positive int, got {stop_after!r}")
     state: dict[str, Any] = {}
     parts: dict[str, Any] = {}
     if resume is not None:
-        state, parts = load_checkpoint(resume, "last")
-        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-        config = dataclasses.replace(TrainConfig(**state["config"]), out=str(run_dir))  # the run may have moved
+        config = resume_config(resume, overrides)
+        state, parts = load_checkpoint(Path(config.out), "last")
+    else:
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        out = Path(config.out) if config.out is not None else fresh_run_dir()
+        check_out_dir(out, overwrite=overwrite)
+        config = dataclasses.replace(config, out=str(out))
     info = setup_distributed()
     out = Path(config.out)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
 
     seed_everything(config.seed)
-    data = load_data(config.data, img_size=config.img_size, split_seed=config.split_seed)
+    img_size = config.img_size or _default_img_size(config.model, config.data)
+    data = load_data(config.data, img_size=img_size, split_seed=config.split_seed)
     train_set = data.train
     if config.train_subset:
+        if config.train_subset > len(train_set):
+            raise ValueError(f"train_subset must be at most the {len(train_set)} training images of {config.data}, "
+                             f"got {config.train_subset}")
         # a seeded random subset: the bundled sets store their labels in sorted blocks
         order = np.random.default_rng(config.split_seed).permutation(len(train_set))[: config.train_subset]
         train_set = torch.utils.data.Subset(train_set, sorted(order.tolist()))
@@ -234,7 +409,9 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {config.batch_size} is larger than the {len(train_set)} training images")
 
-    model = build_model(config, data.num_classes, data.in_chans, data.img_size).to(info.device)
+    model = build_model(config, data.num_classes, data.in_chans, data.img_size)
+    _check_model_input(model, config, data.in_chans, data.img_size)
+    model = model.to(info.device)
     params = sum(p.numel() for p in model.parameters())
     optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay)
     scheduler = CosineLRScheduler(
@@ -254,7 +431,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
 
     start_epoch, best_top1, history, train_seconds = 0, -1.0, [], 0.0
     if resume is not None:
-        model.load_state_dict(parts["model"])
+        _load_weights(model, parts["model"], Path(config.out) / "last.json", config)
         optimizer.load_state_dict(parts["optimizer"])
         if ema is not None and parts["ema"] is not None:
             ema.module.load_state_dict(parts["ema"])
@@ -262,13 +439,17 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
         history, train_seconds = state["history"], state["train_seconds"]
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type
                  == "cuda" else None) if info.enabled else model)
+    if info.is_main:
+        # everything was checked: only now is the run directory created (or the old run replaced)
+        if overwrite and resume is None:
+            _remove_run_files(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     writer = None
     if config.tensorboard and info.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
-    if info.is_main:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
     epochs_run = 0
     for epoch in range(start_epoch, config.epochs):
@@ -331,7 +512,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
         best_top1 = max(best_top1, top1)
         epochs_run += 1
         if info.is_main:
-            _append_csv(out / "log.csv", row)
+            _write_log(out / "log.csv", history)
             if writer is not None:
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and key != "epoch":
@@ -392,7 +573,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, *, split: str
     weights = parts["ema"] if use_ema else parts["model"]
     if weights is None:
         raise CheckpointError(f"checkpoint {p} holds no EMA weights")
-    model.load_state_dict(weights)
+    _load_weights(model, weights, p, config)
     dataset = {"train": bundle.train, "val": bundle.val, "test": bundle.test}[split]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -445,10 +626,14 @@ def add_train_arguments(p: argparse.ArgumentParser, *, with_attn: bool = True) -
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}
+             and v is not None}
     if args.resume:
-        metrics = train(TrainConfig(), resume=args.resume, stop_after=args.stop_after)
+        if args.overwrite:
+            raise ValueError("--overwrite and --resume exclude each other: --resume continues the run in place")
+        metrics = train(TrainConfig(), resume=args.resume, stop_after=args.stop_after, overrides=given)
     else:
-        metrics = train(_config_from_args(args), stop_after=args.stop_after)
+        metrics = train(TrainConfig(**given), stop_after=args.stop_after, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, indent=2))
     return 0
@@ -463,8 +648,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node=N -m mirrorla train ... for DDP)")
     add_train_arguments(p)
-    p.add_argument("--out", default=None, help="run directory (checkpoints, log.csv, metrics.json)")
-    p.add_argument("--resume", default=None, help="continue the run in this directory with its stored config")
+    p.add_argument("--out", default=None, help="run directory (checkpoints, log.csv, metrics.json); must not hold a "
+                   "run unless --overwrite (default: a fresh runs/train/<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
+    p.add_argument("--resume", default=None, help="continue the run in this directory with its stored config; "
+                   "--epochs N extends it, any other option must agree with the stored one")
     p.add_argument("--stop-after", dest="stop_after", type=int, default=None,
                    help="stop after N epochs of this invocation (the schedule still spans --epochs)")
     p.set_defaults(func=_cmd_train)
