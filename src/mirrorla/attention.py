@@ -214,7 +214,24 @@ class LinearAttention(nn.Module):
         return F.pad(local, (0, 0, prefix, 0)) if prefix else local
 
     def _qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The qkv projection, with the feature map's static part folded into its q and k rows."""
+        """The qkv projection, with the feature map's static part folded into its q and k rows.
+
+        Where no gradient is needed (evaluation, serving) the folded weights are cached until a parameter changes
+        (its storage or version counter), so inference pays the fold once, not once per forward."""
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable:
+            params = [self.qkv.weight, *([self.qkv.bias] if self.qkv.bias is not None else []),
+                      *self.feature_map.parameters()]
+            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+            cached = self.__dict__.get("_fold_cache")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        folded = self._fold_qkv_weight()
+        if cacheable:
+            self.__dict__["_fold_cache"] = (key, folded)
+        return folded
+
+    def _fold_qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight, bias = self.qkv.weight, self.qkv.bias
         c = self.dim
         w_q, b_q = self.feature_map.fold_projection(weight[:c], None if bias is None else bias[:c])

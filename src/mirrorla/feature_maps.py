@@ -12,8 +12,10 @@ map with several streams (polarity) overrides it and still calls the same core.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +27,12 @@ from .ops import (
     block_reflect,
     block_variance,
     cross_head_reflect,
+    folded_angles,
     folded_mirror_map,
     linear_attention,
     linear_attention_reference,
+    mapped_linear_attention,
+    select_backend,
 )
 
 __all__ = [
@@ -38,6 +43,7 @@ __all__ = [
     "MirrorFeatureMap",
     "PolarityFeatureMap",
     "ReLUFeatureMap",
+    "check_feature_map_options",
     "create_feature_map",
     "list_feature_maps",
     "register_feature_map",
@@ -64,10 +70,42 @@ def list_feature_maps() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_feature_map(name: str, num_heads: int, head_dim: int, **kwargs) -> FeatureMap:
-    """Build a registered feature map for ``num_heads`` heads of width ``head_dim``."""
+# annotation names (the module uses postponed annotations) → the Python values each accepts
+_OPTION_TYPES: dict[str, Callable[[Any], bool]] = {
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+}
+
+
+def check_feature_map_options(name: str, options: dict[str, Any]) -> None:
+    """Raise a one-line ``ValueError`` for an unknown map, an unknown option or an option of the wrong type.
+
+    Options are the keyword-only arguments of the map's ``__init__``; their annotations (``bool``, ``float``,
+    ``str | float`` …) are the accepted JSON types: a boolean must be a JSON boolean, never ``"no"`` or ``0``.
+    Value ranges are checked by the map's constructor.
+    """
     if name not in _REGISTRY:
         raise ValueError(f"unknown feature map {name!r}; known feature maps: {', '.join(list_feature_maps())}")
+    params = {p.name: p for p in inspect.signature(_REGISTRY[name].__init__).parameters.values()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    if not isinstance(options, dict):
+        raise ValueError(f"options of feature map {name!r} must be a dict (JSON object), got {options!r}")
+    for key, value in options.items():
+        if key not in params:
+            known = ", ".join(sorted(params)) or "none"
+            raise ValueError(f"unknown option {key!r} for feature map {name!r}; known options: {known}")
+        allowed = [t.strip() for t in str(params[key].annotation).split("|")]
+        if not any(_OPTION_TYPES.get(t, lambda v: True)(value) for t in allowed):
+            raise ValueError(f"option {key!r} of feature map {name!r} must be {' or '.join(allowed)}, "
+                             f"got {value!r} ({type(value).__name__})")
+
+
+def create_feature_map(name: str, num_heads: int, head_dim: int, **kwargs) -> FeatureMap:
+    """Build a registered feature map for ``num_heads`` heads of width ``head_dim`` (options checked by
+    :func:`check_feature_map_options`)."""
+    check_feature_map_options(name, kwargs)
     return _REGISTRY[name](num_heads, head_dim, **kwargs)
 
 
@@ -110,6 +148,8 @@ class FeatureMap(nn.Module):
                 )
         if q.shape[0] != k.shape[0]:
             raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+        if q.shape[2] == 0 or k.shape[2] == 0:
+            raise ValueError(f"q and k need at least one token (N >= 1), got q {tuple(q.shape)} and k {tuple(k.shape)}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -151,6 +191,12 @@ class ReLUFeatureMap(FeatureMap):
     def forward(self, q, k):
         self._check(q, k)
         return F.relu(q), F.relu(k)
+
+    def attend(self, q, k, v, *, eps=1e-6, return_attn=False):
+        if return_attn:
+            return super().attend(q, k, v, eps=eps, return_attn=True)
+        self._check(q, k)
+        return mapped_linear_attention(q, k, v, feature="relu", eps=eps)  # the ReLU runs inside the fused kernels
 
 
 @register_feature_map("elu")
@@ -319,7 +365,38 @@ class MirrorFeatureMap(FeatureMap):
         self.theta = nn.Parameter(torch.empty(num_heads, blocks)) if block else None
         self.gamma = nn.Parameter(torch.zeros(num_heads, blocks)) if variance else None
         self.u = nn.Parameter(torch.empty(num_heads * head_dim)) if cross_head else None
+        # The options that change the map's function without changing its parameters' shapes travel with the
+        # weights, so loading a state dict saved with another pairing or Δα form is an error, not a silent
+        # change of outputs (see _check_loaded_config).
+        self.register_buffer("map_config", self._config_code(), persistent=True)
+        self._register_load_state_dict_pre_hook(self._check_loaded_config)
         self.reset_parameters()
+
+    _CONFIG_FIELDS = ("pairing", "delta_form", "block", "variance", "cross_head")
+
+    def _config_code(self) -> torch.Tensor:
+        return torch.tensor([PAIRINGS.index(self.pairing), sorted(DELTA_FORMS).index(self.delta_form),
+                             int(self.block), int(self.variance), int(self.cross_head)], dtype=torch.int64)
+
+    def _decode_config(self, code: torch.Tensor) -> dict[str, Any]:
+        values = [int(v) for v in code.tolist()]
+        if len(values) != len(self._CONFIG_FIELDS):
+            return {"map_config": values}
+        return {"pairing": PAIRINGS[values[0]] if 0 <= values[0] < len(PAIRINGS) else values[0],
+                "delta_form": sorted(DELTA_FORMS)[values[1]] if 0 <= values[1] < len(DELTA_FORMS) else values[1],
+                "block": bool(values[2]), "variance": bool(values[3]), "cross_head": bool(values[4])}
+
+    def _check_loaded_config(self, state_dict, prefix, *_args) -> None:
+        key = prefix + "map_config"
+        if key not in state_dict:  # a state dict from before the config was stored: nothing to compare
+            state_dict[key] = self.map_config.clone()
+            return
+        saved, mine = self._decode_config(state_dict[key]), self._decode_config(self.map_config)
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}={a!r} in the state dict but {b!r} here" for k, (a, b) in diff.items())
+            raise ValueError(f"{prefix or 'mirror feature map'}: the state dict was saved with another MirrorLA "
+                             f"configuration: {detail}")
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -409,6 +486,20 @@ class MirrorFeatureMap(FeatureMap):
             return F.relu(q), F.relu(k)
         return folded_mirror_map(q, k, self.theta, self.gamma, eps=self.eps, delta_form=self.delta_form,
                                  pairing=self.pairing)
+
+    def attend(self, q, k, v, *, eps=1e-6, return_attn=False, folded=False):
+        """Linear attention with this map. With ``folded=True`` and the Triton backend, σ² comes from one pass
+        over k and the rotation and ReLU run inside the attention kernels (φ(q), φ(k) never reach memory)."""
+        if return_attn or not folded:
+            return super().attend(q, k, v, eps=eps, return_attn=return_attn, folded=folded)
+        self._check(q, k)
+        if not (self.block and self.variance):  # the whole map is static and folded: what remains is ReLU
+            return mapped_linear_attention(q, k, v, feature="relu", eps=eps)
+        if select_backend(q, k, v) != "triton":
+            return super().attend(q, k, v, eps=eps, folded=True)  # the CPU kernel or the reference
+        angle = folded_angles(k, self.theta, self.gamma, eps=self.eps, delta_form=self.delta_form,
+                              pairing=self.pairing)
+        return mapped_linear_attention(q, k, v, feature="rotate_relu", angle=angle, pairing=self.pairing, eps=eps)
 
     def elementwise_flops_per_token(self) -> int:
         c = self.num_heads * self.head_dim

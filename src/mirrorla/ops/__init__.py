@@ -4,6 +4,7 @@ per-sample step of the MirrorLA map (with pure-PyTorch references)."""
 from .fused import (
     cpu_kernels_available,
     cpu_kernels_status,
+    folded_angles,
     folded_mirror_map,
     folded_mirror_map_reference,
     folded_variance,
@@ -12,7 +13,8 @@ from .fused import (
     token_sums,
     token_sums_reference,
 )
-from .linear_attention import linear_attention, linear_attention_reference
+from .backend import select_backend
+from .linear_attention import linear_attention, linear_attention_reference, mapped_linear_attention
 from .reflect import (
     DELTA_FORMS,
     PAIRINGS,
@@ -33,6 +35,7 @@ __all__ = [
     "block_variance",
     "cpu_kernels_available",
     "cpu_kernels_status",
+    "folded_angles",
     "folded_mirror_map",
     "folded_mirror_map_reference",
     "folded_variance",
@@ -40,10 +43,12 @@ __all__ = [
     "householder_reflect",
     "linear_attention",
     "linear_attention_reference",
+    "mapped_linear_attention",
     "pair_channels",
     "rotate_pairs",
     "rotate_relu",
     "rotate_relu_reference",
+    "select_backend",
     "token_moments",
     "token_sums",
     "token_sums_reference",

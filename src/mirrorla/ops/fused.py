@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 
 from ._checks import check_even_last_dim, check_floating, check_rank
-from .reflect import DELTA_FORMS, _check_pairing, pair_channels, rotate_pairs, token_moments
+from .backend import backend_setting, select_backend
+from .reflect import DELTA_FORMS, _check_pairing, _tracing, pair_channels, rotate_pairs, token_moments
 
 __all__ = [
     "cpu_kernels_available",
     "cpu_kernels_status",
+    "folded_angles",
     "folded_mirror_map",
     "folded_mirror_map_reference",
     "folded_variance",
@@ -123,7 +125,9 @@ def cpu_kernels_status() -> str:
 def _use_kernel(*xs: torch.Tensor) -> bool:
     """The kernels have no backward: they run where no gradient is wanted (inference, evaluation, the op
     benchmark's forward); training takes the reference, whose autograd graph is PyTorch's own."""
-    if torch.compiler.is_compiling() or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in xs):
+    if _tracing() or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in xs):
+        return False
+    if backend_setting() in ("torch", "triton"):
         return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
         return False
@@ -183,6 +187,10 @@ def token_sums(x: torch.Tensor) -> torch.Tensor:
     input); one pass over memory on CPUs. Differentiable (through the reference)."""
     check_rank("x", x, 4, "[B, H, N, d]")
     check_floating("x", x)
+    if x.dtype != torch.float64 and select_backend(x) == "triton":
+        from .triton_linear_attention import token_sums_triton
+
+        return token_sums_triton(x)
     if not _use_kernel(x):
         return token_sums_reference(x)
     return torch.ops.mirrorla_cpu.token_sums(x)
@@ -204,11 +212,25 @@ def folded_variance(sums: torch.Tensor, n: int, *, pairing: str = "adjacent") ->
     return torch.addcmul(mean_sq, diff, diff, value=-0.5).mul_(0.5).clamp_min_(0)
 
 
+def folded_angles(k: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor, *, eps: float = 1e-6,
+                  delta_form: str = "tanh_log", pairing: str = "adjacent", sums: torch.Tensor | None = None):
+    """The per-sample rotation angles ``2Θ = 2(θ + Δα(σ²))`` ``[B, H, d/2]`` (fp32) of folded keys ``[B, H, N, d]``.
+
+    σ² comes from the token sums of k (:func:`token_sums`, or ``sums`` when given), undoing ``H(0)`` algebraically
+    (:func:`folded_variance`). Differentiable in k, θ and γ.
+    """
+    if sums is None:
+        sums = token_sums(k)
+    var = folded_variance(sums, k.shape[2], pairing=pairing)
+    acc = var.dtype
+    return (theta.to(acc)[None] + DELTA_FORMS[delta_form](var, gamma.to(acc), eps)).mul(2.0)
+
+
 def folded_mirror_map_reference(q, k, theta, gamma, *, eps=1e-6, delta_form="tanh_log", pairing="adjacent"):
     """:func:`folded_mirror_map` with plain PyTorch ops (differentiable)."""
-    var = folded_variance(token_sums_reference(k), k.shape[2], pairing=pairing)
-    acc = var.dtype
-    angle = (theta.to(acc)[None] + DELTA_FORMS[delta_form](var, gamma.to(acc), eps)).mul_(2.0)
+    angle = folded_angles(k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing,
+                          sums=token_sums_reference(k))
+    acc = angle.dtype
     acc_q, acc_k = q.to(acc), k.to(acc)
     q, k = rotate_pairs(acc_q, acc_k, angle=angle.unsqueeze(2), pairing=pairing)
     return q.relu_(), k.relu_()
@@ -243,6 +265,8 @@ def folded_mirror_map(
     check_rank("q", q, 4, "[B, H, Nq, d]")
     check_rank("k", k, 4, "[B, H, N, d]")
     _check_pairing(pairing)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"q and k need at least one token (N >= 1), got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if delta_form not in DELTA_FORMS:
         raise ValueError(f"delta_form must be one of {sorted(DELTA_FORMS)}, got {delta_form!r}")
     if not _use_kernel(q, k, theta, gamma) or q.dtype != k.dtype:

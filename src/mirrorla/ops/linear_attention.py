@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_floating, check_rank
+from .backend import select_backend
+from .fused import rotate_relu
+from .reflect import _check_pairing
 
-__all__ = ["linear_attention", "linear_attention_reference"]
+__all__ = ["MAPPED_FEATURES", "linear_attention", "linear_attention_reference", "mapped_linear_attention"]
+
+MAPPED_FEATURES = ("identity", "relu", "rotate_relu")
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -47,9 +52,18 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
 
     Returns:
         ``[B, H, Nq, dv]`` in v's dtype. The reduction and the normaliser always run in fp32, also under
-        autocast, because the KV state of thousands of tokens overflows fp16.
+        autocast, because the KV state of thousands of tokens overflows fp16. On CUDA the Triton kernels run it
+        (:mod:`mirrorla.ops.backend` decides).
     """
     _check_qkv(q, k, v)
+    if select_backend(q, k, v) == "triton":
+        from .triton_linear_attention import fused_linear_attention
+
+        return fused_linear_attention(q, k, v, feature="identity", eps=eps)
+    return _linear_attention_torch(q, k, v, eps=eps)
+
+
+def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float) -> torch.Tensor:
     out_dtype = v.dtype
     acc = _accumulation_dtype(q, k, v)
     with torch.autocast(device_type=q.device.type, enabled=False):
@@ -87,3 +101,51 @@ def linear_attention_reference(
         attn = a / (a.sum(dim=-1, keepdim=True) + eps)
         out = torch.matmul(attn, v.to(acc)).to(v.dtype)
     return (out, attn) if return_attn else out
+
+
+def mapped_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature: str = "identity",
+    angle: torch.Tensor | None = None,
+    pairing: str = "adjacent",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """:func:`linear_attention` of ``φ(q), φ(k), v`` for an element-wise φ, fused where a backend can.
+
+    Args:
+        q, k, v: ``[B, H, Nq, d]``, ``[B, H, N, d]``, ``[B, H, N, dv]`` (any float dtype, strided views allowed).
+        feature: ``"identity"``, ``"relu"`` or ``"rotate_relu"`` (ReLU of each channel pair rotated by ``angle``:
+            MirrorLA's per-sample step once its static reflections are folded into the projections).
+        angle: ``[1 or B, H, d/2]`` rotation angles, for ``rotate_relu`` only (differentiable).
+        pairing: channel pairs ``"adjacent"`` ``(2i, 2i+1)`` or ``"half"`` ``(i, i + d/2)``.
+
+    Returns:
+        ``[B, H, Nq, dv]`` in v's dtype. The Triton backend never writes φ(q), φ(k) to memory; the torch backend
+        maps in torch (the fused CPU kernel where no gradient is needed) and runs the reference core.
+    """
+    _check_qkv(q, k, v)
+    if feature not in MAPPED_FEATURES:
+        raise ValueError(f"feature must be one of {MAPPED_FEATURES}, got {feature!r}")
+    _check_pairing(pairing)
+    if feature == "rotate_relu":
+        b, h, _, d = q.shape
+        if angle is None or angle.dim() != 3 or angle.shape[1:] != (h, d // 2) or angle.shape[0] not in (1, b):
+            raise ValueError(f"angle must have shape [1 or B, H, d/2] = [1 or {b}, {h}, {d // 2}] for "
+                             f"feature='rotate_relu', got {None if angle is None else tuple(angle.shape)}")
+        if d % 2:
+            raise ValueError(f"rotate_relu pairs channels: d must be even, got {d}")
+    elif angle is not None:
+        raise ValueError(f"angle is only used by feature='rotate_relu', got feature={feature!r}")
+    tensors = (q, k, v) if angle is None else (q, k, v, angle)
+    if select_backend(*tensors) == "triton":
+        from .triton_linear_attention import fused_linear_attention
+
+        return fused_linear_attention(q, k, v, angle, feature=feature, pairing=pairing, eps=eps)
+    if feature == "relu":
+        q, k = torch.relu(q), torch.relu(k)
+    elif feature == "rotate_relu":
+        q, k = rotate_relu(q, angle, pairing=pairing), rotate_relu(k, angle, pairing=pairing)
+    return _linear_attention_torch(q, k, v, eps=eps)

@@ -151,7 +151,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+_STEPS: dict[str, Any] = {}  # in-process (CUDA) runs: each case's step is built (and compiled) once
+
+
 def _build_step(case: dict[str, Any], device: torch.device):
+    key = json.dumps({k: case[k] for k in sorted(case) if k not in _RESULT_FIELDS}, default=str)
+    if key not in _STEPS:
+        if device.type != "cuda":  # a CPU worker process measures one group; keep nothing of another
+            _STEPS.clear()
+        _STEPS[key] = _new_step(case, device)
+    return _STEPS[key]
+
+
+_RESULT_FIELDS = ("median_ms", "iqr_ms", "peak_mem_mb", "status", "error", "calls_per_round", "rounds",
+                  "images_per_second", "note")
+
+
+def _new_step(case: dict[str, Any], device: torch.device):
     from ..ops import cpu_kernels_available
 
     # load (or build) the fused CPU kernels before anything is measured: the library's pages are not part of
@@ -247,10 +263,26 @@ def machine_info(device: str) -> dict[str, Any]:
         pass
     from ..ops import cpu_kernels_status
 
+    from ..ops.backend import backend_setting, triton_available
+
+    cuda = device.startswith("cuda")
+    backend = backend_setting()
+    if backend == "auto":
+        backend = "triton" if cuda and triton_available(torch.device(device)) else "cpu/torch"
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "device": device,
-            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "triton": _triton_version(), "backend": backend,
             "cpu_kernels": cpu_kernels_status()}
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
 
 
 def _worker(payload: dict[str, Any], timeout: float) -> list[dict[str, Any]] | dict[str, Any]:
@@ -274,6 +306,8 @@ def run_cases(cases: list[dict[str, Any]], *, timeout: float, progress: bool = T
     from tqdm.auto import tqdm
 
     records = [{**c, "median_ms": None, "iqr_ms": None, "peak_mem_mb": None} for c in cases]
+    if records and records[0]["device"].startswith("cuda"):
+        return _run_cases_in_process(records, timeout=timeout, progress=progress)
     bar = tqdm(total=2 * len(cases), desc="bench", disable=not progress, dynamic_ncols=True)
     for r in records:
         bar.set_postfix_str(f"memory {r['attn']} {r.get('n', r.get('img_size'))} {r['mode']} {r['dtype']}")
@@ -290,6 +324,42 @@ def run_cases(cases: list[dict[str, Any]], *, timeout: float, progress: bool = T
                            "max_call_seconds": timeout / 4}, timeout * (len(runnable) + 1))
             for r, res in zip(runnable, out if isinstance(out, list) else [out] * len(runnable), strict=True):
                 r.update(res)
+        bar.update(len(members))
+    bar.close()
+    return records
+
+
+def _run_cases_in_process(records: list[dict[str, Any]], *, timeout: float, progress: bool) -> list[dict[str, Any]]:
+    """CUDA: every case in this process (a subprocess per case cost more start-up than the whole measurement).
+    Memory is the allocator's peak during one step after a reset, minus what was allocated before it; the cases
+    of one size are then timed together, interleaved, with CUDA events. An out-of-memory case is recorded as
+    ``oom`` and the rest go on."""
+    from tqdm.auto import tqdm
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(_key(r), []).append(r)
+    bar = tqdm(total=len(records), desc="bench", disable=not progress, dynamic_ncols=True)
+    for key, members in groups.items():
+        bar.set_postfix_str(f"{key[0]} {key[4]} {key[2]} {key[3]}")
+        for r in members:
+            try:
+                r.update(measure_memory(r))
+            except torch.OutOfMemoryError as err:
+                r.update(status="oom", error=str(err).splitlines()[0][:300])
+            except Exception as err:  # noqa: BLE001 (one failing case must not end the benchmark)
+                r.update(status="error", error=f"{type(err).__name__}: {str(err).strip()[:300]}")
+        runnable = [r for r in members if r["status"] == "ok"]
+        if runnable:
+            try:
+                out = measure_times(runnable, min_run_time=runnable[0]["min_run_time"], max_call_seconds=timeout / 4)
+            except torch.OutOfMemoryError as err:
+                out = [{"status": "oom", "error": str(err).splitlines()[0][:300]}] * len(runnable)
+            for r, res in zip(runnable, out, strict=True):
+                r.update(res)
+        _OP_INPUTS.clear()
+        _STEPS.clear()
+        torch.cuda.empty_cache()
         bar.update(len(members))
     bar.close()
     return records
@@ -343,7 +413,7 @@ def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, An
     (out / "bench.json").write_text(json.dumps({"machine": machine, "records": records}, indent=2))
     lines = [f"# Benchmark ({machine['device']}{', ' + machine['gpu'] if machine.get('gpu') else ''}; "
              f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}; "
-             f"fused CPU kernels: {machine.get('cpu_kernels', 'n/a')})", ""]
+             f"backend: {machine.get('backend', 'n/a')}; fused CPU kernels: {machine.get('cpu_kernels', 'n/a')})", ""]
     by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in records:
         by_key.setdefault(_key(r), {})[_label(r)] = r
@@ -355,7 +425,7 @@ def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, An
         size_name = "N" if kind == "op" else "img"
         title = f"## {kind}{' ' + model if model else ''} — {mode}, {dtype}"
         lines += [title, "", f"| {size_name} | attention | median ms | IQR ms | peak MB | × softmax | × relu | "
-                  + ("img/s |" if kind == "model" else "status |"), "|---" * 9 + "|"]
+                  + ("img/s |" if kind == "model" else "status |"), "|---" * 8 + "|"]
         for key in sorted(keys, key=lambda k: k[4]):
             row = by_key[key]
             soft, relu = row.get("softmax"), row.get("relu")
@@ -418,7 +488,75 @@ def _device(arg: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+OP_MODES, MODEL_MODES = ("fwd", "train"), ("infer", "train")
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    from .cli import _csv
+
+    values = []
+    for item in _csv(text):
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"{option} takes comma-separated positive ints, got {item!r}") from None
+        if value < 1:
+            raise ValueError(f"{option} takes comma-separated positive ints, got {value}")
+        values.append(value)
+    if not values:
+        raise ValueError(f"{option} needs at least one value")
+    return values
+
+
+def _choices(text: str, option: str, allowed) -> list[str]:
+    from .cli import _csv
+
+    values = _csv(text)
+    for value in values:
+        if value not in allowed:
+            raise ValueError(f"{option}: unknown value {value!r}; choose from {', '.join(allowed)}")
+    if not values:
+        raise ValueError(f"{option} needs at least one value")
+    return values
+
+
+def validate_args(args: argparse.Namespace, kind: str) -> None:
+    """Every bench option checked before any case runs; errors name the option and what it accepts."""
+    from ..attention import list_attentions
+
+    _choices(args.mode, "--mode", OP_MODES if kind == "op" else MODEL_MODES)
+    _choices(args.dtype, "--dtype", tuple(DTYPES))
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available here")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    for name in ("timeout", "min_run_time"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be a positive int, got {args.batch}")
+    if kind == "op":
+        _positive_ints(args.n, "--n")
+        _choices(args.attn, "--attn", (*list_attentions(), *OP_EXTRA))
+        if args.heads < 1 or args.head_dim < 1:
+            raise ValueError(f"--heads and --head-dim must be positive ints, got {args.heads} and {args.head_dim}")
+    else:
+        from ..models import list_models
+
+        _choices(args.model, "--model", list_models())
+        _positive_ints(args.img_size, "--img-size")
+        _choices(args.attn, "--attn", list_attentions())
+        if args.window:
+            _positive_ints(args.window, "--window")
+
+
 def bench_op(args: argparse.Namespace) -> list[dict[str, Any]]:
+    validate_args(args, "op")
     device = _device(args.device)
     records = run_cases(_op_cases(args, device), timeout=args.timeout, progress=not args.no_progress)
     write_report(records, Path(args.out), machine_info(device))
@@ -426,6 +564,7 @@ def bench_op(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
+    validate_args(args, "model")
     device = _device(args.device)
     records = run_cases(_model_cases(args, device), timeout=args.timeout, progress=not args.no_progress)
     write_report(records, Path(args.out), machine_info(device))
@@ -433,7 +572,8 @@ def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="fwd,train" if p.prog.endswith("op") else "infer,train")
+    p.add_argument("--mode", default="fwd,train" if p.prog.endswith("op") else "infer,train",
+                   help="op: fwd, train; model: infer, train (comma separated)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 (comma separated)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the measured function")

@@ -1,0 +1,499 @@
+"""Triton kernels: mean-normalised non-causal linear attention with the feature map fused in, forward and backward.
+
+``o_i = φ(q_i)ᵀ S / (φ(q_i)ᵀ z + ε·N)`` with ``S = Σ_j φ(k_j) v_jᵀ`` and ``z = Σ_j φ(k_j)``, which equals the mean
+form ``(φqᵀ S/N) / (φqᵀ z/N + ε)`` of :func:`mirrorla.ops.linear_attention`. The feature map φ is applied inside
+the kernels and never written to memory:
+
+- ``identity``: φ(x) = x (features mapped in torch before, e.g. ELU, focused, polarity);
+- ``relu``: φ(x) = ReLU(x);
+- ``rotate_relu``: φ(x) = ReLU(R(angle)·x), each channel pair rotated by its per-(sample, head) angle:
+  MirrorLA's per-sample step once its static reflections are folded into the projections.
+
+Kernels: a state pass over k and v (each program reduces a chunk of tokens into fp32 partial states, summed in
+torch: deterministic, no atomics), an output pass over q, and in the backward one pass over q (dq, dS, dz and the
+q part of d angle) and one over k and v (dk, dv and the k part of d angle). q, k and v are read in their own
+dtype (and may be strided views of a qkv tensor); states, normalisers and gradients of the angle are fp32; the
+matmuls run on tensor cores (bf16/fp16 inputs with fp32 accumulation, tf32 for the fp32 states).
+
+The ops are registered with :mod:`torch.library` (``mirrorla::fused_linear_attention``), with fake kernels and
+autograd, so ``torch.compile(fullgraph=True)`` and CUDA graphs see one op. Block sizes are fixed (no autotune),
+so the kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the test suite checks them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["FEATURES", "fused_linear_attention", "token_sums_triton"]
+
+FEATURES = {"identity": 0, "relu": 1, "rotate_relu": 2}
+_PAIRINGS = {"adjacent": 0, "half": 1}
+_BLOCK_N = 64
+_SM_COUNT: dict[int, int] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+@triton.jit
+def _partner(offs_d, D: tl.constexpr, PAIRING: tl.constexpr):
+    """Index of each channel's pair partner, and the sign of its sine term (−1 first, +1 second of a pair)."""
+    if PAIRING == 0:  # adjacent: (2i, 2i+1)
+        partner = offs_d ^ 1
+        sign = tl.where((offs_d % 2) == 1, 1.0, -1.0)
+    else:  # half: (i, i + D/2)
+        half = D // 2
+        partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+        sign = tl.where(offs_d >= half, 1.0, -1.0)
+    return partner, sign
+
+
+@triton.jit
+def _features(ptr, offs_n, offs_d, partner, nmask, dmask, s_n, s_d, cos, ssin, MAP: tl.constexpr):
+    """Load a tile ``[BN, BD]`` and map it: returns (φ, pre-activation y, partner pre-activation y_p) in fp32."""
+    x = tl.load(ptr + offs_n[:, None] * s_n + offs_d[None, :] * s_d, mask=nmask[:, None] & dmask[None, :],
+                other=0.0).to(tl.float32)
+    if MAP == 2:
+        xp = tl.load(ptr + offs_n[:, None] * s_n + partner[None, :] * s_d, mask=nmask[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        y = cos[None, :] * x + ssin[None, :] * xp
+        y_p = cos[None, :] * xp - ssin[None, :] * x  # the partner's rotated value (its sine sign is opposite)
+        phi = tl.maximum(y, 0.0)
+    elif MAP == 1:
+        y = x
+        y_p = x
+        phi = tl.maximum(x, 0.0)
+    else:
+        y = x
+        y_p = x
+        phi = x
+    return phi, y, y_p
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton's interpreter computes tl.dot of bf16 operands wrongly (numpy has no bf16), so under
+    # TRITON_INTERPRET the operands go to fp32 first; compiled kernels keep bf16/fp16 on the tensor cores.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
+                  s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                  MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """PART[bh, chunk] = [Σ φ(k) vᵀ | Σ φ(k)] over the chunk's tokens, ``[BD, BDV + 1]`` → stored ``[D, DV + 1]``."""
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BD)
+    offs_v = tl.arange(0, BDV)
+    dmask = offs_d < D
+    vmask = offs_v < DV
+    partner, sign = _partner(offs_d, D, PAIRING)
+    cos = tl.load(COS + bh * D + offs_d, mask=dmask, other=1.0)
+    ssin = tl.load(SSIN + bh * D + offs_d, mask=dmask, other=0.0)
+    k_ptr = K + b * s_kb + h * s_kh
+    v_ptr = V + b * s_vb + h * s_vh
+    acc = tl.zeros([BD, BDV], dtype=tl.float32)
+    zacc = tl.zeros([BD], dtype=tl.float32)
+    for t in range(0, TILES):
+        offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin, MAP)
+        v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
+                    other=0.0)
+        acc += _dot(tl.trans(phi.to(v.dtype)), v, IEEE, UPCAST)
+        zacc += tl.sum(phi, axis=0)
+    base = PART + (bh * tl.num_programs(1) + chunk) * D * (DV + 1)
+    tl.store(base + offs_d[:, None] * (DV + 1) + offs_v[None, :], acc, mask=dmask[:, None] & vmask[None, :])
+    tl.store(base + offs_d * (DV + 1) + DV, zacc, mask=dmask)
+
+
+@triton.jit
+def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n,
+                   s_qb, s_qh, s_qn, s_qd, s_ob, s_oh, s_on, s_od,
+                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                   MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """o = φ(q) S / (φ(q)·z + ε·N) for one tile of queries."""
+    bh = tl.program_id(0)
+    tile = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BD)
+    offs_v = tl.arange(0, BDV)
+    offs_n = tile * BN + tl.arange(0, BN)
+    dmask = offs_d < D
+    vmask = offs_v < DV
+    nmask = offs_n < NQ
+    partner, sign = _partner(offs_d, D, PAIRING)
+    cos = tl.load(COS + bh * D + offs_d, mask=dmask, other=1.0)
+    ssin = tl.load(SSIN + bh * D + offs_d, mask=dmask, other=0.0)
+    st = STATE + bh * D * (DV + 1)
+    s = tl.load(st + offs_d[:, None] * (DV + 1) + offs_v[None, :], mask=dmask[:, None] & vmask[None, :], other=0.0)
+    z = tl.load(st + offs_d * (DV + 1) + DV, mask=dmask, other=0.0)
+    phi, y, y_p = _features(Q + b * s_qb + h * s_qh, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
+                            MAP)
+    num = _dot(phi, s, IEEE, UPCAST)
+    den = tl.sum(phi * z[None, :], axis=1) + eps_n
+    o = num / den[:, None]
+    tl.store(O + b * s_ob + h * s_oh + offs_n[:, None] * s_on + offs_v[None, :] * s_od, o.to(O.dtype.element_ty),
+             mask=nmask[:, None] & vmask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, H, eps_n, TILES,
+                       s_qb, s_qh, s_qn, s_qd, s_db, s_dh, s_dn, s_dd,
+                       D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                       MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """dq, and the chunk's partial dS, dz and d angle (q part)."""
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BD)
+    offs_v = tl.arange(0, BDV)
+    dmask = offs_d < D
+    vmask = offs_v < DV
+    partner, sign = _partner(offs_d, D, PAIRING)
+    cos = tl.load(COS + bh * D + offs_d, mask=dmask, other=1.0)
+    ssin = tl.load(SSIN + bh * D + offs_d, mask=dmask, other=0.0)
+    st = STATE + bh * D * (DV + 1)
+    smask = dmask[:, None] & vmask[None, :]
+    s = tl.load(st + offs_d[:, None] * (DV + 1) + offs_v[None, :], mask=smask, other=0.0)
+    z = tl.load(st + offs_d * (DV + 1) + DV, mask=dmask, other=0.0)
+    s_p = tl.load(st + partner[:, None] * (DV + 1) + offs_v[None, :], mask=smask, other=0.0)
+    z_p = tl.load(st + partner * (DV + 1) + DV, mask=dmask, other=0.0)
+    q_ptr = Q + b * s_qb + h * s_qh
+    do_ptr = DO + b * s_db + h * s_dh
+    dq_ptr = DQ + bh * NQ * D
+    ds_acc = tl.zeros([BD, BDV], dtype=tl.float32)
+    dz_acc = tl.zeros([BD], dtype=tl.float32)
+    dang = tl.zeros([BD], dtype=tl.float32)
+    for t in range(0, TILES):
+        offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
+        nmask = offs_n < NQ
+        phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin, MAP)
+        do = tl.load(do_ptr + offs_n[:, None] * s_dn + offs_v[None, :] * s_dd, mask=nmask[:, None] & vmask[None, :],
+                     other=0.0).to(tl.float32)
+        num = _dot(phi, s, IEEE, UPCAST)
+        den = tl.sum(phi * z[None, :], axis=1) + eps_n
+        dnum = do / den[:, None]
+        dden = -tl.sum(do * num, axis=1) / (den * den)
+        dden = tl.where(nmask, dden, 0.0)
+        dphi = _dot(dnum, tl.trans(s), IEEE, UPCAST) + dden[:, None] * z[None, :]
+        if MAP == 2:
+            dphi_p = _dot(dnum, tl.trans(s_p), IEEE, UPCAST) + dden[:, None] * z_p[None, :]
+            g = tl.where(y > 0, dphi, 0.0)
+            g_p = tl.where(y_p > 0, dphi_p, 0.0)
+            dq = cos[None, :] * g - ssin[None, :] * g_p
+            dang += tl.sum(g * y_p, axis=0) * sign
+        elif MAP == 1:
+            dq = tl.where(y > 0, dphi, 0.0)
+        else:
+            dq = dphi
+        tl.store(dq_ptr + offs_n[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=nmask[:, None] & dmask[None, :])
+        ds_acc += _dot(tl.trans(phi), dnum, IEEE, UPCAST)
+        dz_acc += tl.sum(phi * dden[:, None], axis=0)
+    base = DSTATE_PART + (bh * tl.num_programs(1) + chunk) * D * (DV + 1)
+    tl.store(base + offs_d[:, None] * (DV + 1) + offs_v[None, :], ds_acc, mask=smask)
+    tl.store(base + offs_d * (DV + 1) + DV, dz_acc, mask=dmask)
+    tl.store(DANG_PART + (bh * tl.num_programs(1) + chunk) * D + offs_d, dang, mask=dmask)
+
+
+@triton.jit
+def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, DANG_PART, N, H, TILES,
+                        s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                        D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                        MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """dk, dv and the chunk's partial d angle (k part), from the total dS and dz."""
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BD)
+    offs_v = tl.arange(0, BDV)
+    dmask = offs_d < D
+    vmask = offs_v < DV
+    partner, sign = _partner(offs_d, D, PAIRING)
+    cos = tl.load(COS + bh * D + offs_d, mask=dmask, other=1.0)
+    ssin = tl.load(SSIN + bh * D + offs_d, mask=dmask, other=0.0)
+    st = DSTATE + bh * D * (DV + 1)
+    smask = dmask[:, None] & vmask[None, :]
+    ds = tl.load(st + offs_d[:, None] * (DV + 1) + offs_v[None, :], mask=smask, other=0.0)
+    dz = tl.load(st + offs_d * (DV + 1) + DV, mask=dmask, other=0.0)
+    ds_p = tl.load(st + partner[:, None] * (DV + 1) + offs_v[None, :], mask=smask, other=0.0)
+    dz_p = tl.load(st + partner * (DV + 1) + DV, mask=dmask, other=0.0)
+    k_ptr = K + b * s_kb + h * s_kh
+    v_ptr = V + b * s_vb + h * s_vh
+    dk_ptr = DK + bh * N * D
+    dv_ptr = DV_OUT + bh * N * DV
+    dang = tl.zeros([BD], dtype=tl.float32)
+    for t in range(0, TILES):
+        offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin, MAP)
+        v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
+                    other=0.0).to(tl.float32)
+        dv = _dot(phi, ds, IEEE, UPCAST)
+        tl.store(dv_ptr + offs_n[:, None] * DV + offs_v[None, :], dv.to(DV_OUT.dtype.element_ty),
+                 mask=nmask[:, None] & vmask[None, :])
+        dphi = _dot(v, tl.trans(ds), IEEE, UPCAST) + dz[None, :]
+        if MAP == 2:
+            dphi_p = _dot(v, tl.trans(ds_p), IEEE, UPCAST) + dz_p[None, :]
+            g = tl.where(y > 0, dphi, 0.0)
+            g_p = tl.where(y_p > 0, dphi_p, 0.0)
+            dk = cos[None, :] * g - ssin[None, :] * g_p
+            dang += tl.sum(tl.where(nmask[:, None], g * y_p, 0.0), axis=0) * sign
+        elif MAP == 1:
+            dk = tl.where(y > 0, dphi, 0.0)
+        else:
+            dk = dphi
+        tl.store(dk_ptr + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=nmask[:, None] & dmask[None, :])
+    tl.store(DANG_PART + (bh * tl.num_programs(1) + chunk) * D + offs_d, dang, mask=dmask)
+
+
+@triton.jit
+def _token_sums_kernel(X, PART, N, H, TILES, s_xb, s_xh, s_xn, s_xd,
+                       D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """PART[bh, chunk] = [Σ x, Σ x²] per channel over the chunk's tokens (fp32)."""
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    s1 = tl.zeros([BD], dtype=tl.float32)
+    s2 = tl.zeros([BD], dtype=tl.float32)
+    for t in range(0, TILES):
+        offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        x = tl.load(X + b * s_xb + h * s_xh + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd,
+                    mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        s1 += tl.sum(x, axis=0)
+        s2 += tl.sum(x * x, axis=0)
+    base = PART + (bh * tl.num_programs(1) + chunk) * 2 * D
+    tl.store(base + offs_d, s1, mask=dmask)
+    tl.store(base + D + offs_d, s2, mask=dmask)
+
+
+# ------------------------------------------------------------------------------------------------- launching
+
+
+def _blocks(d: int, dv: int) -> tuple[int, int, int]:
+    bd = max(16, triton.next_power_of_2(d))
+    bdv = max(16, triton.next_power_of_2(dv))
+    warps = 8 if max(bd, bdv) >= 128 else 4
+    return bd, bdv, warps
+
+
+def _chunks(n: int, bh: int, device: torch.device) -> tuple[int, int]:
+    """(programs per (b, h) row, tiles per program): enough programs to fill the GPU, each looping over tiles."""
+    tiles = triton.cdiv(n, _BLOCK_N)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNT:
+            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        target = 4 * _SM_COUNT[index]
+    else:
+        target = 4  # the interpreter: few, long programs are fastest
+    chunks = max(1, min(tiles, triton.cdiv(target, bh)))
+    per = triton.cdiv(tiles, chunks)
+    return triton.cdiv(tiles, per), per
+
+
+def _rotation(angle: torch.Tensor | None, b: int, h: int, d: int, pairing: str, device) -> tuple[torch.Tensor, ...]:
+    """Per-channel cos and signed sin ``[B·H, d]`` (fp32) of the pair angles ``[B or 1, H, d/2]``."""
+    if angle is None:
+        ones = torch.ones(b * h, d, device=device, dtype=torch.float32)
+        return ones, torch.zeros_like(ones)
+    a = angle.to(torch.float32).expand(b, h, d // 2)
+    cos, sin = torch.cos(a), torch.sin(a)
+    if pairing == "adjacent":
+        cos_c = cos.repeat_interleave(2, dim=-1)
+        ssin = torch.stack([-sin, sin], dim=-1).flatten(-2)
+    else:
+        cos_c = torch.cat([cos, cos], dim=-1)
+        ssin = torch.cat([-sin, sin], dim=-1)
+    return cos_c.reshape(b * h, d).contiguous(), ssin.reshape(b * h, d).contiguous()
+
+
+def _pair_sum(per_channel: torch.Tensor, pairing: str) -> torch.Tensor:
+    """``[..., d]`` → ``[..., d/2]``: the two channels of each pair added."""
+    d = per_channel.shape[-1]
+    if pairing == "adjacent":
+        return per_channel.unflatten(-1, (d // 2, 2)).sum(-1)
+    return per_channel.unflatten(-1, (2, d // 2)).sum(-2)
+
+
+def _forward_impl(q, k, v, angle, feature: int, pairing: int, eps: float):
+    b, h, nq, d = q.shape
+    n, dv = k.shape[2], v.shape[3]
+    pair_name = "half" if pairing else "adjacent"
+    bd, bdv, warps = _blocks(d, dv)
+    ieee = q.dtype == torch.float32 or q.dtype == torch.float64
+    cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, pair_name, q.device)
+    chunks, per = _chunks(n, b * h, q.device)
+    part = torch.empty(b * h, chunks, d, dv + 1, device=q.device, dtype=torch.float32)
+    _state_kernel[(b * h, chunks)](
+        k, v, cos, ssin, part, n, h, per, *k.stride(), *v.stride(),
+        D=d, DV=dv, BD=bd, BDV=bdv, BN=_BLOCK_N, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), num_warps=warps)
+    state = part.sum(1) if chunks > 1 else part[:, 0]
+    out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
+    _output_kernel[(b * h, triton.cdiv(nq, _BLOCK_N))](
+        q, state, cos, ssin, out, nq, h, float(eps) * n, *q.stride(), *out.stride(),
+        D=d, DV=dv, BD=bd, BDV=bdv, BN=_BLOCK_N, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), num_warps=warps)
+    return out, state
+
+
+def _backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing: int, eps: float):
+    b, h, nq, d = q.shape
+    n, dv = k.shape[2], v.shape[3]
+    pair_name = "half" if pairing else "adjacent"
+    bd, bdv, warps = _blocks(d, dv)
+    ieee = q.dtype == torch.float32 or q.dtype == torch.float64
+    cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, pair_name, q.device)
+    dq = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)
+    chunks_q, per_q = _chunks(nq, b * h, q.device)
+    dstate_part = torch.empty(b * h, chunks_q, d, dv + 1, device=q.device, dtype=torch.float32)
+    dang_q = torch.empty(b * h, chunks_q, d, device=q.device, dtype=torch.float32)
+    _backward_q_kernel[(b * h, chunks_q)](
+        q, state, cos, ssin, grad_out, dq, dstate_part, dang_q, nq, h, float(eps) * n, per_q,
+        *q.stride(), *grad_out.stride(),
+        D=d, DV=dv, BD=bd, BDV=bdv, BN=_BLOCK_N, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), num_warps=warps)
+    dstate = dstate_part.sum(1)
+    dk = torch.empty(b, h, n, d, device=q.device, dtype=k.dtype)
+    dvv = torch.empty(b, h, n, dv, device=q.device, dtype=v.dtype)
+    chunks_k, per_k = _chunks(n, b * h, q.device)
+    dang_k = torch.empty(b * h, chunks_k, d, device=q.device, dtype=torch.float32)
+    _backward_kv_kernel[(b * h, chunks_k)](
+        k, v, cos, ssin, dstate, dk, dvv, dang_k, n, h, per_k, *k.stride(), *v.stride(),
+        D=d, DV=dv, BD=bd, BDV=bdv, BN=_BLOCK_N, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), num_warps=warps)
+    dangle = None
+    if feature == 2 and angle is not None:
+        per_channel = (dang_q.sum(1) + dang_k.sum(1)).view(b, h, d)
+        dangle = _pair_sum(per_channel, pair_name)
+        if angle.shape[0] == 1 and b > 1:
+            dangle = dangle.sum(0, keepdim=True)
+        dangle = dangle.to(angle.dtype)
+    return dq, dk, dvv, dangle
+
+
+# --------------------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("mirrorla::fused_linear_attention", mutates_args=())
+def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angle: torch.Tensor | None, feature: int,
+                   pairing: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, angle, feature, pairing, eps)
+
+
+@_fused_forward.register_fake
+def _(q, k, v, angle, feature, pairing, eps):
+    b, h, nq, d = q.shape
+    dv = v.shape[3]
+    return (q.new_empty(b, h, nq, dv, dtype=v.dtype), q.new_empty(b * h, d, dv + 1, dtype=torch.float32))
+
+
+@torch.library.custom_op("mirrorla::fused_linear_attention_backward", mutates_args=())
+def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angle: torch.Tensor | None,
+                    state: torch.Tensor, grad_out: torch.Tensor, feature: int, pairing: int,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dangle = _backward_impl(q, k, v, angle, state, grad_out, feature, pairing, eps)
+    if dangle is None:  # custom ops return tensors: an empty one stands for "no angle"
+        dangle = q.new_zeros(0, dtype=torch.float32)
+    return dq, dk, dv, dangle
+
+
+@_fused_backward.register_fake
+def _(q, k, v, angle, state, grad_out, feature, pairing, eps):
+    dangle = angle.new_empty(angle.shape) if (angle is not None and feature == 2) else q.new_empty(0,
+                                                                                                  dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dangle
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, angle, feature, pairing, eps = inputs
+    ctx.save_for_backward(q, k, v, angle, output[1])
+    ctx.feature, ctx.pairing, ctx.eps = feature, pairing, eps
+
+
+def _backward(ctx, grad_out, _grad_state):
+    q, k, v, angle, state = ctx.saved_tensors
+    dq, dk, dv, dangle = _fused_backward(q, k, v, angle, state, grad_out, ctx.feature, ctx.pairing, ctx.eps)
+    return dq, dk, dv, (dangle if angle is not None and ctx.feature == 2 else None), None, None, None
+
+
+_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("mirrorla::token_sums", mutates_args=())
+def _token_sums(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    bd = max(16, triton.next_power_of_2(d))
+    chunks, per = _chunks(n, b * h, x.device)
+    part = torch.empty(b * h, chunks, 2, d, device=x.device, dtype=torch.float32)
+    _token_sums_kernel[(b * h, chunks)](x, part, n, h, per, *x.stride(), D=d, BD=bd, BN=_BLOCK_N)
+    return part.sum(1).view(b, h, 2, d)
+
+
+@_token_sums.register_fake
+def _(x):
+    b, h, _, d = x.shape
+    return x.new_empty(b, h, 2, d, dtype=torch.float32)
+
+
+def _token_sums_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _token_sums_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    # d/dx [Σx, Σx²] = g₁ + 2 g₂ x, in x's dtype (no fp32 copy of x)
+    g1 = grad[:, :, 0:1].to(x.dtype)
+    g2 = grad[:, :, 1:2].mul(2.0).to(x.dtype)
+    return torch.addcmul(g1, x, g2)
+
+
+_token_sums.register_autograd(_token_sums_backward, setup_context=_token_sums_setup)
+
+
+# ------------------------------------------------------------------------------------------------ public api
+
+
+def fused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angle: torch.Tensor | None = None, *,
+                           feature: str = "identity", pairing: str = "adjacent", eps: float = 1e-6) -> torch.Tensor:
+    """Linear attention with φ fused in (Triton). q ``[B, H, Nq, d]``, k ``[B, H, N, d]``, v ``[B, H, N, dv]``,
+    ``angle`` ``[B or 1, H, d/2]`` (``rotate_relu`` only) → ``[B, H, Nq, dv]`` in v's dtype. Differentiable in
+    q, k, v and angle. Inputs are checked by the caller (:func:`mirrorla.ops.mapped_linear_attention`)."""
+    if q.dtype == torch.float64:
+        raise ValueError("the Triton kernels take fp32, bf16 or fp16 inputs, got float64 (use the torch backend)")
+    return _fused_forward(q, k, v, angle if feature == "rotate_relu" else None, FEATURES[feature],
+                          _PAIRINGS[pairing], float(eps))[0]
+
+
+def token_sums_triton(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``[Σx, Σx²]`` over tokens, ``[B, H, N, d] → [B, H, 2, d]`` fp32 (Triton, differentiable)."""
+    return _token_sums(x)

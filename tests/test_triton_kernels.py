@@ -1,0 +1,165 @@
+"""The Triton kernels (fused feature map + linear attention, forward and backward) against the torch reference.
+
+They run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set in conftest), so sizes are small.
+Tolerances: fp32 outputs and gradients within 1e-4 (absolute, on values of order 1); bf16 inputs compared with the
+reference on the same bf16 values computed in fp32, within 3e-2 (bf16 keeps 8 bits of mantissa).
+"""
+
+import pytest
+import torch
+
+from mirrorla.feature_maps import create_feature_map
+from mirrorla.ops import linear_attention, token_sums_reference
+from mirrorla.ops.backend import select_backend
+from mirrorla.ops.fused import rotate_relu_reference
+
+triton_ops = pytest.importorskip("mirrorla.ops.triton_linear_attention")
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    def use(name: str) -> None:
+        monkeypatch.setenv("MIRRORLA_BACKEND", name)
+
+    return use
+
+
+def _reference(q, k, v, angle, feature, pairing):
+    if feature == "rotate_relu":
+        q = rotate_relu_reference(q, angle.unsqueeze(2), pairing=pairing)
+        k = rotate_relu_reference(k, angle.unsqueeze(2), pairing=pairing)
+    elif feature == "relu":
+        q, k = q.relu(), k.relu()
+    return linear_attention(q.float(), k.float(), v.float())
+
+
+def _strided_qkv(b, h, n, d, dtype):
+    """q, k, v as views into one [B, N, 3, H, d] tensor, as LinearAttention's qkv projection makes them."""
+    qkv = torch.randn(b, n, 3, h, d).to(dtype)
+    return [t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0)]
+
+
+CASES = [  # (feature, pairing, N, d): every N and head dim of the issue, each map and pairing
+    ("rotate_relu", "adjacent", 1, 16),
+    ("rotate_relu", "half", 17, 48),
+    ("rotate_relu", "adjacent", 197, 64),
+    ("rotate_relu", "half", 1000, 32),
+    ("rotate_relu", "adjacent", 17, 128),
+    ("relu", "adjacent", 197, 48),
+    ("relu", "adjacent", 1000, 16),
+    ("identity", "adjacent", 17, 64),
+]
+
+
+@pytest.mark.parametrize("feature, pairing, n, d", CASES)
+def test_fused_op_matches_reference_values_and_gradients_fp32(feature, pairing, n, d, backend):
+    b, h = 2, 2
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    angle = torch.randn(b, h, d // 2, requires_grad=True) if feature == "rotate_relu" else None
+    inputs = [q, k, v] + ([angle] if angle is not None else [])
+    qq, kk = (q.abs(), k.abs()) if feature == "identity" else (q, k)
+    out = triton_ops.fused_linear_attention(qq, kk, v, angle, feature=feature, pairing=pairing)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    backend("torch")
+    qq, kk = (q.abs(), k.abs()) if feature == "identity" else (q, k)
+    ref = _reference(qq, kk, v, angle, feature, pairing)
+    want = torch.autograd.grad(ref, inputs, grad)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for name, a, w in zip("q k v angle".split(), got, want, strict=False):
+        torch.testing.assert_close(a, w, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_op_half_precision_strided_inputs(dtype, backend):
+    b, h, n, d = 2, 3, 197, 32
+    q, k, v = _strided_qkv(b, h, n, d, dtype)
+    assert not q.is_contiguous()
+    angle = torch.randn(1, h, d // 2, requires_grad=True)  # one angle set shared by the batch
+    out = triton_ops.fused_linear_attention(q, k, v, angle, feature="rotate_relu", pairing="adjacent")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v, angle], grad)
+    backend("torch")
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = _reference(q32, k32, v32, angle, "rotate_relu", "adjacent")
+    want = torch.autograd.grad(ref, [q32, k32, v32, angle], grad.float())
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    for a, w in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.float(), w, atol=3e-2 * max(1.0, w.abs().max().item()), rtol=3e-2)
+
+
+def test_token_sums_kernel_and_its_gradient():
+    x = torch.randn(2, 3, 1000, 48, requires_grad=True)
+    got = triton_ops.token_sums_triton(x)
+    want = token_sums_reference(x)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-5)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+
+
+@pytest.mark.parametrize("delta_form, pairing", [("tanh_log", "adjacent"), ("log", "half"), ("rsqrt", "adjacent")])
+def test_mirror_map_on_triton_matches_torch_in_values_and_every_gradient(delta_form, pairing, backend):
+    """The whole folded MirrorLA step (σ² → Θ → rotation → ReLU → attention) through the Triton backend: outputs
+    and the gradients of q, k, v, θ and γ equal the reference's (the σ² path reaches k and γ)."""
+    h, d, n = 2, 16, 197
+    fmap = create_feature_map("mirror", h, d, delta_form=delta_form, pairing=pairing).double().float()
+    with torch.no_grad():
+        fmap.gamma.normal_(0, 0.5)  # γ starts at 0; make the variance path matter
+    q, k, v = (torch.randn(2, h, n, d, requires_grad=True) for _ in range(3))
+    params = [q, k, v, fmap.theta, fmap.gamma]
+    results = {}
+    for name in ("triton", "torch"):
+        backend(name)
+        assert select_backend(q, k, v) == name
+        out = fmap.attend(q, k, v, folded=True)
+        results[name] = (out, torch.autograd.grad(out.square().sum(), params))
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
+    for name, a, w in zip(("q", "k", "v", "theta", "gamma"), results["triton"][1], results["torch"][1], strict=True):
+        torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4, msg=f"gradient of {name}")
+
+
+def test_relu_and_elu_maps_use_the_fused_core(backend):
+    q, k, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
+    for name in ("relu", "elu"):
+        fmap = create_feature_map(name, 2, 16)
+        backend("triton")
+        got = fmap.attend(q, k, v)
+        backend("torch")
+        torch.testing.assert_close(got, fmap.attend(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_rules(backend, monkeypatch):
+    x = torch.randn(1, 1, 4, 4)
+    backend("auto")
+    assert select_backend(x) == "torch"  # CPU tensors never take the interpreter unless asked
+    assert select_backend(x, has_cpu=True) == "cpu"
+    backend("triton")
+    assert select_backend(x) == "triton"
+    assert select_backend(x.double()) == "torch"  # the kernels take fp32/bf16/fp16
+    backend("bogus")
+    with pytest.raises(ValueError, match="MIRRORLA_BACKEND must be one of"):
+        select_backend(x)
+
+
+def test_compile_fullgraph_through_the_custom_op(backend):
+    backend("triton")
+    fmap = create_feature_map("mirror", 2, 16)
+    q, k, v = (torch.randn(1, 2, 33, 16) for _ in range(3))
+    eager = fmap.attend(q, k, v, folded=True)
+    compiled = torch.compile(lambda a, b, c: fmap.attend(a, b, c, folded=True), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_mirror_layer_bf16_matches_fp32():
+    from mirrorla import LinearAttention
+
+    layer = LinearAttention(192, 3).cuda()
+    x = torch.randn(4, 1024, 192, device="cuda")
+    ref = layer(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
