@@ -5,7 +5,8 @@ outputs and the gradients of q, k, v and the angles, fp32 and bf16, strided inpu
 to 4,097, both pairings. Also checks that a DeiT-T forward under torch.compile(fullgraph) matches eager, and that
 CUDA-graph capture (mode="reduce-overhead") runs. Prints one line per check and exits 1 on a mismatch.
 
-Usage: PYTHONPATH=src python benchmarks/gpu_check.py [DEVICE]  (DEVICE defaults to cuda)
+Usage: PYTHONPATH=src python benchmarks/gpu_check.py [DEVICE] [--kernels-only]  (DEVICE defaults to cuda;
+--kernels-only skips the compiled DeiT-T checks, which spend minutes compiling)
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from mirrorla.ops.fused import rotate_relu_reference
 from mirrorla.ops.linear_attention import _linear_attention_torch
 from mirrorla.ops.triton_linear_attention import fused_linear_attention
 
-device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+device = torch.device(args[0] if args else "cuda")
+kernels_only = "--kernels-only" in sys.argv
 failures = 0
 
 
@@ -71,7 +74,7 @@ for feature, pairing, n, d, dtype in cases:
     for label, a, w in zip(("dq", "dk", "dv", "dangle"), got, want, strict=False):
         report(f"{name} {label}", rel(a, w), tol * 2)
 
-if device.type == "cuda":
+if device.type == "cuda" and not kernels_only:
     import timm
 
     import mirrorla  # noqa: F401  (registers the models)

@@ -34,6 +34,7 @@ FEATURES = {"identity": 0, "relu": 1, "rotate_relu": 2}
 _PAIRINGS = {"adjacent": 0, "half": 1}
 _BLOCK_N = 64
 _SM_COUNT: dict[int, int] = {}
+_STAGES = 2  # the token loops pipeline their loads two deep; three overflowed shared memory at d = 128
 
 
 def _interpreting() -> bool:
@@ -57,13 +58,31 @@ def _partner(offs_d, D: tl.constexpr, PAIRING: tl.constexpr):
 
 
 @triton.jit
-def _features(ptr, offs_n, offs_d, partner, nmask, dmask, s_n, s_d, cos, ssin, MAP: tl.constexpr):
+def _swap_pairs(x, BN: tl.constexpr, BD: tl.constexpr, PAIRING: tl.constexpr):
+    """``x [BN, BD]`` with every channel replaced by its pair partner's value, shuffled in registers.
+
+    A second load through the partner indices would defeat vectorised loads (the index pattern is not contiguous);
+    this needs the pairs to lie inside the tile: always for adjacent pairs, for half pairs when BD == D."""
+    if PAIRING == 0:
+        first, second = tl.split(tl.reshape(x, [BN, BD // 2, 2]))
+        return tl.reshape(tl.join(second, first), [BN, BD])
+    else:
+        first, second = tl.split(tl.permute(tl.reshape(x, [BN, 2, BD // 2]), (0, 2, 1)))
+        return tl.reshape(tl.permute(tl.join(second, first), (0, 2, 1)), [BN, BD])
+
+
+@triton.jit
+def _features(ptr, offs_n, offs_d, partner, nmask, dmask, s_n, s_d, cos, ssin, MAP: tl.constexpr,
+              SWAP: tl.constexpr, PAIRING: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Load a tile ``[BN, BD]`` and map it: returns (φ, pre-activation y, partner pre-activation y_p) in fp32."""
     x = tl.load(ptr + offs_n[:, None] * s_n + offs_d[None, :] * s_d, mask=nmask[:, None] & dmask[None, :],
                 other=0.0).to(tl.float32)
     if MAP == 2:
-        xp = tl.load(ptr + offs_n[:, None] * s_n + partner[None, :] * s_d, mask=nmask[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
+        if SWAP:
+            xp = _swap_pairs(x, BN, BD, PAIRING)
+        else:
+            xp = tl.load(ptr + offs_n[:, None] * s_n + partner[None, :] * s_d, mask=nmask[:, None] & dmask[None, :],
+                         other=0.0).to(tl.float32)
         y = cos[None, :] * x + ssin[None, :] * xp
         y_p = cos[None, :] * xp - ssin[None, :] * x  # the partner's rotated value (its sine sign is opposite)
         phi = tl.maximum(y, 0.0)
@@ -97,7 +116,8 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
                   s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
-                  MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                  MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  SWAP: tl.constexpr):
     """PART[bh, chunk] = [Σ φ(k) vᵀ | Σ φ(k)] over the chunk's tokens, ``[BD, BDV + 1]`` → stored ``[D, DV + 1]``."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -117,7 +137,7 @@ def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
     for t in range(0, TILES):
         offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
         nmask = offs_n < N
-        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin, MAP)
+        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin, MAP, SWAP, PAIRING, BN, BD)
         v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
                     other=0.0)
         acc += _dot(tl.trans(phi.to(v.dtype)), v, IEEE, UPCAST)
@@ -131,7 +151,8 @@ def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
 def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n,
                    s_qb, s_qh, s_qn, s_qd, s_ob, s_oh, s_on, s_od,
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
-                   MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                   MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  SWAP: tl.constexpr):
     """o = φ(q) S / (φ(q)·z + ε·N) for one tile of queries."""
     bh = tl.program_id(0)
     tile = tl.program_id(1)
@@ -150,7 +171,7 @@ def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n,
     s = tl.load(st + offs_d[:, None] * (DV + 1) + offs_v[None, :], mask=dmask[:, None] & vmask[None, :], other=0.0)
     z = tl.load(st + offs_d * (DV + 1) + DV, mask=dmask, other=0.0)
     phi, y, y_p = _features(Q + b * s_qb + h * s_qh, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
-                            MAP)
+                            MAP, SWAP, PAIRING, BN, BD)
     num = _dot(phi, s, IEEE, UPCAST)
     den = tl.sum(phi * z[None, :], axis=1) + eps_n
     o = num / den[:, None]
@@ -165,7 +186,8 @@ def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n,
 def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, H, eps_n, TILES,
                        s_qb, s_qh, s_qn, s_qd, s_db, s_dh, s_dn, s_dd,
                        D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
-                       MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                       MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  SWAP: tl.constexpr):
     """dq, and the chunk's partial dS, dz and d angle (q part)."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -193,7 +215,7 @@ def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, 
     for t in range(0, TILES):
         offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
         nmask = offs_n < NQ
-        phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin, MAP)
+        phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin, MAP, SWAP, PAIRING, BN, BD)
         do = tl.load(do_ptr + offs_n[:, None] * s_dn + offs_v[None, :] * s_dd, mask=nmask[:, None] & vmask[None, :],
                      other=0.0).to(tl.float32)
         num = _dot(phi, s, IEEE, UPCAST)
@@ -203,9 +225,12 @@ def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, 
         dden = tl.where(nmask, dden, 0.0)
         dphi = _dot(dnum, tl.trans(s), IEEE, UPCAST) + dden[:, None] * z[None, :]
         if MAP == 2:
-            dphi_p = _dot(dnum, tl.trans(s_p), IEEE, UPCAST) + dden[:, None] * z_p[None, :]
             g = tl.where(y > 0, dphi, 0.0)
-            g_p = tl.where(y_p > 0, dphi_p, 0.0)
+            if SWAP:
+                g_p = _swap_pairs(g, BN, BD, PAIRING)
+            else:
+                dphi_p = _dot(dnum, tl.trans(s_p), IEEE, UPCAST) + dden[:, None] * z_p[None, :]
+                g_p = tl.where(y_p > 0, dphi_p, 0.0)
             dq = cos[None, :] * g - ssin[None, :] * g_p
             dang += tl.sum(g * y_p, axis=0) * sign
         elif MAP == 1:
@@ -226,7 +251,8 @@ def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, 
 def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, DANG_PART, N, H, TILES,
                         s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                         D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
-                        MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                        MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  SWAP: tl.constexpr):
     """dk, dv and the chunk's partial d angle (k part), from the total dS and dz."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -253,7 +279,7 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, DANG_PART, N, H, TI
     for t in range(0, TILES):
         offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
         nmask = offs_n < N
-        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin, MAP)
+        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin, MAP, SWAP, PAIRING, BN, BD)
         v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
                     other=0.0).to(tl.float32)
         dv = _dot(phi, ds, IEEE, UPCAST)
@@ -261,9 +287,12 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, DANG_PART, N, H, TI
                  mask=nmask[:, None] & vmask[None, :])
         dphi = _dot(v, tl.trans(ds), IEEE, UPCAST) + dz[None, :]
         if MAP == 2:
-            dphi_p = _dot(v, tl.trans(ds_p), IEEE, UPCAST) + dz_p[None, :]
             g = tl.where(y > 0, dphi, 0.0)
-            g_p = tl.where(y_p > 0, dphi_p, 0.0)
+            if SWAP:
+                g_p = _swap_pairs(g, BN, BD, PAIRING)
+            else:
+                dphi_p = _dot(v, tl.trans(ds_p), IEEE, UPCAST) + dz_p[None, :]
+                g_p = tl.where(y_p > 0, dphi_p, 0.0)
             dk = cos[None, :] * g - ssin[None, :] * g_p
             dang += tl.sum(tl.where(nmask[:, None], g * y_p, 0.0), axis=0) * sign
         elif MAP == 1:
@@ -302,16 +331,22 @@ def _token_sums_kernel(X, PART, N, H, TILES, s_xb, s_xh, s_xn, s_xd,
 # ------------------------------------------------------------------------------------------------- launching
 
 
-def _blocks(d: int, dv: int) -> tuple[int, int, int]:
+def _blocks(d: int, dv: int) -> tuple[int, int, int, int]:
+    """(BD, BDV, BN, warps): wide heads take shorter token tiles, so the backward's tiles fit shared memory."""
     bd = max(16, triton.next_power_of_2(d))
     bdv = max(16, triton.next_power_of_2(dv))
-    warps = 8 if max(bd, bdv) >= 128 else 4
-    return bd, bdv, warps
+    wide = max(bd, bdv) >= 128
+    return bd, bdv, (32 if wide else _BLOCK_N), (8 if wide else 4)
 
 
-def _chunks(n: int, bh: int, device: torch.device) -> tuple[int, int]:
+def _swap(d: int, bd: int, pairing: int) -> bool:
+    """Whether pair partners can be shuffled in registers (see _swap_pairs) instead of loaded a second time."""
+    return pairing == 0 or bd == d
+
+
+def _chunks(n: int, bh: int, device: torch.device, block_n: int = _BLOCK_N) -> tuple[int, int]:
     """(programs per (b, h) row, tiles per program): enough programs to fill the GPU, each looping over tiles."""
-    tiles = triton.cdiv(n, _BLOCK_N)
+    tiles = triton.cdiv(n, block_n)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _SM_COUNT:
@@ -352,19 +387,22 @@ def _forward_impl(q, k, v, angle, feature: int, pairing: int, eps: float):
     b, h, nq, d = q.shape
     n, dv = k.shape[2], v.shape[3]
     pair_name = "half" if pairing else "adjacent"
-    bd, bdv, warps = _blocks(d, dv)
+    bd, bdv, bn, warps = _blocks(d, dv)
+    swap = _swap(d, bd, pairing)
     ieee = q.dtype == torch.float32 or q.dtype == torch.float64
     cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, pair_name, q.device)
-    chunks, per = _chunks(n, b * h, q.device)
+    chunks, per = _chunks(n, b * h, q.device, bn)
     part = torch.empty(b * h, chunks, d, dv + 1, device=q.device, dtype=torch.float32)
     _state_kernel[(b * h, chunks)](
         k, v, cos, ssin, part, n, h, per, *k.stride(), *v.stride(),
-        D=d, DV=dv, BD=bd, BDV=bdv, BN=_BLOCK_N, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), num_warps=warps)
+        D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
+        num_warps=warps, num_stages=_STAGES)
     state = part.sum(1) if chunks > 1 else part[:, 0]
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
-    _output_kernel[(b * h, triton.cdiv(nq, _BLOCK_N))](
+    _output_kernel[(b * h, triton.cdiv(nq, bn))](
         q, state, cos, ssin, out, nq, h, float(eps) * n, *q.stride(), *out.stride(),
-        D=d, DV=dv, BD=bd, BDV=bdv, BN=_BLOCK_N, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), num_warps=warps)
+        D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
+        num_warps=warps, num_stages=_STAGES)
     return out, state
 
 
@@ -372,25 +410,28 @@ def _backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing: int, 
     b, h, nq, d = q.shape
     n, dv = k.shape[2], v.shape[3]
     pair_name = "half" if pairing else "adjacent"
-    bd, bdv, warps = _blocks(d, dv)
+    bd, bdv, bn, warps = _blocks(d, dv)
+    swap = _swap(d, bd, pairing)
     ieee = q.dtype == torch.float32 or q.dtype == torch.float64
     cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, pair_name, q.device)
     dq = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)
-    chunks_q, per_q = _chunks(nq, b * h, q.device)
+    chunks_q, per_q = _chunks(nq, b * h, q.device, bn)
     dstate_part = torch.empty(b * h, chunks_q, d, dv + 1, device=q.device, dtype=torch.float32)
     dang_q = torch.empty(b * h, chunks_q, d, device=q.device, dtype=torch.float32)
     _backward_q_kernel[(b * h, chunks_q)](
         q, state, cos, ssin, grad_out, dq, dstate_part, dang_q, nq, h, float(eps) * n, per_q,
         *q.stride(), *grad_out.stride(),
-        D=d, DV=dv, BD=bd, BDV=bdv, BN=_BLOCK_N, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), num_warps=warps)
+        D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
+        num_warps=warps, num_stages=_STAGES)
     dstate = dstate_part.sum(1)
     dk = torch.empty(b, h, n, d, device=q.device, dtype=k.dtype)
     dvv = torch.empty(b, h, n, dv, device=q.device, dtype=v.dtype)
-    chunks_k, per_k = _chunks(n, b * h, q.device)
+    chunks_k, per_k = _chunks(n, b * h, q.device, bn)
     dang_k = torch.empty(b * h, chunks_k, d, device=q.device, dtype=torch.float32)
     _backward_kv_kernel[(b * h, chunks_k)](
         k, v, cos, ssin, dstate, dk, dvv, dang_k, n, h, per_k, *k.stride(), *v.stride(),
-        D=d, DV=dv, BD=bd, BDV=bdv, BN=_BLOCK_N, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), num_warps=warps)
+        D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
+        num_warps=warps, num_stages=_STAGES)
     dangle = None
     if feature == 2 and angle is not None:
         per_channel = (dang_q.sum(1) + dang_k.sum(1)).view(b, h, d)
