@@ -497,9 +497,10 @@ class MirrorFeatureMap(FeatureMap):
             return mapped_linear_attention(q, k, v, feature="relu", eps=eps)
         if select_backend(q, k, v) != "triton":
             return super().attend(q, k, v, eps=eps, folded=True)  # the CPU kernel or the reference
-        angle = folded_angles(k, self.theta, self.gamma, eps=self.eps, delta_form=self.delta_form,
-                              pairing=self.pairing)
-        return mapped_linear_attention(q, k, v, feature="rotate_relu", angle=angle, pairing=self.pairing, eps=eps)
+        from .ops.triton_linear_attention import mirror_linear_attention
+
+        return mirror_linear_attention(q, k, v, self.theta, self.gamma, pairing=self.pairing,
+                                       delta_form=self.delta_form, map_eps=self.eps, eps=eps)
 
     def elementwise_flops_per_token(self) -> int:
         c = self.num_heads * self.head_dim

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["FEATURES", "fused_linear_attention", "token_sums_triton"]
+__all__ = ["DELTA_FORM_CODES", "FEATURES", "fused_linear_attention", "mirror_linear_attention", "token_sums_triton"]
 
 FEATURES = {"identity": 0, "relu": 1, "rotate_relu": 2}
 _PAIRINGS = {"adjacent": 0, "half": 1}
@@ -383,14 +383,13 @@ def _pair_sum(per_channel: torch.Tensor, pairing: str) -> torch.Tensor:
     return per_channel.unflatten(-1, (2, d // 2)).sum(-2)
 
 
-def _forward_impl(q, k, v, angle, feature: int, pairing: int, eps: float):
+def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float):
+    """o and the fp32 state ``[B·H, d, dv + 1]``, with per-channel ``cos``/``ssin`` ``[B·H, d]`` of the rotation."""
     b, h, nq, d = q.shape
     n, dv = k.shape[2], v.shape[3]
-    pair_name = "half" if pairing else "adjacent"
     bd, bdv, bn, warps = _blocks(d, dv)
     swap = _swap(d, bd, pairing)
     ieee = q.dtype == torch.float32 or q.dtype == torch.float64
-    cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, pair_name, q.device)
     chunks, per = _chunks(n, b * h, q.device, bn)
     part = torch.empty(b * h, chunks, d, dv + 1, device=q.device, dtype=torch.float32)
     _state_kernel[(b * h, chunks)](
@@ -406,14 +405,13 @@ def _forward_impl(q, k, v, angle, feature: int, pairing: int, eps: float):
     return out, state
 
 
-def _backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing: int, eps: float):
+def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: int, eps: float):
+    """dq, dk, dv and the per-channel gradient of the rotation angle ``[B·H, d]`` (fp32; zeros unless rotating)."""
     b, h, nq, d = q.shape
     n, dv = k.shape[2], v.shape[3]
-    pair_name = "half" if pairing else "adjacent"
     bd, bdv, bn, warps = _blocks(d, dv)
     swap = _swap(d, bd, pairing)
     ieee = q.dtype == torch.float32 or q.dtype == torch.float64
-    cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, pair_name, q.device)
     dq = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)
     chunks_q, per_q = _chunks(nq, b * h, q.device, bn)
     dstate_part = torch.empty(b * h, chunks_q, d, dv + 1, device=q.device, dtype=torch.float32)
@@ -432,14 +430,7 @@ def _backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing: int, 
         k, v, cos, ssin, dstate, dk, dvv, dang_k, n, h, per_k, *k.stride(), *v.stride(),
         D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
         num_warps=warps, num_stages=_STAGES)
-    dangle = None
-    if feature == 2 and angle is not None:
-        per_channel = (dang_q.sum(1) + dang_k.sum(1)).view(b, h, d)
-        dangle = _pair_sum(per_channel, pair_name)
-        if angle.shape[0] == 1 and b > 1:
-            dangle = dangle.sum(0, keepdim=True)
-        dangle = dangle.to(angle.dtype)
-    return dq, dk, dvv, dangle
+    return dq, dk, dvv, dang_q.sum(1) + dang_k.sum(1)
 
 
 # --------------------------------------------------------------------------------------- torch.library ops
@@ -448,7 +439,9 @@ def _backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing: int, 
 @torch.library.custom_op("mirrorla::fused_linear_attention", mutates_args=())
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angle: torch.Tensor | None, feature: int,
                    pairing: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(q, k, v, angle, feature, pairing, eps)
+    b, h, _, d = q.shape
+    cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, "half" if pairing else "adjacent", q.device)
+    return _forward_impl(q, k, v, cos, ssin, feature, pairing, eps)
 
 
 @_fused_forward.register_fake
@@ -462,10 +455,16 @@ def _(q, k, v, angle, feature, pairing, eps):
 def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angle: torch.Tensor | None,
                     state: torch.Tensor, grad_out: torch.Tensor, feature: int, pairing: int,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dangle = _backward_impl(q, k, v, angle, state, grad_out, feature, pairing, eps)
-    if dangle is None:  # custom ops return tensors: an empty one stands for "no angle"
-        dangle = q.new_zeros(0, dtype=torch.float32)
-    return dq, dk, dv, dangle
+    b, h, _, d = q.shape
+    pair_name = "half" if pairing else "adjacent"
+    cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, pair_name, q.device)
+    dq, dk, dv, dang = _backward_impl(q, k, v, cos, ssin, state, grad_out, feature, pairing, eps)
+    if feature != 2 or angle is None:  # custom ops return tensors: an empty one stands for "no angle"
+        return dq, dk, dv, q.new_zeros(0, dtype=torch.float32)
+    dangle = _pair_sum(dang.view(b, h, d), pair_name)
+    if angle.shape[0] == 1 and b > 1:
+        dangle = dangle.sum(0, keepdim=True)
+    return dq, dk, dv, dangle.to(angle.dtype)
 
 
 @_fused_backward.register_fake
@@ -492,12 +491,8 @@ _fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("mirrorla::token_sums", mutates_args=())
 def _token_sums(x: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = x.shape
-    bd = max(16, triton.next_power_of_2(d))
-    chunks, per = _chunks(n, b * h, x.device)
-    part = torch.empty(b * h, chunks, 2, d, device=x.device, dtype=torch.float32)
-    _token_sums_kernel[(b * h, chunks)](x, part, n, h, per, *x.stride(), D=d, BD=bd, BN=_BLOCK_N)
-    return part.sum(1).view(b, h, 2, d)
+    b, h, _, d = x.shape
+    return _token_sums_impl(x).view(b, h, 2, d)
 
 
 @_token_sums.register_fake
@@ -521,6 +516,195 @@ def _token_sums_backward(ctx, grad):
 _token_sums.register_autograd(_token_sums_backward, setup_context=_token_sums_setup)
 
 
+# ------------------------------------------------------------------------ MirrorLA: σ² → Θ → rotation, fused
+
+
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _pair_channels(i, D: tl.constexpr, PAIRING: tl.constexpr):
+    if PAIRING == 0:
+        return 2 * i, 2 * i + 1
+    else:
+        return i, i + D // 2
+
+
+@triton.jit
+def _delta(var, eps_map, FORM: tl.constexpr):
+    """Δα(σ²)/γ and its derivative in σ², for the forms of ``mirrorla.ops.DELTA_FORMS`` (codes in DELTA_FORM_CODES)."""
+    x = var + eps_map
+    if FORM == 0:  # tanh(log(σ² + ε))
+        t = _tanh(tl.log(x))
+        return t, (1.0 - t * t) / x
+    elif FORM == 1:  # log(σ² + ε)
+        return tl.log(x), 1.0 / x
+    else:  # 1 / sqrt(σ² + ε)
+        r = 1.0 / tl.sqrt(x)
+        return r, -0.5 * r / x
+
+
+@triton.jit
+def _angles_kernel(SUMS, THETA, GAMMA, COS, SSIN, H, n_tokens, eps_map,
+                   D: tl.constexpr, BP: tl.constexpr, PAIRING: tl.constexpr, FORM: tl.constexpr):
+    """Per (b, h): σ² of each pair from the token sums of the folded keys (undoing H(0): the pair mean is
+    (m₁ − m₀)/2), Θ = θ + γ·f(σ²), and the per-channel cos(2Θ) and signed sin(2Θ) the attention kernels use."""
+    bh = tl.program_id(0)
+    h = bh % H
+    i = tl.arange(0, BP)
+    m = i < D // 2
+    a, b = _pair_channels(i, D, PAIRING)
+    base = SUMS + bh * 2 * D
+    s1a = tl.load(base + a, mask=m, other=0.0)
+    s1b = tl.load(base + b, mask=m, other=0.0)
+    s2a = tl.load(base + D + a, mask=m, other=0.0)
+    s2b = tl.load(base + D + b, mask=m, other=0.0)
+    diff = (s1b - s1a) / n_tokens
+    var = tl.maximum(0.5 * (s2a + s2b) / n_tokens - 0.25 * diff * diff, 0.0)
+    theta = tl.load(THETA + h * (D // 2) + i, mask=m, other=0.0)
+    gamma = tl.load(GAMMA + h * (D // 2) + i, mask=m, other=0.0)
+    f, _ = _delta(var, eps_map, FORM)
+    angle = 2.0 * (theta + gamma * f)
+    c = tl.cos(angle)
+    sn = tl.sin(angle)
+    tl.store(COS + bh * D + a, c, mask=m)
+    tl.store(COS + bh * D + b, c, mask=m)
+    tl.store(SSIN + bh * D + a, -sn, mask=m)
+    tl.store(SSIN + bh * D + b, sn, mask=m)
+
+
+@triton.jit
+def _angles_backward_kernel(DANG, SUMS, GAMMA, DTHETA, DGAMMA, DSUMS, H, n_tokens, eps_map,
+                            D: tl.constexpr, BP: tl.constexpr, PAIRING: tl.constexpr, FORM: tl.constexpr):
+    """From d angle per channel ``[B·H, D]``: dθ and dγ per sample ``[B·H, D/2]`` and d(token sums) ``[B·H, 2, D]``."""
+    bh = tl.program_id(0)
+    h = bh % H
+    i = tl.arange(0, BP)
+    m = i < D // 2
+    a, b = _pair_channels(i, D, PAIRING)
+    dang = tl.load(DANG + bh * D + a, mask=m, other=0.0) + tl.load(DANG + bh * D + b, mask=m, other=0.0)
+    base = SUMS + bh * 2 * D
+    s1a = tl.load(base + a, mask=m, other=0.0)
+    s1b = tl.load(base + b, mask=m, other=0.0)
+    s2a = tl.load(base + D + a, mask=m, other=0.0)
+    s2b = tl.load(base + D + b, mask=m, other=0.0)
+    diff = (s1b - s1a) / n_tokens
+    raw = 0.5 * (s2a + s2b) / n_tokens - 0.25 * diff * diff
+    var = tl.maximum(raw, 0.0)
+    gamma = tl.load(GAMMA + h * (D // 2) + i, mask=m, other=0.0)
+    f, df = _delta(var, eps_map, FORM)
+    dtheta = 2.0 * dang
+    tl.store(DTHETA + bh * (D // 2) + i, dtheta, mask=m)
+    tl.store(DGAMMA + bh * (D // 2) + i, dtheta * f, mask=m)
+    dvar = tl.where(raw > 0, dtheta * gamma * df, 0.0)
+    dmean_sq = 0.5 * dvar / n_tokens  # ∂σ²/∂S₂ of either channel
+    ddiff = -0.5 * diff * dvar / n_tokens  # ∂σ²/∂S₁[b] (and minus that for S₁[a])
+    out = DSUMS + bh * 2 * D
+    tl.store(out + a, -ddiff, mask=m)
+    tl.store(out + b, ddiff, mask=m)
+    tl.store(out + D + a, dmean_sq, mask=m)
+    tl.store(out + D + b, dmean_sq, mask=m)
+
+
+@triton.jit
+def _sums_grad_kernel(DK, K, DSUMS, N, H, s_kb, s_kh, s_kn, s_kd,
+                      D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """dk += dS₁ + 2·dS₂·k: the σ² path's gradient into the keys, in place on the contiguous dk."""
+    bh = tl.program_id(0)
+    tile = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BD)
+    offs_n = tile * BN + tl.arange(0, BN)
+    mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+    ds1 = tl.load(DSUMS + bh * 2 * D + offs_d, mask=offs_d < D, other=0.0)
+    ds2 = tl.load(DSUMS + bh * 2 * D + D + offs_d, mask=offs_d < D, other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=mask,
+                other=0.0).to(tl.float32)
+    ptr = DK + bh * N * D + offs_n[:, None] * D + offs_d[None, :]
+    dk = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr, (dk + ds1[None, :] + 2.0 * ds2[None, :] * k).to(DK.dtype.element_ty), mask=mask)
+
+
+# the codes of _delta's FORM (the names are the keys of mirrorla.ops.DELTA_FORMS)
+DELTA_FORM_CODES = {"tanh_log": 0, "log": 1, "rsqrt": 2}
+
+
+def _token_sums_impl(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    bd = max(16, triton.next_power_of_2(d))
+    chunks, per = _chunks(n, b * h, x.device)
+    part = torch.empty(b * h, chunks, 2, d, device=x.device, dtype=torch.float32)
+    _token_sums_kernel[(b * h, chunks)](x, part, n, h, per, *x.stride(), D=d, BD=bd, BN=_BLOCK_N)
+    return part.sum(1) if chunks > 1 else part[:, 0]
+
+
+def _mirror_rotation(k, theta, gamma, pairing: int, form: int, map_eps: float):
+    b, h, n, d = k.shape
+    sums = _token_sums_impl(k)  # [B·H, 2, d]
+    cos = torch.empty(b * h, d, device=k.device, dtype=torch.float32)
+    ssin = torch.empty_like(cos)
+    bp = max(16, triton.next_power_of_2(d // 2))
+    _angles_kernel[(b * h,)](sums, theta, gamma, cos, ssin, h, float(n), float(map_eps),
+                             D=d, BP=bp, PAIRING=pairing, FORM=form)
+    return sums, cos, ssin
+
+
+@torch.library.custom_op("mirrorla::mirror_linear_attention", mutates_args=())
+def _mirror_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor,
+                    pairing: int, form: int, map_eps: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _, cos, ssin = _mirror_rotation(k, theta, gamma, pairing, form, map_eps)
+    return _forward_impl(q, k, v, cos, ssin, 2, pairing, eps)
+
+
+@_mirror_forward.register_fake
+def _(q, k, v, theta, gamma, pairing, form, map_eps, eps):
+    b, h, nq, d = q.shape
+    dv = v.shape[3]
+    return (q.new_empty(b, h, nq, dv, dtype=v.dtype), q.new_empty(b * h, d, dv + 1, dtype=torch.float32))
+
+
+@torch.library.custom_op("mirrorla::mirror_linear_attention_backward", mutates_args=())
+def _mirror_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor,
+                     state: torch.Tensor, grad_out: torch.Tensor, pairing: int, form: int, map_eps: float,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, n, d = k.shape
+    sums, cos, ssin = _mirror_rotation(k, theta, gamma, pairing, form, map_eps)  # recomputed: two small passes
+    dq, dk, dv, dang = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps)
+    dtheta = torch.empty(b * h, d // 2, device=k.device, dtype=torch.float32)
+    dgamma = torch.empty_like(dtheta)
+    dsums = torch.empty(b * h, 2, d, device=k.device, dtype=torch.float32)
+    bp = max(16, triton.next_power_of_2(d // 2))
+    _angles_backward_kernel[(b * h,)](dang, sums, gamma, dtheta, dgamma, dsums, h, float(n), float(map_eps),
+                                      D=d, BP=bp, PAIRING=pairing, FORM=form)
+    bd = max(16, triton.next_power_of_2(d))
+    _sums_grad_kernel[(b * h, triton.cdiv(n, _BLOCK_N))](dk, k, dsums, n, h, *k.stride(), D=d, BD=bd, BN=_BLOCK_N)
+    return (dq, dk, dv, dtheta.view(b, h, d // 2).sum(0).to(theta.dtype),
+            dgamma.view(b, h, d // 2).sum(0).to(gamma.dtype))
+
+
+@_mirror_backward.register_fake
+def _(q, k, v, theta, gamma, state, grad_out, pairing, form, map_eps, eps):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
+            torch.empty_like(gamma))
+
+
+def _mirror_setup_context(ctx, inputs, output):
+    q, k, v, theta, gamma, pairing, form, map_eps, eps = inputs
+    ctx.save_for_backward(q, k, v, theta, gamma, output[1])
+    ctx.args = (pairing, form, map_eps, eps)
+
+
+def _mirror_backward_autograd(ctx, grad_out, _grad_state):
+    q, k, v, theta, gamma, state = ctx.saved_tensors
+    return (*_mirror_backward(q, k, v, theta, gamma, state, grad_out, *ctx.args), None, None, None, None)
+
+
+_mirror_forward.register_autograd(_mirror_backward_autograd, setup_context=_mirror_setup_context)
+
+
 # ------------------------------------------------------------------------------------------------ public api
 
 
@@ -538,3 +722,17 @@ def fused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, an
 def token_sums_triton(x: torch.Tensor) -> torch.Tensor:
     """Per-channel ``[Σx, Σx²]`` over tokens, ``[B, H, N, d] → [B, H, 2, d]`` fp32 (Triton, differentiable)."""
     return _token_sums(x)
+
+
+def mirror_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor,
+                            gamma: torch.Tensor, *, pairing: str = "adjacent", delta_form: str = "tanh_log",
+                            map_eps: float = 1e-6, eps: float = 1e-6) -> torch.Tensor:
+    """MirrorLA's folded per-sample step and linear attention in one op (Triton): σ² of the folded keys
+    ``k [B, H, N, d]``, ``Θ = θ + Δα(σ²)`` (θ, γ ``[H, d/2]``), ``φ = ReLU(R(2Θ)·)`` of q and k inside the
+    attention kernels. Differentiable in q, k (also through σ²), v, θ and γ. Six kernel launches forward."""
+    if q.dtype == torch.float64:
+        raise ValueError("the Triton kernels take fp32, bf16 or fp16 inputs, got float64 (use the torch backend)")
+    theta32 = theta.to(torch.float32).contiguous()
+    gamma32 = gamma.to(torch.float32).contiguous()
+    return _mirror_forward(q, k, v, theta32, gamma32, _PAIRINGS[pairing], DELTA_FORM_CODES[delta_form],
+                           float(map_eps), float(eps))[0]
