@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import timm
+import torch
 
 import mirrorla
 from mirrorla import LinearAttention

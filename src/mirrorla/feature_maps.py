@@ -27,7 +27,6 @@ from .ops import (
     block_reflect,
     block_variance,
     cross_head_reflect,
-    folded_angles,
     folded_mirror_map,
     linear_attention,
     linear_attention_reference,

@@ -1,6 +1,7 @@
 """Pure functions (no parameters): the linear-attention core, its N×N reference, the reflections and the fused
 per-sample step of the MirrorLA map (with pure-PyTorch references)."""
 
+from .backend import select_backend
 from .fused import (
     cpu_kernels_available,
     cpu_kernels_status,
@@ -13,7 +14,6 @@ from .fused import (
     token_sums,
     token_sums_reference,
 )
-from .backend import select_backend
 from .linear_attention import linear_attention, linear_attention_reference, mapped_linear_attention
 from .reflect import (
     DELTA_FORMS,

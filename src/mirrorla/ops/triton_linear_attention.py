@@ -137,7 +137,8 @@ def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
     for t in range(0, TILES):
         offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
         nmask = offs_n < N
-        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin, MAP, SWAP, PAIRING, BN, BD)
+        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
+                                MAP, SWAP, PAIRING, BN, BD)
         v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
                     other=0.0)
         acc += _dot(tl.trans(phi.to(v.dtype)), v, IEEE, UPCAST)
@@ -215,7 +216,8 @@ def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, 
     for t in range(0, TILES):
         offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
         nmask = offs_n < NQ
-        phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin, MAP, SWAP, PAIRING, BN, BD)
+        phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
+                                MAP, SWAP, PAIRING, BN, BD)
         do = tl.load(do_ptr + offs_n[:, None] * s_dn + offs_v[None, :] * s_dd, mask=nmask[:, None] & vmask[None, :],
                      other=0.0).to(tl.float32)
         num = _dot(phi, s, IEEE, UPCAST)
@@ -279,7 +281,8 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, DANG_PART, N, H, TI
     for t in range(0, TILES):
         offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
         nmask = offs_n < N
-        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin, MAP, SWAP, PAIRING, BN, BD)
+        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
+                                MAP, SWAP, PAIRING, BN, BD)
         v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
                     other=0.0).to(tl.float32)
         dv = _dot(phi, ds, IEEE, UPCAST)

@@ -262,7 +262,6 @@ def machine_info(device: str) -> dict[str, Any]:
     except OSError:
         pass
     from ..ops import cpu_kernels_status
-
     from ..ops.backend import backend_setting, triton_available
 
     cuda = device.startswith("cuda")

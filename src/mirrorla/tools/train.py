@@ -17,7 +17,6 @@ import math
 import os
 import random
 import shutil
-import warnings
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
