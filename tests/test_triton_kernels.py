@@ -8,9 +8,9 @@ reference on the same bf16 values computed in fp32, within 3e-2 (bf16 keeps 8 bi
 import pytest
 import torch
 
+from mirrorla.backend import select_backend
 from mirrorla.feature_maps import create_feature_map
 from mirrorla.ops import linear_attention, token_sums_reference
-from mirrorla.ops.backend import select_backend
 from mirrorla.ops.fused import rotate_relu_reference
 
 triton_ops = pytest.importorskip("mirrorla.ops.triton_linear_attention")

@@ -1,7 +1,7 @@
 """Pure functions (no parameters): the linear-attention core, its N×N reference, the reflections and the fused
 per-sample step of the MirrorLA map (with pure-PyTorch references)."""
 
-from .backend import select_backend
+from ..backend import select_backend
 from .fused import (
     cpu_kernels_available,
     cpu_kernels_status,

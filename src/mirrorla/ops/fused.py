@@ -1,31 +1,18 @@
-"""Fused kernels for MirrorLA's per-sample step: ``ReLU(R(angle)·x)`` and per-channel token sums.
+"""MirrorLA's per-sample step, ``ReLU(R(angle)·x)``, and per-channel token sums, each with its pure-PyTorch
+reference beside the dispatching function of the same signature.
 
 Eager PyTorch runs "rotate each channel pair" and "ReLU" as separate passes over memory, and the sum and
-sum of squares over tokens as two more; on a CPU these passes made the MirrorLA map cost 1.2–1.3× a ReLU
-linear attention. ``csrc/mirror_cpu.cpp`` does each in one pass. It is compiled on first use with
-:func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed; the build is cached per
-machine under ``TORCH_EXTENSIONS_DIR``, ~12 s once). The kernels have no backward, so they run only where
-no gradient is wanted; in training, on other devices, under ``torch.compile`` (whose inductor fuses the
-reference itself) and where the kernels cannot be built, the pure-PyTorch reference runs instead. Both
-give the same values (tests check it).
-
-Set ``MIRRORLA_CPU_KERNELS=0`` to always use the reference, ``=1`` to make a failed build an error.
+sum of squares over tokens as two more; ``csrc/mirror_cpu.cpp`` does each in one pass on CPUs (no backward:
+used where no gradient is wanted), and the Triton backend does the token sums on GPUs. Which one runs is
+decided in :mod:`mirrorla.backend`; all give the same values (tests check it).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import shutil
-import threading
-import warnings
-from pathlib import Path
-
 import torch
 
+from ..backend import DELTA_FORM_CODES, backend_setting, cpu_kernels_available, cpu_kernels_status, select_backend
 from ._checks import check_even_last_dim, check_floating, check_rank
-from .backend import backend_setting, select_backend
 from .reflect import DELTA_FORMS, _check_pairing, _tracing, pair_channels, rotate_pairs, token_moments
 
 __all__ = [
@@ -40,87 +27,6 @@ __all__ = [
     "token_sums",
     "token_sums_reference",
 ]
-
-_SOURCE = Path(__file__).with_name("csrc") / "mirror_cpu.cpp"
-_lock = threading.Lock()
-_state: dict[str, object] = {"tried": False, "ok": False, "error": None}
-
-
-def _cpu_flags() -> str:
-    """The CPU's instruction-set flags: the build uses -march=native, so a cache shared by different machines
-    (a cluster's home directory) must not hand one CPU's binary to another."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
-
-
-def _build() -> None:
-    # torch logs a CUDA_HOME note when cpp_extension is imported on a machine without CUDA; noise here
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        _load_extension()
-    finally:
-        log.setLevel(level)
-
-
-def _load_extension() -> None:
-    from torch.utils import cpp_extension
-
-    if shutil.which("ninja") is None:
-        try:  # the pip package puts the binary next to itself, not always on PATH (an unactivated venv)
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-    # the name keys the build cache: a new source, CPU or torch (whose ABI the binary links against) rebuilds
-    tag = hashlib.sha1(_SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:12]
-    cpp_extension.load(
-        name=f"mirrorla_cpu_{tag}",
-        sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],  # at::parallel_for is an OpenMP pragma in a header: without it, one thread
-        is_python_module=False,
-        verbose=False,
-    )
-
-
-def cpu_kernels_available() -> bool:
-    """Whether the fused CPU kernels are built and loaded (builds them on the first call)."""
-    if _state["tried"]:
-        return bool(_state["ok"])
-    with _lock:
-        if _state["tried"]:
-            return bool(_state["ok"])
-        setting = os.environ.get("MIRRORLA_CPU_KERNELS", "").strip()
-        if setting == "0":
-            _state.update(tried=True, ok=False, error="disabled by MIRRORLA_CPU_KERNELS=0")
-            return False
-        try:
-            _build()
-            _state.update(tried=True, ok=True, error=None)
-        except Exception as err:  # noqa: BLE001 (no compiler, no ninja, a failed build: all mean "use the reference")
-            _state.update(tried=True, ok=False, error=f"{type(err).__name__}: {str(err).strip()[-500:]}")
-            if setting == "1":
-                raise RuntimeError(
-                    f"MIRRORLA_CPU_KERNELS=1 but the CPU kernels failed to build: {_state['error']}") from err
-            warnings.warn(
-                "mirrorla: the fused CPU kernels could not be built; the MirrorLA map runs as plain PyTorch ops "
-                f"(same values, slower). Reason: {_state['error']}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return bool(_state["ok"])
-
-
-def cpu_kernels_status() -> str:
-    """``"built"``, or why the reference runs instead (builds the kernels if not tried yet)."""
-    return "built" if cpu_kernels_available() else f"unavailable ({_state['error']})"
-
 
 def _use_kernel(*xs: torch.Tensor) -> bool:
     """The kernels have no backward: they run where no gradient is wanted (inference, evaluation, the op
@@ -274,8 +180,5 @@ def folded_mirror_map(
     acc = torch.promote_types(k.dtype, torch.float32)
     return torch.ops.mirrorla_cpu.folded_mirror_map(
         q, k, theta.to(acc).contiguous(), gamma.to(acc).contiguous(), float(eps),
-        _DELTA_FORM_CODES[delta_form], pairing == "half")
+        DELTA_FORM_CODES[delta_form], pairing == "half")
 
-
-# the kernel's codes for DELTA_FORMS (csrc/mirror_cpu.cpp, folded_mirror_map)
-_DELTA_FORM_CODES = {"tanh_log": 0, "log": 1, "rsqrt": 2}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..backend import select_backend
 from ._checks import check_floating, check_rank
-from .backend import select_backend
 from .fused import rotate_relu
 from .reflect import _check_pairing
 
@@ -53,7 +53,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
     Returns:
         ``[B, H, Nq, dv]`` in v's dtype. The reduction and the normaliser always run in fp32, also under
         autocast, because the KV state of thousands of tokens overflows fp16. On CUDA the Triton kernels run it
-        (:mod:`mirrorla.ops.backend` decides).
+        (:mod:`mirrorla.backend` decides).
     """
     _check_qkv(q, k, v)
     if select_backend(q, k, v) == "triton":

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..backend import DELTA_FORM_CODES
 from ._checks import check_even_last_dim, check_floating
 
 __all__ = [
@@ -253,3 +254,6 @@ DELTA_FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tenso
     "rsqrt": _delta_rsqrt,  # γ/√(σ² + ε): shrinks the offset as features spread out
 }
 """Forms of the variance-aware angle offset Δα(σ²) (docs/method.md §2.3, an open choice)."""
+
+if set(DELTA_FORMS) != set(DELTA_FORM_CODES):  # the kernels must know every form, and no other
+    raise ImportError(f"DELTA_FORMS {sorted(DELTA_FORMS)} and the kernels' codes {sorted(DELTA_FORM_CODES)} differ")

@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DELTA_FORM_CODES", "FEATURES", "fused_linear_attention", "mirror_linear_attention", "token_sums_triton"]
+from ..backend import DELTA_FORM_CODES
+
+__all__ = ["FEATURES", "fused_linear_attention", "mirror_linear_attention", "token_sums_triton"]
 
 FEATURES = {"identity": 0, "relu": 1, "rotate_relu": 2}
 _PAIRINGS = {"adjacent": 0, "half": 1}
@@ -537,7 +539,8 @@ def _pair_channels(i, D: tl.constexpr, PAIRING: tl.constexpr):
 
 @triton.jit
 def _delta(var, eps_map, FORM: tl.constexpr):
-    """Δα(σ²)/γ and its derivative in σ², for the forms of ``mirrorla.ops.DELTA_FORMS`` (codes in DELTA_FORM_CODES)."""
+    """Δα(σ²)/γ and its derivative in σ², for the forms of ``mirrorla.ops.DELTA_FORMS`` (codes:
+    ``mirrorla.backend.DELTA_FORM_CODES``)."""
     x = var + eps_map
     if FORM == 0:  # tanh(log(σ² + ε))
         t = _tanh(tl.log(x))
@@ -629,10 +632,6 @@ def _sums_grad_kernel(DK, K, DSUMS, N, H, s_kb, s_kh, s_kn, s_kd,
     ptr = DK + bh * N * D + offs_n[:, None] * D + offs_d[None, :]
     dk = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     tl.store(ptr, (dk + ds1[None, :] + 2.0 * ds2[None, :] * k).to(DK.dtype.element_ty), mask=mask)
-
-
-# the codes of _delta's FORM (the names are the keys of mirrorla.ops.DELTA_FORMS)
-DELTA_FORM_CODES = {"tanh_log": 0, "log": 1, "rsqrt": 2}
 
 
 def _token_sums_impl(x: torch.Tensor) -> torch.Tensor:

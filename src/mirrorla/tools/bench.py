@@ -168,7 +168,7 @@ _RESULT_FIELDS = ("median_ms", "iqr_ms", "peak_mem_mb", "status", "error", "call
 
 
 def _new_step(case: dict[str, Any], device: torch.device):
-    from ..ops import cpu_kernels_available
+    from ..backend import cpu_kernels_available
 
     # load (or build) the fused CPU kernels before anything is measured: the library's pages are not part of
     # a step's memory, and every attention's process then starts from the same state
@@ -261,8 +261,7 @@ def machine_info(device: str) -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    from ..ops import cpu_kernels_status
-    from ..ops.backend import backend_setting, triton_available
+    from ..backend import backend_setting, cpu_kernels_status, triton_available
 
     cuda = device.startswith("cuda")
     backend = backend_setting()

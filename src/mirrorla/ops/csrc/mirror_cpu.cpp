@@ -9,6 +9,9 @@
 // sin [Ba, H, d/2] with Ba = 1 (shared) or B. Pair i is channels (2i, 2i+1) ("adjacent") or (i, i + d/2)
 // ("half"). Accumulation is in the op-math type (fp32 for fp16/bf16/fp32, fp64 for fp64).
 
+#if !defined(MIRRORLA_DELTA_TANH_LOG) || !defined(MIRRORLA_DELTA_LOG) || !defined(MIRRORLA_DELTA_RSQRT)
+#error "build through mirrorla.backend, which defines the MIRRORLA_DELTA_* codes"
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
@@ -210,7 +213,8 @@ at::Tensor token_sums(const at::Tensor& x) {
 
 // The whole per-sample step of the folded MirrorLA map (mirrorla.ops.folded_mirror_map), for inference:
 // σ² of the unfolded keys from the folded keys' token sums, Θ = θ + Δα(σ²), then ReLU(R(2Θ)·) on q and k.
-// delta_form: 0 = γ·tanh(log(σ² + ε)), 1 = γ·log(σ² + ε), 2 = γ/√(σ² + ε) (mirrorla.ops.DELTA_FORMS).
+// delta_form: the codes of mirrorla.backend.DELTA_FORM_CODES, handed to the build as MIRRORLA_DELTA_* macros:
+// TANH_LOG = γ·tanh(log(σ² + ε)), LOG = γ·log(σ² + ε), RSQRT = γ/√(σ² + ε) (mirrorla.ops.DELTA_FORMS).
 std::tuple<at::Tensor, at::Tensor> folded_mirror_map(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& theta, const at::Tensor& gamma, double eps,
                                                      int64_t delta_form, bool half) {
@@ -225,7 +229,9 @@ std::tuple<at::Tensor, at::Tensor> folded_mirror_map(const at::Tensor& q, const 
                   theta.is_contiguous() && gamma.is_contiguous(),
               "folded_mirror_map: theta and gamma must be contiguous ", acc, " [H, d/2] = [", lk.H, ", ", lk.half,
               "]");
-  TORCH_CHECK(delta_form >= 0 && delta_form <= 2, "folded_mirror_map: delta_form must be 0, 1 or 2");
+  TORCH_CHECK(delta_form == MIRRORLA_DELTA_TANH_LOG || delta_form == MIRRORLA_DELTA_LOG ||
+                  delta_form == MIRRORLA_DELTA_RSQRT,
+              "folded_mirror_map: unknown delta_form code ", delta_form);
   at::Tensor out_q = at::empty({lq.B, lq.H, lq.N, lq.d}, q.options().dtype(acc));
   at::Tensor out_k = at::empty({lk.B, lk.H, lk.N, lk.d}, k.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "folded_mirror_map", [&] {
@@ -248,9 +254,9 @@ std::tuple<at::Tensor, at::Tensor> folded_mirror_map(const at::Tensor& q, const 
                                       opmath_t(0));
         const opmath_t shifted = var + static_cast<opmath_t>(eps);
         const opmath_t g = ga[(bh % lk.H) * lk.half + i];
-        const opmath_t delta = delta_form == 0   ? g * std::tanh(std::log(shifted))
-                               : delta_form == 1 ? g * std::log(shifted)
-                                                 : g / std::sqrt(shifted);
+        const opmath_t delta = delta_form == MIRRORLA_DELTA_TANH_LOG ? g * std::tanh(std::log(shifted))
+                               : delta_form == MIRRORLA_DELTA_LOG    ? g * std::log(shifted)
+                                                                     : g / std::sqrt(shifted);
         const opmath_t angle = opmath_t(2) * (th[(bh % lk.H) * lk.half + i] + delta);
         cos[bh * lk.half + i] = std::cos(angle);
         sin[bh * lk.half + i] = std::sin(angle);
