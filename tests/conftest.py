@@ -15,14 +15,20 @@ def _seed_and_threads():
     yield
 
 
-def fit_batch(model, x, y, steps: int = 15, lr: float = 1e-3) -> list[float]:
-    """AdamW steps on one fixed batch; returns the losses (a model that can learn drives them down)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+@pytest.fixture
+def fit_batch():
+    """``fit(model, x, y, steps=15, lr=1e-3)``: AdamW steps on one fixed batch; returns the losses (a model that
+    can learn drives them down)."""
+
+    def fit(model, x, y, steps: int = 15, lr: float = 1e-3) -> list[float]:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        losses = []
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    return fit

@@ -3,7 +3,6 @@
 import pytest
 import timm
 import torch
-from conftest import fit_batch
 
 from mirrorla import LinearAttention, list_attentions
 from mirrorla.ops import linear_attention_reference
@@ -124,7 +123,7 @@ def test_no_weight_decay_lists_reflection_parameters():
 
 
 @pytest.mark.parametrize("attn", ["mirror", "polarity", "softmax"])
-def test_timm_vision_transformer_accepts_it_and_trains(attn):
+def test_timm_vision_transformer_accepts_it_and_trains(attn, fit_batch):
     torch.manual_seed(0)
     model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=4,
@@ -133,3 +132,22 @@ def test_timm_vision_transformer_accepts_it_and_trains(attn):
     assert all(isinstance(b.attn, LinearAttention) for b in model.blocks)
     losses = fit_batch(model, torch.randn(8, 3, 32, 32), torch.arange(8) % 4)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_gated_follows_timm_and_polarity_keeps_its_linear_gate():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 32)
+    layer = LinearAttention(32, 4, attn="relu", gated=True, local_kernel=0)
+    q, k, v = layer.project(x)
+    o = layer.feature_map.attend(q, k, v, eps=layer.eps).transpose(1, 2).reshape(2, 16, 32)
+    torch.testing.assert_close(layer(x), layer.proj(o * torch.sigmoid(layer.gate(x))))
+    polarity = LinearAttention(32, 4, attn="polarity", local_kernel=0)
+    q, k, v = polarity.project(x)
+    o = polarity.feature_map.attend(q, k, v, eps=polarity.eps).transpose(1, 2).reshape(2, 16, 32)
+    torch.testing.assert_close(polarity(x), polarity.proj(o * polarity.gate(x)))
+
+
+def test_attn_head_dim_must_agree():
+    LinearAttention(32, 4, attn_head_dim=8)
+    with pytest.raises(ValueError, match="attn_head_dim must be None or dim / num_heads = 8"):
+        LinearAttention(32, 4, attn_head_dim=16)

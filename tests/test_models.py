@@ -5,7 +5,6 @@ import re
 import pytest
 import timm
 import torch
-from conftest import fit_batch
 
 import mirrorla
 from mirrorla import LinearAttention
@@ -125,7 +124,7 @@ def test_timm_model_surface():
         timm.create_model("mirrorla_pvt_nano", attn="flash")
 
 
-def test_mirrorize_vit_copies_weights_exactly_and_trains():
+def test_mirrorize_vit_copies_weights_exactly_and_trains(fit_batch):
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=4, qk_norm=True)
     before = {k: v.clone() for k, v in vit.state_dict().items()}
@@ -184,3 +183,30 @@ def test_readme_model_table_is_current():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for row in model_table(["mirrorla_deit_tiny_patch16_224", "mirrorla_pvt_tiny"]).splitlines()[2:]:
         assert row in readme, f"README model table is stale (run `make model-table`): missing {row}"
+
+
+_SMALLEST = ["mirrorla_vit_nano_patch4", "mirrorla_pvt_nano", "mirrorla_pvt_v2_b0", "mirrorla_swin_tiny_all_linear"]
+
+
+@pytest.mark.parametrize("name, attn", [(m, a) for m in mirrorla.models.list_models() for a in ("softmax", "mirror")]
+                         + [(m, a) for m in _SMALLEST for a in mirrorla.list_attentions() if a not in
+                            ("softmax", "mirror")])
+def test_attention_layers_get_timms_init(name, attn):
+    """Whatever way a family puts the attention in (attn_layer, built from scratch, swapped after timm built the
+    model), its linear weights start as timm's do: truncated normal, std 0.02, zero biases."""
+    model = timm.create_model(name, attn=attn, num_classes=10)
+    weights, biases = [], []
+    for module in model.modules():
+        # this package's layer, or timm's own attention where a family keeps it for softmax (PVTv2, Swin)
+        if isinstance(module, mirrorla.LinearAttention) or type(module).__name__.endswith("Attention"):
+            for linear in module.children():
+                if isinstance(linear, torch.nn.Linear):
+                    weights.append(linear.weight.detach().flatten())
+                    if linear.bias is not None:
+                        biases.append(linear.bias.detach().flatten())
+    assert weights, "no attention layer found"
+    w = torch.cat(weights)
+    assert abs(w.std().item() - 0.02) < 1e-3, w.std()
+    assert torch.quantile(w.abs()[:1_000_000], 0.999).item() < 0.08  # a truncated normal, not PyTorch's uniform
+    if biases:
+        assert torch.cat(biases).abs().max().item() == 0.0

@@ -57,6 +57,10 @@ class LinearAttention(nn.Module):
             ``sr_ratio``×``sr_ratio`` convolution and a LayerNorm (1 = off). Needs a grid without prefix
             tokens; excludes the local term.
         eps: added to the linear-attention normaliser.
+        dim_out: accepted for timm's signature; must be None or ``dim``.
+        gated: multiply the output by ``sigmoid(W_g x)`` before the projection (timm's gated attention). The
+            polarity map's own gate (PolaFormer) is linear, ``W_g x``, and is added by the map, not by this flag.
+        attn_head_dim: accepted from timm's blocks; must be None or ``dim / num_heads``.
         fold_feature_map: move the static part of the feature map (MirrorLA's cross-head reflection and
             fixed block reflections) into the q/k projection weights once per forward instead of applying
             it to every token (exact; needs ``qk_norm=False``). On by default where possible.
@@ -101,6 +105,10 @@ class LinearAttention(nn.Module):
             raise ValueError(f"unknown attention {attn!r}; known: {', '.join(list_attentions())}")
         if dim_out not in (None, dim):
             raise ValueError(f"dim_out must equal dim ({dim}) for LinearAttention, got {dim_out}")
+        head_dim = timm_kwargs.get("attn_head_dim")
+        if head_dim is not None and head_dim != dim // num_heads:
+            raise ValueError(f"attn_head_dim must be None or dim / num_heads = {dim // num_heads} for "
+                             f"LinearAttention, got {head_dim}")
         dd = {"device": device, "dtype": dtype}
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.attn_name = attn
@@ -141,7 +149,9 @@ class LinearAttention(nn.Module):
         self.fold_feature_map = bool(
             fold_feature_map and self.feature_map is not None and self.feature_map.foldable and not qk_norm
         )
-        wants_gate = gated or (self.feature_map is not None and self.feature_map.output_gate)
+        # two kinds of output gate: timm's gated attention, o·sigmoid(Wx), and PolaFormer's linear o·(Wx)
+        self.gated = bool(gated)
+        wants_gate = self.gated or (self.feature_map is not None and self.feature_map.output_gate)
         self.gate = nn.Linear(dim, dim, bias=qkv_bias, **dd) if wants_gate else None
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -165,6 +175,12 @@ class LinearAttention(nn.Module):
 
         name = f"{cls.__name__}_{defaults.get('attn', 'mirror')}"
         return type(name, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__qualname__": name})
+
+    @property
+    def map_kwargs(self) -> dict[str, bool]:
+        """What the feature map's ``attend`` gets from this layer: ``folded=True`` when the static part of the map
+        sits in the projection weights (the one place that decides it, see ``fold_feature_map``)."""
+        return {"folded": True} if self.fold_feature_map else {}
 
     @property
     def is_linear(self) -> bool:
@@ -297,13 +313,13 @@ class LinearAttention(nn.Module):
                 raise ValueError(
                     f"attn_mask/is_causal are not supported by non-causal linear attention ({self.attn_name!r})"
                 )
-            map_kwargs = {"folded": True} if self.fold_feature_map else {}
-            o = self.feature_map.attend(q, k, v, eps=self.eps, **map_kwargs)
+            o = self.feature_map.attend(q, k, v, eps=self.eps, **self.map_kwargs)
         o = o.transpose(1, 2).reshape(b, n, c)
         if self.local is not None:
             o = o + self._local_term(v, grid_size)
         if self.gate is not None:
-            o = o * self.gate(x)
+            gate = self.gate(x)
+            o = o * (gate.sigmoid() if self.gated else gate)
         return self.proj_drop(self.proj(o))
 
     def extra_repr(self) -> str:

@@ -421,6 +421,13 @@ class MirrorFeatureMap(FeatureMap):
         var = block_variance(k_cross, pairing=self.pairing, dim=2)
         return DELTA_FORMS[self.delta_form](var, self.gamma.to(var.dtype), self.eps)
 
+    def variance_offsets(self, k: torch.Tensor) -> torch.Tensor:
+        """Δα ``[B, H, d/2]`` (fp32) of plain projected keys ``[B, H, N, d]``: the map's own order (the cross-head
+        reflection first, then the block statistic), for analysis tools."""
+        if not self.variance:
+            raise ValueError("variance_offsets needs variance=True")
+        return self.delta_alpha(cross_head_reflect(k, self.u) if self.cross_head else k)
+
     def angles(self, k_cross: torch.Tensor) -> torch.Tensor:
         """Θ per sample ``[B or 1, H, 1, d/2]`` (fp32) for keys after the cross-head reflection."""
         theta = self.theta.to(torch.promote_types(self.theta.dtype, torch.float32)).unsqueeze(0)  # [1, H, d/2]

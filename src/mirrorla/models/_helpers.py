@@ -12,6 +12,8 @@ from ..attention import SOFTMAX, LinearAttention, list_attentions
 
 __all__ = [
     "attention_counts",
+    "init_like_timm",
+    "swap_in",
     "build",
     "check_attn",
     "default_cfg",
@@ -121,3 +123,27 @@ def to_2tuple_int(size: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(size, torch.Size) and len(size) == 2:
         return (int(size[0]), int(size[1]))
     raise ValueError(f"img_size must be an int or (height, width), got {size!r}")
+
+
+def init_like_timm(module: nn.Module) -> nn.Module:
+    """The init timm's vision transformers give their blocks, on ``module`` (a block built after the model's own
+    ``__init__`` ran): linear weights truncated normal with std 0.02 and zero biases, LayerNorms at 1 and 0.
+    The feature maps' own parameters (angles, vectors, scales) keep the init their maps define."""
+    from timm.layers import trunc_normal_
+
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def swap_in(parent: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` in place of ``parent.<name>`` and give it timm's init: the one way a model family that builds
+    timm's model first (PVTv2, Swin) puts this package's attention in."""
+    setattr(parent, name, init_like_timm(new))
+    return new

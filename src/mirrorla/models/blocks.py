@@ -53,3 +53,13 @@ class NHWCGridBlock(GridBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         b, h, w, c = x.shape
         return super().forward(x.reshape(b, h * w, c), (h, w)).reshape(b, h, w, c)
+
+    @classmethod
+    def like_swin_block(cls, blk: nn.Module, attn: str, attn_kwargs: dict | None) -> NHWCGridBlock:
+        """A global block of the shape of timm's ``SwinTransformerBlock`` ``blk`` (width, heads, MLP ratio, qkv
+        bias, drop path), on ``blk``'s device and dtype; its weights are new (see ``mirrorize`` to copy them)."""
+        dim = blk.norm1.normalized_shape[0]
+        return cls(
+            dim, blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / dim, attn=attn, attn_kwargs=attn_kwargs,
+            qkv_bias=blk.attn.qkv.bias is not None, drop_path=getattr(blk.drop_path1, "drop_prob", 0.0),
+        ).to(device=blk.attn.qkv.weight.device, dtype=blk.attn.qkv.weight.dtype)

@@ -29,38 +29,31 @@ def _linear_from_timm_attention(old: Attention, attn: str, attn_kwargs: dict, pr
     dim = old.qkv.in_features
     if old.qkv.out_features != 3 * dim or old.proj.in_features != dim:
         raise ValueError(f"mirrorize needs attention with qkv {dim}→{3 * dim}, got {old.qkv.out_features} outputs")
+    new = _rebuilt(old, dim, attn, attn_kwargs, num_prefix_tokens=prefix_tokens)
+    _zero_local_term(new)
+    return new
+
+
+def _rebuilt(old: nn.Module, dim: int, attn: str, attn_kwargs: dict, **kwargs) -> LinearAttention:
+    """A ``LinearAttention`` shaped like ``old`` (timm's or this package's attention), with ``old``'s projections
+    and q/k norms copied exactly, on its device and dtype."""
     qk_norm = not isinstance(old.q_norm, nn.Identity)
     new = LinearAttention(
         dim, old.num_heads, attn=attn, attn_kwargs=attn_kwargs, qkv_bias=old.qkv.bias is not None,
         qk_norm=qk_norm, proj_bias=old.proj.bias is not None, proj_drop=old.proj_drop.p,
-        num_prefix_tokens=prefix_tokens,
-        norm_layer=type(old.q_norm) if qk_norm else None,
+        norm_layer=type(old.q_norm) if qk_norm else None, **kwargs,
     ).to(device=old.qkv.weight.device, dtype=old.qkv.weight.dtype)
-    new.qkv.load_state_dict(old.qkv.state_dict())
-    new.proj.load_state_dict(old.proj.state_dict())
-    if qk_norm:
-        new.q_norm.load_state_dict(old.q_norm.state_dict())
-        new.k_norm.load_state_dict(old.k_norm.state_dict())
-    _zero_local_term(new)
+    for name in ("qkv", "proj", *(("q_norm", "k_norm") if qk_norm else ())):
+        getattr(new, name).load_state_dict(getattr(old, name).state_dict())
     return new
 
 
 def _convert_linear_attention(old: LinearAttention, attn: str, attn_kwargs: dict) -> LinearAttention:
     """A ``LinearAttention`` of this package with another attention: projections, q/k norms and the local term
     are kept; the new feature map starts from its own init."""
-    qk_norm = not isinstance(old.q_norm, nn.Identity)
     local_kernel = old.local_kernel if old.local is not None else None
-    new = LinearAttention(
-        old.dim, old.num_heads, attn=attn, attn_kwargs=attn_kwargs, qkv_bias=old.qkv.bias is not None,
-        qk_norm=qk_norm, proj_bias=old.proj.bias is not None, proj_drop=old.proj_drop.p,
-        num_prefix_tokens=old.num_prefix_tokens, grid_size=old.grid_size, eps=old.eps,
-        local_kernel=local_kernel, norm_layer=type(old.q_norm) if qk_norm else None,
-    ).to(device=old.qkv.weight.device, dtype=old.qkv.weight.dtype)
-    new.qkv.load_state_dict(old.qkv.state_dict())
-    new.proj.load_state_dict(old.proj.state_dict())
-    if qk_norm:
-        new.q_norm.load_state_dict(old.q_norm.state_dict())
-        new.k_norm.load_state_dict(old.k_norm.state_dict())
+    new = _rebuilt(old, old.dim, attn, attn_kwargs, num_prefix_tokens=old.num_prefix_tokens,
+                   grid_size=old.grid_size, eps=old.eps, local_kernel=local_kernel)
     if new.local is not None:
         if old.local is not None and old.local.weight.shape == new.local.weight.shape:
             new.local.load_state_dict(old.local.state_dict())
@@ -70,11 +63,7 @@ def _convert_linear_attention(old: LinearAttention, attn: str, attn_kwargs: dict
 
 
 def _global_block_from_swin(blk: SwinTransformerBlock, attn: str, attn_kwargs: dict) -> NHWCGridBlock:
-    dim = blk.norm1.normalized_shape[0]
-    new = NHWCGridBlock(
-        dim, blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / dim, attn=attn, attn_kwargs=attn_kwargs,
-        qkv_bias=blk.attn.qkv.bias is not None, drop_path=getattr(blk.drop_path1, "drop_prob", 0.0),
-    ).to(device=blk.attn.qkv.weight.device, dtype=blk.attn.qkv.weight.dtype)
+    new = NHWCGridBlock.like_swin_block(blk, attn, attn_kwargs)
     for name in ("norm1", "norm2", "mlp"):
         getattr(new, name).load_state_dict(getattr(blk, name).state_dict())
     new.attn.qkv.load_state_dict(blk.attn.qkv.state_dict())

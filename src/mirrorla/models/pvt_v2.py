@@ -10,7 +10,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.pvt_v2 import PyramidVisionTransformerV2
 
 from ..attention import LinearAttention
-from ._helpers import build, check_attn, default_cfg, feature_map_no_weight_decay, is_softmax
+from ._helpers import build, check_attn, default_cfg, feature_map_no_weight_decay, is_softmax, swap_in
 
 __all__ = ["FeatSizeLinearAttention", "MirrorPvtV2"]
 
@@ -39,10 +39,10 @@ class MirrorPvtV2(PyramidVisionTransformerV2):
             for stage in self.stages:
                 for blk in stage.blocks:
                     dim = blk.norm1.normalized_shape[0]
-                    blk.attn = FeatSizeLinearAttention(
+                    swap_in(blk, "attn", FeatSizeLinearAttention(
                         dim, blk.attn.num_heads, attn=attn, attn_kwargs=self.attn_kwargs,
                         qkv_bias=blk.attn.q.bias is not None, num_prefix_tokens=0,
-                    )
+                    ))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

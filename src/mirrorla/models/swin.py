@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 from timm.models import generate_default_cfgs, register_model
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
-from torch import nn
+from timm.models.swin_transformer import SwinTransformer
 
-from ._helpers import build, check_attn, default_cfg, feature_map_no_weight_decay, is_softmax
+from ._helpers import build, check_attn, default_cfg, feature_map_no_weight_decay, is_softmax, swap_in
 from .blocks import NHWCGridBlock
 
 __all__ = ["MirrorSwinTransformer"]
@@ -48,15 +47,8 @@ class MirrorSwinTransformer(SwinTransformer):
         self.global_stages = tuple(sorted(global_stages))
         for i in self.global_stages:
             stage = self.layers[i]
-            stage.blocks = nn.Sequential(*(self._global_block(blk) for blk in stage.blocks))
-
-    def _global_block(self, blk: SwinTransformerBlock) -> NHWCGridBlock:
-        dim = blk.norm1.normalized_shape[0]
-        drop_path = getattr(blk.drop_path1, "drop_prob", 0.0)
-        return NHWCGridBlock(
-            dim, blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / dim, attn=self.attn,
-            attn_kwargs=self.attn_kwargs, qkv_bias=blk.attn.qkv.bias is not None, drop_path=drop_path,
-        )
+            for j, blk in enumerate(stage.blocks):
+                swap_in(stage.blocks, str(j), NHWCGridBlock.like_swin_block(blk, self.attn, self.attn_kwargs))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

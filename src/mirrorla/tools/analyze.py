@@ -28,6 +28,7 @@ from torch import nn
 
 from ..attention import LinearAttention
 from ..feature_maps import MirrorFeatureMap
+from .runs import load_run
 
 __all__ = [
     "analyze_model",
@@ -124,10 +125,7 @@ def analyze_layer(layer: LinearAttention, x: torch.Tensor, grid_size=None, *, ma
         if isinstance(fmap, MirrorFeatureMap) and fmap.block:
             stats["theta"] = _summary(torch.remainder(fmap.theta, math.pi))
             if fmap.variance:
-                from ..ops import cross_head_reflect
-
-                k_cross = cross_head_reflect(k, fmap.u) if fmap.cross_head else k
-                stats["delta_alpha"] = _summary(fmap.delta_alpha(k_cross))
+                stats["delta_alpha"] = _summary(fmap.variance_offsets(k))
     if q.shape[2] <= max_tokens and k.shape[2] <= max_tokens:
         attns, _ = attention_matrices(layer, q, k, v)
         stats["rank_attn"] = float(torch.stack([effective_rank(a).mean() for a in attns]).mean())
@@ -157,18 +155,6 @@ def analyze_model(model: nn.Module, images: torch.Tensor, *, max_tokens: int = 4
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
-def _load_run(path: Path):
-    from .checkpoint import load_checkpoint
-    from .train import TrainConfig, build_model
-
-    name = "best" if (path / "best.json").exists() else "last"
-    state, parts = load_checkpoint(path, name)
-    config = TrainConfig(**state["config"])
-    model = build_model(config, state["num_classes"], state["in_chans"], state["img_size"])
-    model.load_state_dict(parts["model"])
-    return config, state, model.eval()
-
-
 def _images(data: str, img_size: int, split_seed: int, num_images: int) -> torch.Tensor:
     from .data import load_data
 
@@ -195,7 +181,7 @@ def _expand_runs(paths: list[str]) -> list[Path]:
 
 def summary_columns(run_dir: Path, data: str, num_images: int = 32) -> dict[str, float]:
     """Layer-averaged retention, φ(K) rank and attention entropy of a run (``compare --analyze``)."""
-    config, state, model = _load_run(Path(run_dir))
+    config, state, model = load_run(Path(run_dir))
     layers = analyze_model(model, _images(data, state["img_size"], config.split_seed, num_images))
     cols = {}
     for key in ("retention_q", "retention_k", "rank_k", "attn_entropy"):
@@ -274,7 +260,7 @@ def analyze_runs(paths: list[str], data: str | None, out: Path, num_images: int 
     out.mkdir(parents=True, exist_ok=True)
     analyses, models, first_image = {}, {}, None
     for run in _expand_runs(paths):
-        config, state, model = _load_run(run)
+        config, state, model = load_run(run)
         images = _images(data or config.data, state["img_size"], config.split_seed, num_images)
         label = config.attn if config.attn != "mirror" or not config.attn_kwargs else f"mirror {config.attn_kwargs}"
         label = label if label not in analyses else f"{label} ({run.name})"
@@ -301,19 +287,9 @@ def _markdown(analyses: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cmd_analyze(args: argparse.Namespace) -> int:
+def cmd_analyze(args: argparse.Namespace) -> int:
     result = analyze_runs(args.checkpoint, args.data, Path(args.out), args.num_images)
     print((Path(args.out) / "analysis.md").read_text())
     print(f"written: {args.out}/analysis.json, analysis.md, layers.png, attention_maps.png "
           f"({len(result['analysis'])} model(s))")
     return 0
-
-
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="retention, rank and attention statistics of trained models")
-    p.add_argument("--checkpoint", nargs="+", required=True,
-                   help="run directories (or a `mirrorla compare` output directory for all its attentions)")
-    p.add_argument("--data", default=None, help="data source (default: each run's own)")
-    p.add_argument("--num-images", type=int, default=64)
-    p.add_argument("--out", default="runs/analyze")
-    p.set_defaults(func=_cmd_analyze)

@@ -74,7 +74,7 @@ def _op_step(case: dict[str, Any], device: torch.device):
     """The timed callable of an op case and the tensors it needs."""
     import torch.nn.functional as F
 
-    from ..feature_maps import create_feature_map
+    from ..attention import LinearAttention
 
     b, h, n, d = case["batch"], case["heads"], case["n"], case["head_dim"]
     dtype = DTYPES[case["dtype"]]
@@ -93,9 +93,10 @@ def _op_step(case: dict[str, Any], device: torch.device):
         def fn():
             return F.scaled_dot_product_attention(q, k, v)
     else:
+        # the map as LinearAttention runs it (folded where the layer folds); q, k, v stand for its projections
         name = "mirror" if attn in ("mirror", "mirror_unfolded") else attn
-        fmap = create_feature_map(name, h, d).to(device)
-        kwargs = {"folded": True} if attn == "mirror" else {}
+        layer = LinearAttention(h * d, h, attn=name, local_kernel=0, fold_feature_map=attn != "mirror_unfolded")
+        fmap, kwargs = layer.feature_map.to(device), layer.map_kwargs
 
         def fn():
             return fmap.attend(q, k, v, **kwargs)
@@ -364,7 +365,7 @@ def _run_cases_in_process(records: list[dict[str, Any]], *, timeout: float, prog
 
 
 def _op_cases(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
-    from .cli import _csv
+    from ._args import csv_list as _csv
 
     cases = []
     for dtype in _csv(args.dtype):
@@ -378,7 +379,7 @@ def _op_cases(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
 
 
 def _model_cases(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
-    from .cli import _csv
+    from ._args import csv_list as _csv
 
     windows = [int(w) for w in _csv(args.window)] if args.window else [None]
     cases = []
@@ -490,7 +491,7 @@ OP_MODES, MODEL_MODES = ("fwd", "train"), ("infer", "train")
 
 
 def _positive_ints(text: str, option: str) -> list[int]:
-    from .cli import _csv
+    from ._args import csv_list as _csv
 
     values = []
     for item in _csv(text):
@@ -507,7 +508,7 @@ def _positive_ints(text: str, option: str) -> list[int]:
 
 
 def _choices(text: str, option: str, allowed) -> list[str]:
-    from .cli import _csv
+    from ._args import csv_list as _csv
 
     values = _csv(text)
     for value in values:
@@ -569,46 +570,20 @@ def bench_model(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="fwd,train" if p.prog.endswith("op") else "infer,train",
-                   help="op: fwd, train; model: infer, train (comma separated)")
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 (comma separated)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the measured function")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per case before it is recorded as timeout")
-    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed repetitions per case (CPU)")
-    p.add_argument("--no-progress", action="store_true")
-
-
 def _print_report(out: str) -> int:
     print((Path(out) / "bench.md").read_text())
     print(f"written: {out}/bench.json, {out}/bench.md, {out}/bench.png")
     return 0
 
 
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="speed and memory benchmarks")
-    bsub = bench.add_subparsers(dest="bench_kind", required=True)
-    op = bsub.add_parser("op", help="feature map + attention core on given q, k, v")
-    op.add_argument("--n", default="196,1024,4096,16384,65536", help="token counts")
-    op.add_argument("--heads", type=int, default=3)
-    op.add_argument("--head-dim", type=int, default=64)
-    op.add_argument("--batch", type=int, default=1)
-    op.add_argument("--attn", default="softmax,relu,elu,focused,polarity,mirror",
-                    help=f"attentions (also: {', '.join(OP_EXTRA)})")
-    op.add_argument("--out", default="runs/bench/op")
-    _common(op)
-    op.set_defaults(func=lambda a: (bench_op(a), _print_report(a.out))[1])
+def cmd_op(args: argparse.Namespace) -> int:
+    bench_op(args)
+    return _print_report(args.out)
 
-    model = bsub.add_parser("model", help="whole-model images/s and memory per resolution")
-    model.add_argument("--model", default="mirrorla_deit_tiny_patch16_224", help="model(s), comma separated")
-    model.add_argument("--attn", default="softmax,relu,mirror")
-    model.add_argument("--img-size", default="224,384,512,768,1024")
-    model.add_argument("--batch", type=int, default=8)
-    model.add_argument("--window", default=None, help="Swin softmax window sizes to sweep, e.g. 7,14,28,56")
-    model.add_argument("--out", default="runs/bench/model")
-    _common(model)
-    model.set_defaults(func=lambda a: (bench_model(a), _print_report(a.out))[1])
+
+def cmd_model(args: argparse.Namespace) -> int:
+    bench_model(args)
+    return _print_report(args.out)
 
 
 def _worker_main(payload: dict[str, Any]) -> Any:

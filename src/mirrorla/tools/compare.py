@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_text
-from .train import TrainConfig, add_train_arguments, train
+from .config import TrainConfig
+from .train import holds_run, resume_config, train
 
 __all__ = ["ABLATION", "ANALYSIS_COLUMNS", "aggregate", "compare", "plot_results", "results_markdown"]
 
@@ -45,8 +46,6 @@ def _planned_runs(base: TrainConfig, attns: list[str], seeds: list[int], out: Pa
     """Every (attention or variant) × seed as ``(attn, variant, config, action)``, each config validated, before
     anything trains. ``action``: ``"train"``, ``"resume"`` (an unfinished run with the same config) or
     ``"reuse"`` (a finished one). A run directory holding another config is an error."""
-    from .train import holds_run, resume_config
-
     if not attns and not ablation:
         raise ValueError("compare needs at least one attention (--attn) or --ablation")
     if not seeds:
@@ -60,7 +59,7 @@ def _planned_runs(base: TrainConfig, attns: list[str], seeds: list[int], out: Pa
             config = dataclasses.replace(base, attn=attn, attn_kwargs=attn_kwargs, seed=seed, out=str(run_dir))
             action = "train"
             if holds_run(run_dir):
-                action = _existing_run_action(run_dir, config, resume_config)
+                action = _existing_run_action(run_dir, config)
             planned.append((attn, variant, config, action))
     return planned
 
@@ -68,7 +67,7 @@ def _planned_runs(base: TrainConfig, attns: list[str], seeds: list[int], out: Pa
 _IGNORED_IN_MATCH = ("out", "progress", "workers", "tensorboard")
 
 
-def _existing_run_action(run_dir: Path, config: TrainConfig, resume_config) -> str:
+def _existing_run_action(run_dir: Path, config: TrainConfig) -> str:
     metrics_path = run_dir / "metrics.json"
     stored_path = run_dir / "config.json"
     stored = json.loads(stored_path.read_text()) if stored_path.exists() else {}
@@ -205,14 +204,17 @@ def plot_results(results: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from .cli import _csv
-    from .train import _config_from_args
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ._args import csv_list
+    from .train import config_values
 
-    base = _config_from_args(args)
-    seeds = [int(s) for s in _csv(args.seeds)]
+    base = TrainConfig(**config_values(args))
+    try:
+        seeds = [int(s) for s in csv_list(args.seeds)]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated ints, got {args.seeds!r}") from None
     out = Path(args.out or "runs/compare")
-    results = compare(base, _csv(args.attns), seeds, out, ablation=args.ablation, analyze=args.analyze)
+    results = compare(base, csv_list(args.attns), seeds, out, ablation=args.ablation, analyze=args.analyze)
     print(results_markdown(results, base))
     print(f"results: {out / 'results.json'}, {out / 'results.md'}, plot: {out / 'results.png'}")
     return 0
@@ -222,7 +224,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 DEMO = dict(model="mirrorla_pvt_nano", data="animal-mnist", epochs=8, batch_size=128, lr=2e-3, warmup_epochs=0.5)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     base = TrainConfig(**{**DEMO, "progress": not args.no_progress, "out": str(out)})
     print(f"mirrorla demo: {base.model} on {base.data}, {base.epochs} epochs each, with softmax, ReLU linear "
@@ -232,20 +234,3 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(results_markdown(results, base))
     print(f"plot: {out / 'results.png'}   table: {out / 'results.md'}   runs: {out / 'runs'}")
     return 0
-
-
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="train one model with several attentions and seeds, and compare")
-    add_train_arguments(p, with_attn=False)
-    p.add_argument("--attn", dest="attns", default="softmax,relu,elu,focused,polarity,mirror",
-                   help="attentions to compare, comma separated")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--ablation", action="store_true", help="add the MirrorLA component rows")
-    p.add_argument("--analyze", action="store_true", help="add retention and rank columns (mirrorla analyze)")
-    p.add_argument("--out", default=None, help="output directory (default runs/compare)")
-    p.set_defaults(func=_cmd_compare)
-
-    d = sub.add_parser("demo", help="the main job on the bundled data: MirrorLA vs ReLU vs softmax on animal-mnist")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(func=_cmd_demo)

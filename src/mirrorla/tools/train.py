@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import random
 import shutil
@@ -30,84 +29,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from ..feature_maps import check_feature_map_options
-from ..models import list_models
-from ..models._helpers import check_attn
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .data import load_data
+from .runs import build_model, load_run, load_weights
 
-__all__ = ["TrainConfig", "evaluate", "evaluate_checkpoint", "train"]
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (stored in every checkpoint)."""
-
-    model: str = "mirrorla_vit_nano_patch4"
-    attn: str = "mirror"
-    attn_kwargs: dict[str, Any] = field(default_factory=dict)
-    data: str = "animal-mnist"
-    out: str | None = None  # None: a fresh directory runs/train/<timestamp>
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    clip_grad: float | None = 1.0
-    drop_path: float = 0.0
-    amp: str = "none"  # "none" or "bf16"
-    model_ema: bool = False
-    model_ema_decay: float = 0.999
-    seed: int = 0
-    split_seed: int = 0
-    img_size: int | None = None
-    train_subset: int | None = None  # train on a seeded random subset of N training images (quick runs, tests)
-    workers: int = 0
-    tensorboard: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        """Every value is checked here, before any work starts; errors name the option and what it accepts."""
-        if self.model not in list_models() and not timm.is_model(self.model):
-            raise ValueError(f"unknown model {self.model!r}; this package's models: {', '.join(list_models())}")
-        if self.amp not in ("none", "bf16"):
-            raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
-        check_attn(self.attn)
-        if self.attn == "softmax":
-            if self.attn_kwargs:
-                raise ValueError(f"attn 'softmax' takes no attn_kwargs, got {sorted(self.attn_kwargs)}")
-        else:
-            check_feature_map_options(self.attn, self.attn_kwargs)
-        for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("seed", 0), ("split_seed", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        for name, value in (("train_subset", self.train_subset), ("img_size", self.img_size)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int (or unset), got {value!r}")
-        ranges = {  # name: (low, high, low inclusive, high inclusive)
-            "lr": (0.0, None, False, False), "min_lr": (0.0, None, True, False),
-            "weight_decay": (0.0, None, True, False), "warmup_epochs": (0.0, None, True, False),
-            "label_smoothing": (0.0, 1.0, True, False), "mixup": (0.0, None, True, False),
-            "cutmix": (0.0, None, True, False), "drop_path": (0.0, 1.0, True, False),
-            "model_ema_decay": (0.0, 1.0, False, False),
-        }
-        for name, (low, high, low_in, high_in) in ranges.items():
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ok = ok and (value >= low if low_in else value > low)
-            ok = ok and (high is None or (value <= high if high_in else value < high))
-            if not ok:
-                bounds = f"{'[' if low_in else '('}{low}, {high if high is not None else '∞'}{']' if high_in else ')'}"
-                raise ValueError(f"{name} must be a number in {bounds}, got {value!r}")
-        if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
-            raise ValueError(f"clip_grad must be a positive number (or unset for none), got {self.clip_grad!r}")
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+__all__ = ["TrainConfig", "build_model", "evaluate", "evaluate_checkpoint", "train"]
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -176,14 +103,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def build_model(config: TrainConfig, num_classes: int, in_chans: int, img_size: int) -> torch.nn.Module:
-    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                                  drop_path_rate=config.drop_path)
-    if config.model.startswith("mirrorla_"):
-        kwargs.update(attn=config.attn, attn_kwargs=config.attn_kwargs)
-    return timm.create_model(config.model, **kwargs)
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -316,16 +235,6 @@ def _remove_run_files(out: Path) -> None:
             path.unlink()
 
 
-def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path, config: TrainConfig) -> None:
-    """``load_state_dict`` whose failure is one line naming the checkpoint and what its JSON says it holds."""
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {source} does not fit model {config.model} with attention {config.attn!r} "
-                              f"(the model its JSON names): {first}") from None
-
-
 def _check_model_input(model: torch.nn.Module, config: TrainConfig, in_chans: int, img_size: int) -> None:
     """One tiny forward before any work: an image size the model cannot take fails here, in one line."""
     model.eval()
@@ -430,7 +339,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
 
     start_epoch, best_top1, history, train_seconds = 0, -1.0, [], 0.0
     if resume is not None:
-        _load_weights(model, parts["model"], Path(config.out) / "last.json", config)
+        load_weights(model, parts["model"], Path(config.out) / "last.json", config)
         optimizer.load_state_dict(parts["optimizer"])
         if ema is not None and parts["ema"] is not None:
             ema.module.load_state_dict(parts["ema"])
@@ -560,73 +469,31 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, *, split: str = "test", use_ema: bool = False,
                         batch_size: int = 256) -> dict[str, Any]:
     """Evaluate a checkpoint (a run directory → its ``best`` checkpoint, or one checkpoint file)."""
-    p = Path(path).expanduser()
-    name = "best" if p.is_dir() and (p / "best.json").exists() else "last"
-    state, parts = load_checkpoint(p, name)
-    config = TrainConfig(**state["config"])
+    config, state, model = load_run(path, use_ema=use_ema)
     bundle = load_data(data or config.data, img_size=state["img_size"], split_seed=config.split_seed, augment=False)
     if (bundle.num_classes, bundle.in_chans) != (state["num_classes"], state["in_chans"]):
         raise ValueError(f"data {data!r} has {bundle.num_classes} classes and {bundle.in_chans} channels; the "
                          f"checkpoint expects {state['num_classes']} and {state['in_chans']}")
-    model = build_model(config, state["num_classes"], state["in_chans"], state["img_size"])
-    weights = parts["ema"] if use_ema else parts["model"]
-    if weights is None:
-        raise CheckpointError(f"checkpoint {p} holds no EMA weights")
-    _load_weights(model, weights, p, config)
     dataset = {"train": bundle.train, "val": bundle.val, "test": bundle.test}[split]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     result = evaluate(model.to(device), loader, device)
-    return {"checkpoint": str(p), "data": data or config.data, "split": split, "model": config.model,
-            "attn": config.attn, "epoch": state["epoch"], **{k: round(v, 4) for k, v in result.items()}}
+    return {"checkpoint": str(Path(path).expanduser()), "data": data or config.data, "split": split,
+            "model": config.model, "attn": config.attn, "epoch": state["epoch"],
+            **{k: round(v, 4) for k, v in result.items()}}
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields the command line gave (the others keep their defaults)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    return TrainConfig(**values)
+    return {k: v for k, v in vars(args).items() if k in fields and v is not None}
 
 
-def add_train_arguments(p: argparse.ArgumentParser, *, with_attn: bool = True) -> None:
-    from .cli import _json_dict
-
-    d = TrainConfig
-    p.add_argument("--model", default=None, help=f"timm model name (default {d.model})")
-    if with_attn:
-        p.add_argument("--attn", default=None, help="attention: mirror, softmax, relu, elu, focused, polarity")
-    p.add_argument("--attn-kwargs", dest="attn_kwargs", type=_json_dict, default=None,
-                   help='feature-map options as JSON, e.g. \'{"variance": false}\'')
-    p.add_argument("--data", default=None, help="animal-mnist (default), mnist5k, digits, cifar10:PATH, "
-                   "cifar100:PATH, folder:PATH")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="global batch size")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--min-lr", dest="min_lr", type=float, default=None)
-    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=None)
-    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=None)
-    p.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=None)
-    p.add_argument("--mixup", type=float, default=None, help="mixup alpha (0 = off)")
-    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0 = off)")
-    p.add_argument("--clip-grad", dest="clip_grad", type=float, default=None)
-    p.add_argument("--drop-path", dest="drop_path", type=float, default=None)
-    p.add_argument("--amp", choices=["none", "bf16"], default=None, help="bf16 autocast")
-    p.add_argument("--model-ema", dest="model_ema", action="store_true", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--split-seed", dest="split_seed", type=int, default=None)
-    p.add_argument("--img-size", dest="img_size", type=int, default=None)
-    p.add_argument("--train-subset", dest="train_subset", type=int, default=None,
-                   help="train on a seeded random subset of N training images")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--tensorboard", action="store_true", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}
-             and v is not None}
+def cmd_train(args: argparse.Namespace) -> int:
+    given = config_values(args)
     if args.resume:
         if args.overwrite:
             raise ValueError("--overwrite and --resume exclude each other: --resume continues the run in place")
@@ -638,31 +505,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, use_ema=args.ema)
     print(json.dumps(result, indent=2))
     return 0
-
-
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node=N -m mirrorla train ... for DDP)")
-    add_train_arguments(p)
-    p.add_argument("--out", default=None, help="run directory (checkpoints, log.csv, metrics.json); must not hold a "
-                   "run unless --overwrite (default: a fresh runs/train/<timestamp>)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
-    p.add_argument("--resume", default=None, help="continue the run in this directory with its stored config; "
-                   "--epochs N extends it, any other option must agree with the stored one")
-    p.add_argument("--stop-after", dest="stop_after", type=int, default=None,
-                   help="stop after N epochs of this invocation (the schedule still spans --epochs)")
-    p.set_defaults(func=_cmd_train)
-
-    e = sub.add_parser("eval", help="evaluate a checkpoint")
-    e.add_argument("--checkpoint", required=True, help="a run directory (its best checkpoint) or a checkpoint file")
-    e.add_argument("--data", default=None, help="data source (default: the one it was trained on)")
-    e.add_argument("--split", choices=["train", "val", "test"], default="test")
-    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    e.set_defaults(func=_cmd_eval)
-
-    from .compare import add_subcommands as add_compare
-
-    add_compare(sub)
