@@ -10,7 +10,7 @@ from torch import nn
 
 from .feature_maps import FeatureMap, create_feature_map, list_feature_maps
 
-__all__ = ["LinearAttention", "list_attentions"]
+__all__ = ["LinearAttention", "check_attention", "list_attentions"]
 
 SOFTMAX = "softmax"
 
@@ -21,6 +21,13 @@ _TIMM_IGNORED_KWARGS = frozenset({"scale_norm", "depth", "attn_head_dim", "rope"
 def list_attentions() -> list[str]:
     """Every value accepted by ``LinearAttention(attn=...)``: ``"softmax"`` and the feature maps."""
     return [SOFTMAX, *list_feature_maps()]
+
+
+def check_attention(attn: str) -> str:
+    """``attn`` if it names an attention of :func:`list_attentions`, else a one-line ``ValueError`` listing them."""
+    if attn not in list_attentions():
+        raise ValueError(f"unknown attention {attn!r}; known: {', '.join(list_attentions())}")
+    return attn
 
 
 def _square_grid(n: int) -> tuple[int, int] | None:
@@ -101,8 +108,7 @@ class LinearAttention(nn.Module):
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        if attn not in list_attentions():
-            raise ValueError(f"unknown attention {attn!r}; known: {', '.join(list_attentions())}")
+        check_attention(attn)
         if dim_out not in (None, dim):
             raise ValueError(f"dim_out must equal dim ({dim}) for LinearAttention, got {dim_out}")
         head_dim = timm_kwargs.get("attn_head_dim")
@@ -163,8 +169,8 @@ class LinearAttention(nn.Module):
         ``timm.create_model("vit_tiny_patch16_224", attn_layer=LinearAttention.configure(attn="relu"))``
         (timm checks ``issubclass``, so ``functools.partial`` is refused there).
         """
-        if "attn" in defaults and defaults["attn"] not in list_attentions():
-            raise ValueError(f"unknown attention {defaults['attn']!r}; known: {', '.join(list_attentions())}")
+        if "attn" in defaults:
+            check_attention(defaults["attn"])
         parent = cls
 
         def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:

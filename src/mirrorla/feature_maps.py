@@ -26,6 +26,8 @@ from .ops import (
     PAIRINGS,
     block_reflect,
     block_variance,
+    check_delta_form,
+    check_pairing,
     cross_head_reflect,
     folded_mirror_map,
     linear_attention,
@@ -351,10 +353,8 @@ class MirrorFeatureMap(FeatureMap):
             raise ValueError("variance=True modulates the block angles and needs block=True")
         if block and head_dim % 2:
             raise ValueError(f"block reflection pairs channels: head_dim must be even, got {head_dim}")
-        if pairing not in PAIRINGS:
-            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
-        if delta_form not in DELTA_FORMS:
-            raise ValueError(f"delta_form must be one of {sorted(DELTA_FORMS)}, got {delta_form!r}")
+        check_pairing(pairing)
+        check_delta_form(delta_form)
         if u_init not in ("normal", "ones"):
             raise ValueError(f"u_init must be 'normal' or 'ones', got {u_init!r}")
         self.block, self.variance, self.cross_head = bool(block), bool(variance), bool(cross_head)

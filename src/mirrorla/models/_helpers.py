@@ -8,7 +8,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..attention import SOFTMAX, LinearAttention, list_attentions
+from ..attention import SOFTMAX, LinearAttention, check_attention
 
 __all__ = [
     "attention_counts",
@@ -22,10 +22,7 @@ __all__ = [
 ]
 
 
-def check_attn(attn: str) -> str:
-    if attn not in list_attentions():
-        raise ValueError(f"unknown attention {attn!r}; known: {', '.join(list_attentions())}")
-    return attn
+check_attn = check_attention  # the models' name for the one check in mirrorla.attention
 
 
 def is_softmax(attn: str) -> bool:

@@ -13,7 +13,7 @@ import torch
 
 from ..backend import DELTA_FORM_CODES, backend_setting, cpu_kernels_available, cpu_kernels_status, select_backend
 from ._checks import check_even_last_dim, check_floating, check_rank
-from .reflect import DELTA_FORMS, _check_pairing, _tracing, pair_channels, rotate_pairs, token_moments
+from .reflect import DELTA_FORMS, _tracing, check_delta_form, check_pairing, pair_channels, rotate_pairs, token_moments
 
 __all__ = [
     "cpu_kernels_available",
@@ -67,7 +67,7 @@ def rotate_relu(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacen
     check_floating("x", x)
     check_even_last_dim("x", x)
     check_floating("angle", angle)
-    _check_pairing(pairing)
+    check_pairing(pairing)
     b, h, _, d = x.shape
     if angle.dim() != 3 or angle.shape[1:] != (h, d // 2) or angle.shape[0] not in (1, b):
         raise ValueError(f"angle must have shape [1 or B, H, d/2] = [1 or {b}, {h}, {d // 2}], "
@@ -170,11 +170,10 @@ def folded_mirror_map(
     """
     check_rank("q", q, 4, "[B, H, Nq, d]")
     check_rank("k", k, 4, "[B, H, N, d]")
-    _check_pairing(pairing)
+    check_pairing(pairing)
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"q and k need at least one token (N >= 1), got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if delta_form not in DELTA_FORMS:
-        raise ValueError(f"delta_form must be one of {sorted(DELTA_FORMS)}, got {delta_form!r}")
+    check_delta_form(delta_form)
     if not _use_kernel(q, k, theta, gamma) or q.dtype != k.dtype:
         return folded_mirror_map_reference(q, k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
     acc = torch.promote_types(k.dtype, torch.float32)

@@ -7,7 +7,7 @@ import torch
 from ..backend import select_backend
 from ._checks import check_floating, check_rank
 from .fused import rotate_relu
-from .reflect import _check_pairing
+from .reflect import check_pairing
 
 __all__ = ["MAPPED_FEATURES", "linear_attention", "linear_attention_reference", "mapped_linear_attention"]
 
@@ -129,7 +129,7 @@ def mapped_linear_attention(
     _check_qkv(q, k, v)
     if feature not in MAPPED_FEATURES:
         raise ValueError(f"feature must be one of {MAPPED_FEATURES}, got {feature!r}")
-    _check_pairing(pairing)
+    check_pairing(pairing)
     if feature == "rotate_relu":
         b, h, _, d = q.shape
         if angle is None or angle.dim() != 3 or angle.shape[1:] != (h, d // 2) or angle.shape[0] not in (1, b):

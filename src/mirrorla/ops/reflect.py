@@ -18,6 +18,8 @@ __all__ = [
     "PAIRINGS",
     "block_reflect",
     "block_variance",
+    "check_delta_form",
+    "check_pairing",
     "cross_head_reflect",
     "householder_reflect",
     "pair_channels",
@@ -29,14 +31,21 @@ __all__ = [
 PAIRINGS = ("adjacent", "half")
 
 
-def _check_pairing(pairing: str) -> None:
+def check_pairing(pairing: str) -> str:
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    return pairing
+
+
+def check_delta_form(delta_form: str) -> str:
+    if delta_form not in DELTA_FORMS:
+        raise ValueError(f"delta_form must be one of {sorted(DELTA_FORMS)}, got {delta_form!r}")
+    return delta_form
 
 
 def pair_channels(x: torch.Tensor, pairing: str = "adjacent") -> torch.Tensor:
     """View ``[..., d]`` as ``[..., d/2, 2]`` blocks: ``(2i, 2i+1)`` (adjacent) or ``(i, i+d/2)`` (half)."""
-    _check_pairing(pairing)
+    check_pairing(pairing)
     check_even_last_dim("x", x)
     half = x.shape[-1] // 2
     if pairing == "adjacent":
@@ -46,7 +55,7 @@ def pair_channels(x: torch.Tensor, pairing: str = "adjacent") -> torch.Tensor:
 
 def unpair_channels(x: torch.Tensor, pairing: str = "adjacent") -> torch.Tensor:
     """Inverse of :func:`pair_channels`: ``[..., d/2, 2]`` → ``[..., d]``."""
-    _check_pairing(pairing)
+    check_pairing(pairing)
     if pairing == "adjacent":
         return x.flatten(-2)
     return x.transpose(-1, -2).flatten(-2)

@@ -30,7 +30,11 @@ from ..attention import LinearAttention
 from ..feature_maps import MirrorFeatureMap
 from .runs import load_run
 
+# the layer-averaged statistics that `compare --analyze` adds to its tables
+ANALYSIS_COLUMNS = ("retention_q", "retention_k", "rank_k", "attn_entropy")
+
 __all__ = [
+    "ANALYSIS_COLUMNS",
     "analyze_model",
     "attention_matrices",
     "effective_rank",
@@ -184,7 +188,7 @@ def summary_columns(run_dir: Path, data: str, num_images: int = 32) -> dict[str,
     config, state, model = load_run(Path(run_dir))
     layers = analyze_model(model, _images(data, state["img_size"], config.split_seed, num_images))
     cols = {}
-    for key in ("retention_q", "retention_k", "rank_k", "attn_entropy"):
+    for key in ANALYSIS_COLUMNS:
         values = [layer[key] for layer in layers if key in layer]
         if values:
             cols[key] = sum(values) / len(values)

@@ -13,14 +13,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .analyze import ANALYSIS_COLUMNS
 from .checkpoint import atomic_write_text
 from .config import TrainConfig
 from .train import holds_run, resume_config, train
 
 __all__ = ["ABLATION", "ANALYSIS_COLUMNS", "aggregate", "compare", "plot_results", "results_markdown"]
 
-# layer-averaged statistics that `compare --analyze` adds (see mirrorla.tools.analyze)
-ANALYSIS_COLUMNS = ("retention_q", "retention_k", "rank_k", "attn_entropy")
 
 # (variant name, mirror feature-map options): each row adds one component to the previous one.
 ABLATION: list[tuple[str, dict[str, bool]]] = [

@@ -263,6 +263,106 @@ def _default_img_size(model: str, data: str) -> int | None:
 # ----------------------------------------------------------------------------------------------- training
 
 
+@dataclass
+class _Recipe:
+    """The optimisation pieces of a run, built from its config (timm's AdamW, cosine schedule, EMA, mixup)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    criterion: torch.nn.Module
+    ema: Any = None
+    mixup: Any = None
+
+
+def _recipe(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int, num_classes: int) -> _Recipe:
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
+
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay)
+    # stepped per update with the absolute step, so a resumed or extended run (longer t_initial) picks up its curve
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=config.epochs * steps_per_epoch, lr_min=config.min_lr,
+        warmup_t=int(config.warmup_epochs * steps_per_epoch), warmup_lr_init=config.lr * 1e-2, t_in_epochs=False,
+    )
+    ema = ModelEmaV3(model, decay=config.model_ema_decay) if config.model_ema else None
+    mixup = None
+    if config.mixup > 0 or config.cutmix > 0:
+        mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                      num_classes=num_classes)
+        criterion: torch.nn.Module = SoftTargetCrossEntropy()
+    elif config.label_smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(config.label_smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    return _Recipe(optimizer, scheduler, criterion, ema, mixup)
+
+
+def _resolve_run(config: TrainConfig, resume, overrides, overwrite: bool):
+    """The config to run, and the checkpoint to continue from (``({}, {})`` for a new run)."""
+    if resume is not None:
+        config = resume_config(resume, overrides)
+        return (config, *load_checkpoint(Path(config.out), "last"))
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    out = Path(config.out) if config.out is not None else fresh_run_dir()
+    check_out_dir(out, overwrite=overwrite)
+    return dataclasses.replace(config, out=str(out)), {}, {}
+
+
+def _training_set(config: TrainConfig, data):
+    if not config.train_subset:
+        return data.train
+    if config.train_subset > len(data.train):
+        raise ValueError(f"train_subset must be at most the {len(data.train)} training images of {config.data}, "
+                         f"got {config.train_subset}")
+    # a seeded random subset: the bundled sets store their labels in sorted blocks
+    order = np.random.default_rng(config.split_seed).permutation(len(data.train))[: config.train_subset]
+    return torch.utils.data.Subset(data.train, sorted(order.tolist()))
+
+
+def _train_epoch(ddp_model, model, loader, recipe: _Recipe, config: TrainConfig, info: DistInfo, epoch: int
+                 ) -> tuple[float, float, float, float]:
+    """One epoch; returns (loss sum, correct, images seen, seconds) of this rank."""
+    steps_per_epoch = len(loader)
+    seed_everything(config.seed * 100_003 + epoch * 101 + info.rank)
+    loader.sampler.set_epoch(epoch)
+    ddp_model.train()
+    t0 = time.perf_counter()
+    loss_sum = correct = seen = 0.0
+    bar = tqdm(loader, desc=f"{config.attn} epoch {epoch + 1}/{config.epochs}", leave=False,
+               disable=not (config.progress and info.is_main), dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+        target = y
+        if recipe.mixup is not None:
+            x, target = recipe.mixup(x, y)
+        with _autocast(config, info.device):
+            logits = ddp_model(x)
+        loss = recipe.criterion(logits.float(), target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+        recipe.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+        recipe.optimizer.step()
+        recipe.scheduler.step_update(epoch * steps_per_epoch + step + 1)
+        if recipe.ema is not None:
+            recipe.ema.update(model, step=epoch * steps_per_epoch + step + 1)
+        n = y.numel()
+        loss_sum += loss.item() * n
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += n
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                        img_s=f"{seen * info.world_size / max(elapsed, 1e-9):.0f}")
+    bar.close()
+    return loss_sum, correct, seen, time.perf_counter() - t0
+
+
 def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: int | None = None,
           overwrite: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``config`` (or continue the run in ``resume``); returns the final metrics (also ``out/metrics.json``).
@@ -277,72 +377,33 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
     ``stop_after``: stop after this many epochs of *this* invocation, the schedule still spanning
     ``config.epochs`` (for time-boxed jobs; continue with ``resume``).
     """
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
-    from timm.utils import ModelEmaV3
-
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be a positive int, got {stop_after!r}")
-    state: dict[str, Any] = {}
-    parts: dict[str, Any] = {}
-    if resume is not None:
-        config = resume_config(resume, overrides)
-        state, parts = load_checkpoint(Path(config.out), "last")
-    else:
-        if overrides:
-            config = dataclasses.replace(config, **overrides)
-        out = Path(config.out) if config.out is not None else fresh_run_dir()
-        check_out_dir(out, overwrite=overwrite)
-        config = dataclasses.replace(config, out=str(out))
+    config, state, parts = _resolve_run(config, resume, overrides, overwrite)
     info = setup_distributed()
     out = Path(config.out)
 
     seed_everything(config.seed)
-    img_size = config.img_size or _default_img_size(config.model, config.data)
-    data = load_data(config.data, img_size=img_size, split_seed=config.split_seed)
-    train_set = data.train
-    if config.train_subset:
-        if config.train_subset > len(train_set):
-            raise ValueError(f"train_subset must be at most the {len(train_set)} training images of {config.data}, "
-                             f"got {config.train_subset}")
-        # a seeded random subset: the bundled sets store their labels in sorted blocks
-        order = np.random.default_rng(config.split_seed).permutation(len(train_set))[: config.train_subset]
-        train_set = torch.utils.data.Subset(train_set, sorted(order.tolist()))
+    data = load_data(config.data, img_size=config.img_size or _default_img_size(config.model, config.data),
+                     split_seed=config.split_seed)
+    train_set = _training_set(config, data)
     per_rank_batch = max(1, config.batch_size // info.world_size)
     train_loader = _loader(train_set, per_rank_batch, train=True, info=info, seed=config.seed, workers=config.workers)
     val_loader = _loader(data.val, per_rank_batch * 2, train=False, info=info, seed=config.seed, workers=config.workers)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
+    if len(train_loader) == 0:
         raise ValueError(f"batch size {config.batch_size} is larger than the {len(train_set)} training images")
 
     model = build_model(config, data.num_classes, data.in_chans, data.img_size)
     _check_model_input(model, config, data.in_chans, data.img_size)
     model = model.to(info.device)
     params = sum(p.numel() for p in model.parameters())
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=config.epochs * steps_per_epoch, lr_min=config.min_lr,
-        warmup_t=int(config.warmup_epochs * steps_per_epoch), warmup_lr_init=config.lr * 1e-2, t_in_epochs=False,
-    )
-    ema = ModelEmaV3(model, decay=config.model_ema_decay) if config.model_ema else None
-    mixup = None
-    if config.mixup > 0 or config.cutmix > 0:
-        mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
-                      num_classes=data.num_classes)
-        criterion: torch.nn.Module = SoftTargetCrossEntropy()
-    elif config.label_smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(config.label_smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
-
+    recipe = _recipe(config, model, len(train_loader), data.num_classes)
     start_epoch, best_top1, history, train_seconds = 0, -1.0, [], 0.0
     if resume is not None:
         load_weights(model, parts["model"], Path(config.out) / "last.json", config)
-        optimizer.load_state_dict(parts["optimizer"])
-        if ema is not None and parts["ema"] is not None:
-            ema.module.load_state_dict(parts["ema"])
+        recipe.optimizer.load_state_dict(parts["optimizer"])
+        if recipe.ema is not None and parts["ema"] is not None:
+            recipe.ema.module.load_state_dict(parts["ema"])
         start_epoch, best_top1 = state["epoch"], state["best_top1"]
         history, train_seconds = state["history"], state["train_seconds"]
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type
@@ -359,48 +420,14 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
 
         writer = SummaryWriter(str(out / "tensorboard"))
 
-    epochs_run = 0
-    for epoch in range(start_epoch, config.epochs):
-        if stop_after is not None and epochs_run >= stop_after:
-            break
-        seed_everything(config.seed * 100_003 + epoch * 101 + info.rank)
-        train_loader.sampler.set_epoch(epoch)
-        ddp_model.train()
-        t0 = time.perf_counter()
-        loss_sum = correct = seen = 0.0
-        bar = tqdm(train_loader, desc=f"{config.attn} epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not (config.progress and info.is_main), dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar):
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-            target = y
-            if mixup is not None:
-                x, target = mixup(x, y)
-            with _autocast(config, info.device):
-                logits = ddp_model(x)
-            loss = criterion(logits.float(), target)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            optimizer.step()
-            scheduler.step_update(epoch * steps_per_epoch + step + 1)
-            if ema is not None:
-                ema.update(model, step=epoch * steps_per_epoch + step + 1)
-            n = y.numel()
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += n
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                            img_s=f"{seen * info.world_size / max(elapsed, 1e-9):.0f}")
-        bar.close()
-        epoch_seconds = time.perf_counter() - t0
-        loss_sum, correct, seen, seconds_sum = _all_reduce_sum([loss_sum, correct, seen, epoch_seconds], info)
+    end_epoch = config.epochs if stop_after is None else min(config.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        sums = _train_epoch(ddp_model, model, train_loader, recipe, config, info, epoch)
+        loss_sum, correct, seen, seconds_sum = _all_reduce_sum(list(sums), info)
         epoch_seconds = seconds_sum / info.world_size  # mean over ranks
         train_seconds += epoch_seconds
         val = evaluate(model, val_loader, info.device, info, config.amp)
+        ema = recipe.ema
         ema_val = evaluate(ema.module, val_loader, info.device, info, config.amp) if ema is not None else None
         top1 = max(val["top1"], ema_val["top1"]) if ema_val else val["top1"]
         row = {
@@ -411,14 +438,13 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
             "val_top1": round(val["top1"], 3),
             "val_top5": round(val["top5"], 3),
             "ema_val_top1": round(ema_val["top1"], 3) if ema_val else "",
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": recipe.optimizer.param_groups[0]["lr"],
             "images_per_second": round(seen / max(epoch_seconds, 1e-9), 2),
             "epoch_seconds": round(epoch_seconds, 3),
         }
         history.append(row)
         improved = top1 > best_top1
         best_top1 = max(best_top1, top1)
-        epochs_run += 1
         if info.is_main:
             _write_log(out / "log.csv", history)
             if writer is not None:
@@ -428,8 +454,8 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
             ckpt_state = {"config": dataclasses.asdict(config), "epoch": epoch + 1, "best_top1": best_top1,
                           "history": history, "train_seconds": train_seconds, "params": params,
                           "num_classes": data.num_classes, "in_chans": data.in_chans, "img_size": data.img_size}
-            save_checkpoint(out, "last", model=model, state=ckpt_state, optimizer=optimizer, ema=ema.module if ema
-                            else None)
+            save_checkpoint(out, "last", model=model, state=ckpt_state, optimizer=recipe.optimizer,
+                            ema=ema.module if ema else None)
             if improved:
                 best_model = ema.module if ema_val and ema_val["top1"] >= val["top1"] else model
                 save_checkpoint(out, "best", model=best_model, state=ckpt_state)
@@ -438,7 +464,11 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
                   flush=True)
     if writer is not None:
         writer.close()
+    return _finish(config, model, data, history, best_top1, train_seconds, params, per_rank_batch, info, out)
 
+
+def _finish(config, model, data, history, best_top1, train_seconds, params, per_rank_batch, info, out):
+    """``metrics.json``: the run's summary, with the test accuracy once every epoch ran."""
     finished = len(history) >= config.epochs
     metrics = {
         "model": config.model,
@@ -460,7 +490,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
                               workers=config.workers)
         metrics["test_top1"] = round(evaluate(model, test_loader, info.device, info, config.amp)["top1"], 3)
     if info.is_main:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     if info.enabled:
         dist.barrier()
     return metrics
