@@ -103,6 +103,8 @@ def test_readme_layout_names_existing_modules():
             importlib.import_module(name)
         except ModuleNotFoundError:
             assert hasattr(importlib.import_module(module), attr), name
-    files = set(re.findall(r"`(src/mirrorla/[\w/]+\.\w+)`", layout))
-    for f in files:
-        assert (ROOT / f).exists(), f
+    listed = set(re.findall(r"\b([\w]+\.(?:py|sh|md|cpp))\b", layout.split("```")[1]))
+    present = {p.name for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts}
+    assert listed and listed <= present, sorted(listed - present)
+    shipped = {p.name for p in SRC.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert shipped <= listed, f"modules missing from the README's layout: {sorted(shipped - listed)}"

@@ -1,4 +1,4 @@
-// Fused CPU kernels for MirrorLA's per-sample step (see mirrorla/ops/fused.py, which loads this file with
+// Fused CPU kernels for MirrorLA's per-sample step (mirrorla/ops/fused.py calls them; mirrorla/backend.py builds this file with
 // torch.utils.cpp_extension and falls back to the pure-PyTorch reference when it cannot be built).
 //
 // Eager PyTorch needs separate passes over memory for "rotate the channel pairs" and "ReLU" (and two for
