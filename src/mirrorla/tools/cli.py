@@ -88,8 +88,11 @@ def _add_train_and_eval(sub) -> None:
 def _add_compare_and_demo(sub) -> None:
     p = sub.add_parser("compare", help="train one model with several attentions and seeds, and compare")
     add_train_arguments(p, with_attn=False)
-    p.add_argument("--attn", dest="attns", default="softmax,relu,elu,focused,polarity,mirror",
-                   help="attentions to compare, comma separated")
+    p.add_argument("--attn", dest="attns", default=None,
+                   help="attentions to compare, comma separated (default softmax,relu,elu,focused,polarity,mirror)")
+    p.add_argument("--variants", default=None, help="a study file (JSON): named variants, seeds, settings, protocol "
+                   "and decision rule; reports paired differences to its reference variant (see docs)")
+    p.add_argument("--quick", action="store_true", help="with --variants: only the study's quick seeds")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--ablation", action="store_true", help="add the MirrorLA component rows")
     p.add_argument("--analyze", action="store_true", help="add retention and rank columns (mirrorla analyze)")

@@ -16,7 +16,7 @@ from typing import Any
 from .analyze import ANALYSIS_COLUMNS
 from .checkpoint import atomic_write_text
 from .config import TrainConfig
-from .train import holds_run, resume_config, train
+from .train import existing_run_action, holds_run, train
 
 __all__ = ["ABLATION", "ANALYSIS_COLUMNS", "aggregate", "compare", "plot_results", "results_markdown"]
 
@@ -58,30 +58,9 @@ def _planned_runs(base: TrainConfig, attns: list[str], seeds: list[int], out: Pa
             config = dataclasses.replace(base, attn=attn, attn_kwargs=attn_kwargs, seed=seed, out=str(run_dir))
             action = "train"
             if holds_run(run_dir):
-                action = _existing_run_action(run_dir, config)
+                action = existing_run_action(run_dir, config)
             planned.append((attn, variant, config, action))
     return planned
-
-
-_IGNORED_IN_MATCH = ("out", "progress", "workers", "tensorboard")
-
-
-def _existing_run_action(run_dir: Path, config: TrainConfig) -> str:
-    metrics_path = run_dir / "metrics.json"
-    stored_path = run_dir / "config.json"
-    stored = json.loads(stored_path.read_text()) if stored_path.exists() else {}
-    mine = dataclasses.asdict(config)
-    diff = sorted(k for k in mine if k not in _IGNORED_IN_MATCH and stored.get(k) != mine[k])
-    if diff:
-        raise ValueError(f"{run_dir} holds a run with other options ({', '.join(diff)}); use another --out or "
-                         "remove that run")
-    if metrics_path.exists() and json.loads(metrics_path.read_text()).get("finished"):
-        return "reuse"
-    try:
-        resume_config(run_dir)
-    except ValueError:  # no last checkpoint yet (crashed in epoch 1): start it again
-        return "train"
-    return "resume"
 
 
 def compare(base: TrainConfig, attns: list[str], seeds: list[int], out: Path, *, ablation: bool = False,
@@ -208,6 +187,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .train import config_values
 
     base = TrainConfig(**config_values(args))
+    if args.variants:
+        from .study import load_study, run_study, study_markdown
+
+        if args.attns is not None or args.ablation:
+            raise ValueError("--variants names every run of the study: drop --attn and --ablation")
+        study = load_study(args.variants)
+        out = Path(args.out or f"runs/study_{Path(args.variants).stem}")
+        results = run_study(study, out, base=dataclasses.replace(base, progress=base.progress and not args.quick),
+                            quick=args.quick, analyze=args.analyze)
+        print(study_markdown(study, results))
+        print(f"results: {out / 'results.json'}, {out / 'results.md'}, plot: {out / 'results.png'}")
+        return 0
+    args.attns = args.attns or "softmax,relu,elu,focused,polarity,mirror"
     try:
         seeds = [int(s) for s in csv_list(args.seeds)]
     except ValueError:

@@ -217,6 +217,29 @@ def resume_config(run: str | Path, overrides: dict[str, Any] | None = None) -> T
     return dataclasses.replace(stored, **changes)
 
 
+_IGNORED_IN_MATCH = ("out", "progress", "workers", "tensorboard")
+
+
+def existing_run_action(run_dir: Path, config: TrainConfig) -> str:
+    """What to do with a run directory that already holds a run of ``config``: ``"reuse"`` (finished),
+    ``"resume"`` (checkpointed) or ``"train"`` (never checkpointed); a run of other options is an error."""
+    metrics_path = run_dir / "metrics.json"
+    stored_path = run_dir / "config.json"
+    stored = json.loads(stored_path.read_text()) if stored_path.exists() else {}
+    mine = dataclasses.asdict(config)
+    diff = sorted(k for k in mine if k not in _IGNORED_IN_MATCH and stored.get(k) != mine[k])
+    if diff:
+        raise ValueError(f"{run_dir} holds a run with other options ({', '.join(diff)}); use another --out or "
+                         "remove that run")
+    if metrics_path.exists() and json.loads(metrics_path.read_text()).get("finished"):
+        return "reuse"
+    try:
+        resume_config(run_dir)
+    except ValueError:  # no last checkpoint yet (crashed in epoch 1): start it again
+        return "train"
+    return "resume"
+
+
 def _run_dir_of(run: str | Path) -> Path:
     p = Path(run).expanduser()
     if p.is_file() or p.suffix in (".json", ".safetensors"):

@@ -1,0 +1,73 @@
+"""``mirrorla compare --variants``: a study file, paired statistics and the decision rule."""
+
+import json
+import math
+
+import pytest
+
+from mirrorla.tools.cli import main
+from mirrorla.tools.study import decisions, load_study, paired_interval, summarise
+
+
+def test_paired_interval_matches_the_t_distribution():
+    mean, low, high = paired_interval([1.0, 2.0, 3.0])
+    # mean 2, sd 1, n 3: half-width t(0.975, 2) · 1/√3 = 4.3027 / 1.7321
+    assert mean == 2.0 and math.isclose(high - mean, 4.302652729911275 / math.sqrt(3), rel_tol=1e-9)
+    assert math.isclose(mean - low, high - mean)
+    assert paired_interval([0.5])[1] == -math.inf
+
+
+def _study(**kw):
+    base = {"reference": "a", "seeds": [0, 1], "variants": [{"name": "a", "attn": "relu"},
+                                                          {"name": "b", "attn": "mirror"}]}
+    return {**base, **kw}
+
+
+def test_decision_rule_needs_two_settings_above_and_none_below():
+    study = {**_study(), "settings": [{"name": n} for n in ("s1", "s2", "s3")]}
+    results = []
+    for setting, shift in (("s1", 1.0), ("s2", 1.0), ("s3", 0.0)):
+        for seed, noise in ((0, 0.1), (1, -0.1), (2, 0.05)):
+            results.append({"setting": setting, "variant": "a", "seed": seed, "top1": 50.0 + noise})
+            results.append({"setting": setting, "variant": "b", "seed": seed, "top1": 50.0 + noise + shift
+                            + (0.3 * noise if setting == "s3" else 0.01 * seed)})
+    verdict = decisions(study, summarise(study, results))["b"]
+    assert verdict == {"above": 2, "below": 0, "settings": 3, "passes": True}
+    results = [dict(r, top1=r["top1"] - 2.0 * (r["variant"] == "b" and r["setting"] == "s3")) for r in results]
+    assert decisions(study, summarise(study, results))["b"]["passes"] is False  # one setting below 0
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"reference": "zz"}, "'reference' must name a variant"),
+    ({"seeds": [0]}, "at least two int seeds"),
+    ({"variants": [{"name": "a"}]}, "at least two variants"),
+    ({"colour": 1}, "unknown key"),
+])
+def test_study_files_are_checked(tmp_path, change, needle):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({**_study(), **change}))
+    with pytest.raises(ValueError, match=needle):
+        load_study(path)
+
+
+def test_two_variant_two_seed_study_on_digits(tmp_path, capsys):
+    """The smallest real study: digits, PVT-nano, one epoch, two variants × two seeds (about 30 s here)."""
+    study = {"protocol": "smoke test", "decision_rule": "none", "reference": "relu", "seeds": [0, 1],
+             "recipe": {"model": "mirrorla_pvt_nano", "data": "digits", "epochs": 1, "batch_size": 64,
+                        "train_subset": 256, "warmup_epochs": 0.2},
+             "variants": [{"name": "relu", "attn": "relu"},
+                          {"name": "mirror-half", "attn": "mirror", "attn_kwargs": {"pairing": "half"}}]}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(study))
+    out = tmp_path / "out"
+    assert main(["compare", "--variants", str(path), "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["variant"], r["seed"]) for r in results} == {("relu", 0), ("relu", 1), ("mirror-half", 0),
+                                                            ("mirror-half", 1)}
+    report = (out / "results.md").read_text()
+    assert "smoke test" in report and "| mirror-half | 2 |" in report and "95% interval" in report
+    assert (out / "results.png").stat().st_size > 0
+    assert json.loads((out / "study.json").read_text()) == {**study, "settings": [{"name": "default"}]}
+    capsys.readouterr()
+    assert main(["compare", "--variants", str(path), "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("finished: reused") == 4
