@@ -181,3 +181,85 @@ def test_learned_reflection_rescues_negative_quadrant_energy():
     learned_retention = energy_retention(x, phi)
     assert relu_retention < 0.05
     assert learned_retention > 0.9, (relu_retention, learned_retention)
+
+
+# ---- the study's options: σ² scope, γ init, learning-rate multiplier ----------------------------------------
+
+
+def _folded_equals_plain(fmap, q, k):
+    """The folded path (projections folded, per-sample step per token) equals the plain map."""
+    from mirrorla import LinearAttention
+
+    layer = LinearAttention(fmap.num_heads * fmap.head_dim, fmap.num_heads, local_kernel=0)
+    layer.feature_map = fmap
+    x = torch.randn(2, 16, fmap.num_heads * fmap.head_dim, dtype=torch.float64)
+    layer = layer.double()
+    torch.testing.assert_close(layer(x), LinearAttention.forward.__get__(layer)(x))
+    qp, kp, v = layer.project(x, fold=False)
+    plain = fmap.attend(qp, kp, v, eps=layer.eps)
+    qf, kf, _ = layer.project(x)
+    torch.testing.assert_close(fmap.attend(qf, kf, v, eps=layer.eps, folded=True), plain)
+
+
+def test_running_variance_is_updated_in_training_and_used_alike_in_eval():
+    fmap = create_feature_map("mirror", 2, 8, variance_scope="running", running_momentum=0.5, gamma_init=0.3)
+    assert torch.equal(fmap.gamma, torch.full((2, 4), 0.3)) and torch.equal(fmap.running_var, torch.ones(2, 4))
+    q, k = torch.randn(3, 2, 10, 8) * 3, torch.randn(3, 2, 10, 8) * 3
+    fmap.train()
+    fmap(q, k)
+    updated = fmap.running_var.clone()
+    assert not torch.equal(updated, torch.ones(2, 4))
+    from mirrorla.ops import cross_head_reflect, block_variance
+
+    batch = block_variance(cross_head_reflect(k, fmap.u), dim=2).mean(0)
+    torch.testing.assert_close(updated, 0.5 * torch.ones(2, 4) + 0.5 * batch)
+    fmap.eval()
+    out_eval = fmap(q, k)
+    assert torch.equal(fmap.running_var, updated)  # eval reads, never writes
+    angles = fmap.angles(cross_head_reflect(k, fmap.u))
+    assert angles.shape == (1, 2, 1, 4)  # one Θ for every sample
+    fmap.train()
+    with torch.no_grad():
+        fmap.running_var.copy_(updated)
+    fmap.running_momentum = 1e-12  # (almost) no update: training now uses the same Θ as evaluation
+    torch.testing.assert_close(fmap(q, k), out_eval)
+
+
+def test_running_and_token_scopes_fold_exactly():
+    for scope in ("running", "token"):
+        fmap = create_feature_map("mirror", 2, 8, variance_scope=scope, gamma_init=0.5).double().eval()
+        _folded_equals_plain(fmap, None, None)
+
+
+def test_token_scope_gives_queries_and_keys_their_own_angles():
+    fmap = create_feature_map("mirror", 1, 4, variance_scope="token", gamma_init=1.0, cross_head=False)
+    q, k = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    rq, rk = fmap.reflect(q, k)
+    # each token reflected by its own angle: norms kept, but q·k no longer preserved (documented)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))
+    assert not torch.allclose(rq @ rk.transpose(-1, -2), q @ k.transpose(-1, -2))
+
+
+def test_old_state_dicts_without_the_scope_still_load_and_other_scopes_are_refused():
+    a = create_feature_map("mirror", 2, 8)
+    legacy = dict(a.state_dict())
+    legacy["map_config"] = legacy["map_config"][:5]  # saved before variance_scope existed
+    create_feature_map("mirror", 2, 8).load_state_dict(legacy)
+    b = create_feature_map("mirror", 2, 8, variance_scope="token")
+    with pytest.raises(ValueError, match="variance_scope='sample' in the state dict but 'token' here"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_map_lr_scale_reaches_the_optimizer_and_the_schedule(tmp_path):
+    from mirrorla.tools.train import TrainConfig, _recipe, build_model
+
+    model = build_model(TrainConfig(model="mirrorla_vit_nano_patch4"), 10, 3, 32)
+    recipe = _recipe(TrainConfig(model="mirrorla_vit_nano_patch4", lr=1e-3, map_lr_scale=10.0, warmup_epochs=0),
+                     model, 5, 10)
+    map_params = {id(p) for n, p in model.named_parameters() if ".feature_map." in f".{n}"}
+    scaled = [g for g in recipe.optimizer.param_groups if g.get("lr_scale") == 10.0]
+    assert map_params and {id(p) for g in scaled for p in g["params"]} == map_params
+    recipe.scheduler.step_update(1)
+    lrs = {g.get("lr_scale", 1.0): g["lr"] for g in recipe.optimizer.param_groups}
+    assert lrs[10.0] == pytest.approx(10 * lrs[1.0])
+    assert all(g["weight_decay"] == 0.0 for g in scaled)  # angles, gains and vectors are never decayed

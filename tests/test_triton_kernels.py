@@ -163,3 +163,21 @@ def test_cuda_mirror_layer_bf16_matches_fp32():
         out = layer(x)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_running_scope_on_triton_matches_torch(backend):
+    h, d, n = 2, 16, 40
+    fmap = create_feature_map("mirror", h, d, variance_scope="running", gamma_init=0.4).eval()
+    q, k, v = (torch.randn(2, h, n, d, requires_grad=True) for _ in range(3))
+    params = [q, k, v, fmap.theta, fmap.gamma]
+    got = {}
+    for name in ("triton", "torch"):
+        backend(name)
+        out = fmap.attend(q, k, v, folded=True)
+        got[name] = (out, torch.autograd.grad(out.square().sum(), params, allow_unused=True))
+    torch.testing.assert_close(got["triton"][0], got["torch"][0], atol=1e-4, rtol=1e-4)
+    for a, w in zip(got["triton"][1], got["torch"][1], strict=True):
+        if w is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4)

@@ -30,10 +30,15 @@ from .ops import (
     check_pairing,
     cross_head_reflect,
     folded_mirror_map,
+    folded_variance,
     linear_attention,
     linear_attention_reference,
     mapped_linear_attention,
+    pair_channels,
+    rotate_relu,
+    rotate_relu_reference,
     select_backend,
+    token_sums,
 )
 
 __all__ = [
@@ -51,6 +56,8 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[FeatureMap]] = {}
+
+VARIANCE_SCOPES = ("sample", "running", "token")  # what MirrorLA's σ² is computed over (MirrorFeatureMap)
 
 
 def register_feature_map(name: str) -> Callable[[type[FeatureMap]], type[FeatureMap]]:
@@ -325,8 +332,17 @@ class MirrorFeatureMap(FeatureMap):
         delta_form: the form of Δα, a key of :data:`DELTA_FORMS` (default ``"tanh_log"``); γ
             ``[H, d/2]`` is zero-initialised so a model starts as plain block reflection.
         theta_init: ``"uniform"`` (U[0, π), default), ``"zero"`` or a float (every angle that value).
+        gamma_init: the initial value of every γ (default 0: a new model starts as plain block reflection).
         u_init: ``"normal"`` (default, N(0, 1) entries) or ``"ones"`` (an even mix of all channels).
         eps: ε inside Δα.
+        variance_scope: what σ² is computed over (docs/method.md §2.3). ``"sample"`` (default): per sample,
+            head and pair, over its tokens and the pair's two channels. ``"running"``: a BatchNorm-style running
+            estimate of that per-pair variance, a buffer updated with ``running_momentum`` in training mode and
+            used as it stands in training and evaluation alike (one Θ for every sample). ``"token"``: per token,
+            over the pair's two channels only; queries and keys then get different angles, so ``qᵀk`` is *not*
+            preserved before the ReLU (an ablation of the paper's choice, not a faithful variant). The fused
+            kernels serve ``"sample"`` (and ``"running"`` for the rotation); ``"token"`` runs the reference.
+        running_momentum: the update weight of the running estimate (``"running"`` only).
 
     With every component off the map is exactly ReLU, so the ablation
     ReLU → +block → +variance → +cross-head is configuration only.
@@ -345,8 +361,11 @@ class MirrorFeatureMap(FeatureMap):
         pairing: str = "adjacent",
         delta_form: str = "tanh_log",
         theta_init: str | float = "uniform",
+        gamma_init: float = 0.0,
         u_init: str = "normal",
         eps: float = 1e-6,
+        variance_scope: str = "sample",
+        running_momentum: float = 0.1,
     ) -> None:
         super().__init__(num_heads, head_dim)
         if variance and not block:
@@ -357,6 +376,12 @@ class MirrorFeatureMap(FeatureMap):
         check_delta_form(delta_form)
         if u_init not in ("normal", "ones"):
             raise ValueError(f"u_init must be 'normal' or 'ones', got {u_init!r}")
+        if variance_scope not in VARIANCE_SCOPES:
+            raise ValueError(f"variance_scope must be one of {VARIANCE_SCOPES}, got {variance_scope!r}")
+        if not 0.0 < running_momentum <= 1.0:
+            raise ValueError(f"running_momentum must be in (0, 1], got {running_momentum}")
+        self.variance_scope, self.running_momentum = variance_scope, float(running_momentum)
+        self.gamma_init = float(gamma_init)
         self.block, self.variance, self.cross_head = bool(block), bool(variance), bool(cross_head)
         self.pairing, self.delta_form, self.eps = pairing, delta_form, float(eps)
         self.theta_init, self.u_init = theta_init, u_init
@@ -364,6 +389,10 @@ class MirrorFeatureMap(FeatureMap):
         self.theta = nn.Parameter(torch.empty(num_heads, blocks)) if block else None
         self.gamma = nn.Parameter(torch.zeros(num_heads, blocks)) if variance else None
         self.u = nn.Parameter(torch.empty(num_heads * head_dim)) if cross_head else None
+        if variance and variance_scope == "running":
+            self.register_buffer("running_var", torch.ones(num_heads, blocks))
+        else:
+            self.running_var = None
         # The options that change the map's function without changing its parameters' shapes travel with the
         # weights, so loading a state dict saved with another pairing or Δα form is an error, not a silent
         # change of outputs (see _check_loaded_config).
@@ -371,19 +400,26 @@ class MirrorFeatureMap(FeatureMap):
         self._register_load_state_dict_pre_hook(self._check_loaded_config)
         self.reset_parameters()
 
-    _CONFIG_FIELDS = ("pairing", "delta_form", "block", "variance", "cross_head")
+    _CONFIG_FIELDS = ("pairing", "delta_form", "block", "variance", "cross_head", "variance_scope")
 
     def _config_code(self) -> torch.Tensor:
         return torch.tensor([PAIRINGS.index(self.pairing), sorted(DELTA_FORMS).index(self.delta_form),
-                             int(self.block), int(self.variance), int(self.cross_head)], dtype=torch.int64)
+                             int(self.block), int(self.variance), int(self.cross_head),
+                             VARIANCE_SCOPES.index(self.variance_scope)], dtype=torch.int64)
 
     def _decode_config(self, code: torch.Tensor) -> dict[str, Any]:
         values = [int(v) for v in code.tolist()]
+        if len(values) == len(self._CONFIG_FIELDS) - 1:  # saved before variance_scope existed: always "sample"
+            values.append(0)
         if len(values) != len(self._CONFIG_FIELDS):
             return {"map_config": values}
-        return {"pairing": PAIRINGS[values[0]] if 0 <= values[0] < len(PAIRINGS) else values[0],
-                "delta_form": sorted(DELTA_FORMS)[values[1]] if 0 <= values[1] < len(DELTA_FORMS) else values[1],
-                "block": bool(values[2]), "variance": bool(values[3]), "cross_head": bool(values[4])}
+
+        def name(choices, i):
+            return choices[i] if 0 <= i < len(choices) else i
+
+        return {"pairing": name(PAIRINGS, values[0]), "delta_form": name(sorted(DELTA_FORMS), values[1]),
+                "block": bool(values[2]), "variance": bool(values[3]), "cross_head": bool(values[4]),
+                "variance_scope": name(VARIANCE_SCOPES, values[5])}
 
     def _check_loaded_config(self, state_dict, prefix, *_args) -> None:
         key = prefix + "map_config"
@@ -396,6 +432,7 @@ class MirrorFeatureMap(FeatureMap):
             detail = ", ".join(f"{k}={a!r} in the state dict but {b!r} here" for k, (a, b) in diff.items())
             raise ValueError(f"{prefix or 'mirror feature map'}: the state dict was saved with another MirrorLA "
                              f"configuration: {detail}")
+        state_dict[key] = self.map_config.clone()  # same configuration; an older, shorter code is brought up to date
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -409,17 +446,47 @@ class MirrorFeatureMap(FeatureMap):
                 else:
                     raise ValueError(f"theta_init must be 'uniform', 'zero' or a float, got {self.theta_init!r}")
             if self.gamma is not None:
-                self.gamma.zero_()
+                self.gamma.fill_(self.gamma_init)
+            if self.running_var is not None:
+                self.running_var.fill_(1.0)
             if self.u is not None:
                 if self.u_init == "normal":
                     self.u.normal_()
                 else:
                     self.u.fill_(1.0)
 
+    def _running(self, sample_var: torch.Tensor) -> torch.Tensor:
+        """The running σ² ``[1, H, d/2]``: updated from this batch's mean per-sample σ² in training mode, then used
+        as it stands (a constant to autograd, like BatchNorm's running statistics)."""
+        if self.training:
+            with torch.no_grad():
+                batch = sample_var.detach().mean(0).to(self.running_var.dtype)
+                self.running_var.lerp_(batch, self.running_momentum)
+        return self.running_var.to(sample_var.dtype).unsqueeze(0)
+
+    def block_variance(self, x_cross: torch.Tensor, *, folded: bool = False) -> torch.Tensor:
+        """σ² of ``x`` ``[B, H, N, d]`` (after the cross-head reflection; with ``folded`` also after ``H(0)``, which
+        negated the first channel of each pair) for this map's ``variance_scope``: ``[B, H, d/2]`` (sample),
+        ``[1, H, d/2]`` (running) or ``[B, H, N, d/2]`` (token), fp32."""
+        if self.variance_scope == "token":
+            pairs = pair_channels(x_cross.to(torch.promote_types(x_cross.dtype, torch.float32)), self.pairing)
+            # the variance of two numbers a, b is ((a − b)/2)²; H(0) turned a into −a
+            half_gap = (pairs[..., 0] + pairs[..., 1] if folded else pairs[..., 0] - pairs[..., 1]) * 0.5
+            return half_gap.square()
+        if folded:
+            var = folded_variance(token_sums(x_cross), x_cross.shape[2], pairing=self.pairing)
+        else:
+            var = block_variance(x_cross, pairing=self.pairing, dim=2)
+        return self._running(var) if self.variance_scope == "running" else var
+
     def delta_alpha(self, k_cross: torch.Tensor) -> torch.Tensor:
-        """Δα(σ²) ``[B, H, d/2]`` (fp32) from keys after the cross-head reflection ``[B, H, N, d]``."""
-        var = block_variance(k_cross, pairing=self.pairing, dim=2)
-        return DELTA_FORMS[self.delta_form](var, self.gamma.to(var.dtype), self.eps)
+        """Δα(σ²) (fp32) from keys after the cross-head reflection ``[B, H, N, d]``: ``[B, H, d/2]`` per sample
+        (``[1, H, d/2]`` running, ``[B, H, N, d/2]`` per token, see ``variance_scope``)."""
+        return self._delta(self.block_variance(k_cross))
+
+    def _delta(self, var: torch.Tensor) -> torch.Tensor:
+        gamma = self.gamma.to(var.dtype)
+        return DELTA_FORMS[self.delta_form](var, gamma[:, None] if var.dim() == 4 else gamma, self.eps)
 
     def variance_offsets(self, k: torch.Tensor) -> torch.Tensor:
         """Δα ``[B, H, d/2]`` (fp32) of plain projected keys ``[B, H, N, d]``: the map's own order (the cross-head
@@ -429,11 +496,15 @@ class MirrorFeatureMap(FeatureMap):
         return self.delta_alpha(cross_head_reflect(k, self.u) if self.cross_head else k)
 
     def angles(self, k_cross: torch.Tensor) -> torch.Tensor:
-        """Θ per sample ``[B or 1, H, 1, d/2]`` (fp32) for keys after the cross-head reflection."""
-        theta = self.theta.to(torch.promote_types(self.theta.dtype, torch.float32)).unsqueeze(0)  # [1, H, d/2]
-        if self.variance:
-            theta = theta + self.delta_alpha(k_cross)
-        return theta.unsqueeze(2)
+        """Θ (fp32) for keys (or, per token, any features) after the cross-head reflection: ``[B or 1, H, 1, d/2]``,
+        or ``[B, H, N, d/2]`` with ``variance_scope="token"``."""
+        theta = self.theta.to(torch.promote_types(self.theta.dtype, torch.float32))  # [H, d/2]
+        if not self.variance:
+            return theta[None, :, None]
+        delta = self.delta_alpha(k_cross)
+        if self.variance_scope == "token":
+            return theta[None, :, None] + delta
+        return (theta[None] + delta).unsqueeze(2)
 
     def reflect(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The map before the ReLU: an orthogonal map per sample, shared by q and k (``[B, H, N, d]``).
@@ -446,7 +517,8 @@ class MirrorFeatureMap(FeatureMap):
             q, k = cross_head_reflect(q, self.u), cross_head_reflect(k, self.u)
         if self.block:
             theta = self.angles(k)
-            q = block_reflect(q, theta, pairing=self.pairing)
+            theta_q = self.angles(q) if self.variance and self.variance_scope == "token" else theta
+            q = block_reflect(q, theta_q, pairing=self.pairing)
             k = block_reflect(k, theta, pairing=self.pairing)
         return q, k
 
@@ -490,8 +562,23 @@ class MirrorFeatureMap(FeatureMap):
         self._check(q, k)
         if not (self.block and self.variance):
             return F.relu(q), F.relu(k)
-        return folded_mirror_map(q, k, self.theta, self.gamma, eps=self.eps, delta_form=self.delta_form,
-                                 pairing=self.pairing)
+        if self.variance_scope == "sample":
+            return folded_mirror_map(q, k, self.theta, self.gamma, eps=self.eps, delta_form=self.delta_form,
+                                     pairing=self.pairing)
+        angle_k = self._folded_angle(k)
+        angle_q = self._folded_angle(q) if self.variance_scope == "token" else angle_k
+        return self._rotate_relu(q, angle_q), self._rotate_relu(k, angle_k)
+
+    def _folded_angle(self, x: torch.Tensor) -> torch.Tensor:
+        """2Θ for folded features: ``[1, H, d/2]`` (running) or ``[B, H, N, d/2]`` (token)."""
+        var = self.block_variance(x, folded=True)
+        theta = self.theta.to(var.dtype)
+        return 2.0 * ((theta[:, None] if var.dim() == 4 else theta) + self._delta(var))
+
+    def _rotate_relu(self, x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+        if angle.dim() == 4:  # per-token angles: only the reference takes them
+            return rotate_relu_reference(x, angle, pairing=self.pairing)
+        return rotate_relu(x, angle, pairing=self.pairing)
 
     def attend(self, q, k, v, *, eps=1e-6, return_attn=False, folded=False):
         """Linear attention with this map. With ``folded=True`` and the Triton backend, σ² comes from one pass
@@ -501,7 +588,10 @@ class MirrorFeatureMap(FeatureMap):
         self._check(q, k)
         if not (self.block and self.variance):  # the whole map is static and folded: what remains is ReLU
             return mapped_linear_attention(q, k, v, feature="relu", eps=eps)
-        if select_backend(q, k, v) != "triton":
+        if self.variance_scope == "running":  # one Θ for every sample: the rotation runs inside the fused core
+            return mapped_linear_attention(q, k, v, feature="rotate_relu", angle=self._folded_angle(k),
+                                           pairing=self.pairing, eps=eps)
+        if self.variance_scope == "token" or select_backend(q, k, v) != "triton":
             return super().attend(q, k, v, eps=eps, folded=True)  # the CPU kernel or the reference
         from .ops.triton_linear_attention import mirror_linear_attention
 

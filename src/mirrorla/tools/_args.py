@@ -46,6 +46,8 @@ def add_train_arguments(p: argparse.ArgumentParser, *, with_attn: bool = True) -
     p.add_argument("--clip-grad", dest="clip_grad", type=float, default=None)
     p.add_argument("--drop-path", dest="drop_path", type=float, default=None)
     p.add_argument("--amp", choices=["none", "bf16"], default=None, help="bf16 autocast")
+    p.add_argument("--map-lr-scale", dest="map_lr_scale", type=float, default=None,
+                   help="learning-rate multiplier of the feature maps' parameters (MirrorLA's angles)")
     p.add_argument("--model-ema", dest="model_ema", action="store_true", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--split-seed", dest="split_seed", type=int, default=None)

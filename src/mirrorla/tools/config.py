@@ -36,6 +36,7 @@ class TrainConfig:
     clip_grad: float | None = 1.0
     drop_path: float = 0.0
     amp: str = "none"  # "none" or "bf16"
+    map_lr_scale: float = 1.0  # learning-rate multiplier of the feature maps' parameters (MirrorLA's θ, γ, u)
     model_ema: bool = False
     model_ema_decay: float = 0.999
     seed: int = 0
@@ -70,7 +71,7 @@ class TrainConfig:
             "weight_decay": (0.0, None, True, False), "warmup_epochs": (0.0, None, True, False),
             "label_smoothing": (0.0, 1.0, True, False), "mixup": (0.0, None, True, False),
             "cutmix": (0.0, None, True, False), "drop_path": (0.0, 1.0, True, False),
-            "model_ema_decay": (0.0, 1.0, False, False),
+            "model_ema_decay": (0.0, 1.0, False, False), "map_lr_scale": (0.0, None, False, False),
         }
         for name, (low, high, low_in, high_in) in ranges.items():
             value = getattr(self, name)

@@ -297,6 +297,26 @@ class _Recipe:
     mixup: Any = None
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float, map_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW parameter groups as timm makes them (no weight decay for biases, norms, 1-d parameters and the model's
+    ``no_weight_decay()``), with the feature maps' parameters in groups of their own whose ``lr_scale`` timm's
+    schedulers multiply into the learning rate at every step."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if map_lr_scale == 1.0:  # exactly timm's two groups, so checkpoints of earlier runs resume
+        from timm.optim import param_groups_weight_decay
+
+        return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
+        groups.setdefault((decay, ".feature_map." in f".{name}"), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             **({"lr_scale": map_lr_scale} if in_map else {})}
+            for (decay, in_map), params in groups.items()]
+
+
 def _recipe(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int, num_classes: int) -> _Recipe:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -304,7 +324,8 @@ def _recipe(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int, n
     from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
 
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = create_optimizer_v2(param_groups(model, config.weight_decay, config.map_lr_scale), opt="adamw",
+                                    lr=config.lr, weight_decay=config.weight_decay)
     # stepped per update with the absolute step, so a resumed or extended run (longer t_initial) picks up its curve
     scheduler = CosineLRScheduler(
         optimizer, t_initial=config.epochs * steps_per_epoch, lr_min=config.min_lr,
