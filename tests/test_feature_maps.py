@@ -209,7 +209,7 @@ def test_running_variance_is_updated_in_training_and_used_alike_in_eval():
     fmap(q, k)
     updated = fmap.running_var.clone()
     assert not torch.equal(updated, torch.ones(2, 4))
-    from mirrorla.ops import cross_head_reflect, block_variance
+    from mirrorla.ops import block_variance, cross_head_reflect
 
     batch = block_variance(cross_head_reflect(k, fmap.u), dim=2).mean(0)
     torch.testing.assert_close(updated, 0.5 * torch.ones(2, 4) + 0.5 * batch)
