@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mirrorla-installed
 
-.PHONY: test demo lint bench-cpu model-table clean
+.PHONY: test demo lint bench-cpu model-table study clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ lint: $(STAMP)
 
 bench-cpu: $(STAMP)
 	bash benchmarks/run_cpu.sh $(PY)
+
+# The accuracy study (benchmarks/study/mirror_study.json): hours on 2 cores; `make study QUICK=1` runs two seeds.
+# Runs (with their checkpoints) stay in runs/study; the report is copied to benchmarks/results/accuracy/.
+study: $(STAMP)
+	$(PY) -m mirrorla compare --variants benchmarks/study/mirror_study.json --out runs/study --analyze \
+	    $(if $(QUICK),--quick) --no-progress
+	mkdir -p benchmarks/results/accuracy
+	cp runs/study/study.json runs/study/results.json runs/study/results.md runs/study/results.png \
+	    benchmarks/results/accuracy/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

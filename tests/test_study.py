@@ -71,3 +71,16 @@ def test_two_variant_two_seed_study_on_digits(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", "--variants", str(path), "--out", str(out), "--no-progress"]) == 0
     assert capsys.readouterr().out.count("finished: reused") == 4
+
+
+def test_the_shipped_study_file_is_valid():
+    """benchmarks/study/mirror_study.json loads and every one of its runs is a valid TrainConfig."""
+    from pathlib import Path
+
+    from mirrorla.tools.config import TrainConfig
+    from mirrorla.tools.study import _configs
+
+    study = load_study(Path(__file__).resolve().parents[1] / "benchmarks" / "study" / "mirror_study.json")
+    planned = _configs(study, TrainConfig(progress=False), Path("unused"), study["seeds"])
+    assert len(planned) == len(study["settings"]) * len(study["variants"]) * len(study["seeds"])
+    assert study["reference"] == "mirror" and len(study["seeds"]) >= 5 and study["recipe"]["epochs"] >= 20

@@ -39,6 +39,7 @@ from .config import TrainConfig
 
 __all__ = ["load_study", "paired_interval", "run_study", "study_markdown"]
 
+_MECHANISM = ("retention_k", "rank_k", "attn_entropy")
 _STUDY_KEYS = {"protocol", "decision_rule", "reference", "seeds", "quick_seeds", "recipe", "settings", "variants"}
 _VARIANT_KEYS = {"name", "attn", "attn_kwargs", "recipe"}
 
@@ -167,6 +168,11 @@ def summarise(study: dict[str, Any], results: list[dict[str, Any]]) -> list[dict
             top1 = [by[(setting, variant, s)] for s in seeds]
             row = {"setting": setting, "variant": variant, "seeds": len(seeds), "mean": statistics.fmean(top1),
                    "std": statistics.stdev(top1) if len(top1) > 1 else 0.0}
+            for key in _MECHANISM:  # compare --analyze: layer-averaged mechanism statistics, mean over seeds
+                values = [r[key] for r in results if r["setting"] == setting and r["variant"] == variant
+                          and r.get(key) is not None]
+                if values:
+                    row[key] = statistics.fmean(values)
             if variant != study["reference"]:
                 pairs = [s for s in seeds if (setting, study["reference"], s) in by]
                 if pairs:
@@ -202,14 +208,17 @@ def study_markdown(study: dict[str, Any], results: list[dict[str, Any]]) -> str:
               "difference is the mean over seeds of (variant − reference) at the same seed, with its 95% t-interval.",
               ""]
     for setting in [s["name"] for s in study["settings"]]:
-        lines += [f"## {setting}", "", "| variant | seeds | top-1 (%) | paired diff | 95% interval |",
-                  "|---|---|---|---|---|"]
+        mech = [k for k in _MECHANISM if any(k in r for r in rows if r["setting"] == setting)]
+        lines += [f"## {setting}", "", "| variant | seeds | top-1 (%) | paired diff | 95% interval |"
+                  + "".join(f" {k} |" for k in mech), "|---" * (5 + len(mech)) + "|"]
         for r in rows:
             if r["setting"] != setting:
                 continue
             diff = f"{r['diff']:+.2f}" if "diff" in r else "(reference)"
             ci = f"[{r['low']:+.2f}, {r['high']:+.2f}]" if "diff" in r else ""
-            lines.append(f"| {r['variant']} | {r['seeds']} | {r['mean']:.2f} ± {r['std']:.2f} | {diff} | {ci} |")
+            cells = "".join(f" {r[k]:.3f} |" if k in r else " – |" for k in mech)
+            lines.append(f"| {r['variant']} | {r['seeds']} | {r['mean']:.2f} ± {r['std']:.2f} | {diff} | {ci} |"
+                         + cells)
         lines.append("")
     lines += ["## Decision", "", "| variant | settings above 0 | settings below 0 | passes the rule |",
               "|---|---|---|---|"]
