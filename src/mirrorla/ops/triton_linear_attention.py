@@ -111,6 +111,34 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b)
 
 
+@triton.jit
+def _program(COS, SSIN, H, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+             PAIRING: tl.constexpr):
+    """The (b, h) row and chunk of this program, channel offsets and masks, pair partners and signs, and the row's
+    per-channel cos / signed sin."""
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs_d = tl.arange(0, BD)
+    offs_v = tl.arange(0, BDV)
+    dmask = offs_d < D
+    vmask = offs_v < DV
+    partner, sign = _partner(offs_d, D, PAIRING)
+    cos = tl.load(COS + bh * D + offs_d, mask=dmask, other=1.0)
+    ssin = tl.load(SSIN + bh * D + offs_d, mask=dmask, other=0.0)
+    return bh, chunk, bh // H, bh % H, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin
+
+
+@triton.jit
+def _load_state(ST, offs_d, offs_v, partner, dmask, vmask, DV: tl.constexpr):
+    """A ``[D, DV + 1]`` fp32 state (or its gradient): S, z, and both with the rows in pair-partner order."""
+    smask = dmask[:, None] & vmask[None, :]
+    s = tl.load(ST + offs_d[:, None] * (DV + 1) + offs_v[None, :], mask=smask, other=0.0)
+    z = tl.load(ST + offs_d * (DV + 1) + DV, mask=dmask, other=0.0)
+    s_p = tl.load(ST + partner[:, None] * (DV + 1) + offs_v[None, :], mask=smask, other=0.0)
+    z_p = tl.load(ST + partner * (DV + 1) + DV, mask=dmask, other=0.0)
+    return s, z, s_p, z_p
+
+
 # ----------------------------------------------------------------------------------------------------- forward
 
 
@@ -121,17 +149,8 @@ def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
                   MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                   SWAP: tl.constexpr):
     """PART[bh, chunk] = [Σ φ(k) vᵀ | Σ φ(k)] over the chunk's tokens, ``[BD, BDV + 1]`` → stored ``[D, DV + 1]``."""
-    bh = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, BD)
-    offs_v = tl.arange(0, BDV)
-    dmask = offs_d < D
-    vmask = offs_v < DV
-    partner, sign = _partner(offs_d, D, PAIRING)
-    cos = tl.load(COS + bh * D + offs_d, mask=dmask, other=1.0)
-    ssin = tl.load(SSIN + bh * D + offs_d, mask=dmask, other=0.0)
+    bh, chunk, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
+        COS, SSIN, H, D, DV, BD, BDV, PAIRING)
     k_ptr = K + b * s_kb + h * s_kh
     v_ptr = V + b * s_vb + h * s_vh
     acc = tl.zeros([BD, BDV], dtype=tl.float32)
@@ -192,23 +211,10 @@ def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, 
                        MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                   SWAP: tl.constexpr):
     """dq, and the chunk's partial dS, dz and d angle (q part)."""
-    bh = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, BD)
-    offs_v = tl.arange(0, BDV)
-    dmask = offs_d < D
-    vmask = offs_v < DV
-    partner, sign = _partner(offs_d, D, PAIRING)
-    cos = tl.load(COS + bh * D + offs_d, mask=dmask, other=1.0)
-    ssin = tl.load(SSIN + bh * D + offs_d, mask=dmask, other=0.0)
-    st = STATE + bh * D * (DV + 1)
+    bh, chunk, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
+        COS, SSIN, H, D, DV, BD, BDV, PAIRING)
+    s, z, s_p, z_p = _load_state(STATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
     smask = dmask[:, None] & vmask[None, :]
-    s = tl.load(st + offs_d[:, None] * (DV + 1) + offs_v[None, :], mask=smask, other=0.0)
-    z = tl.load(st + offs_d * (DV + 1) + DV, mask=dmask, other=0.0)
-    s_p = tl.load(st + partner[:, None] * (DV + 1) + offs_v[None, :], mask=smask, other=0.0)
-    z_p = tl.load(st + partner * (DV + 1) + DV, mask=dmask, other=0.0)
     q_ptr = Q + b * s_qb + h * s_qh
     do_ptr = DO + b * s_db + h * s_dh
     dq_ptr = DQ + bh * NQ * D
@@ -258,23 +264,9 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, DANG_PART, N, H, TI
                         MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                   SWAP: tl.constexpr):
     """dk, dv and the chunk's partial d angle (k part), from the total dS and dz."""
-    bh = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, BD)
-    offs_v = tl.arange(0, BDV)
-    dmask = offs_d < D
-    vmask = offs_v < DV
-    partner, sign = _partner(offs_d, D, PAIRING)
-    cos = tl.load(COS + bh * D + offs_d, mask=dmask, other=1.0)
-    ssin = tl.load(SSIN + bh * D + offs_d, mask=dmask, other=0.0)
-    st = DSTATE + bh * D * (DV + 1)
-    smask = dmask[:, None] & vmask[None, :]
-    ds = tl.load(st + offs_d[:, None] * (DV + 1) + offs_v[None, :], mask=smask, other=0.0)
-    dz = tl.load(st + offs_d * (DV + 1) + DV, mask=dmask, other=0.0)
-    ds_p = tl.load(st + partner[:, None] * (DV + 1) + offs_v[None, :], mask=smask, other=0.0)
-    dz_p = tl.load(st + partner * (DV + 1) + DV, mask=dmask, other=0.0)
+    bh, chunk, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
+        COS, SSIN, H, D, DV, BD, BDV, PAIRING)
+    ds, dz, ds_p, dz_p = _load_state(DSTATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
     k_ptr = K + b * s_kb + h * s_kh
     v_ptr = V + b * s_vb + h * s_vh
     dk_ptr = DK + bh * N * D

@@ -16,7 +16,7 @@ from typing import Any
 from .analyze import ANALYSIS_COLUMNS
 from .checkpoint import atomic_write_text
 from .config import TrainConfig
-from .train import existing_run_action, holds_run, train
+from .train import ACTION_NOTES, existing_run_action, holds_run, run_planned
 
 __all__ = ["ABLATION", "ANALYSIS_COLUMNS", "aggregate", "compare", "plot_results", "results_markdown"]
 
@@ -75,14 +75,9 @@ def compare(base: TrainConfig, attns: list[str], seeds: list[int], out: Path, *,
     results = []
     for i, (attn, variant, config, action) in enumerate(planned):
         run_dir = Path(config.out)
-        print(f"[{i + 1}/{len(planned)}] {attn} ({variant}) seed {config.seed} -> {run_dir}"
-              + {"train": "", "resume": " (resuming)", "reuse": " (finished: reused)"}[action], flush=True)
-        if action == "reuse":
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-        elif action == "resume":
-            metrics = train(config, resume=run_dir)
-        else:
-            metrics = train(config, overwrite=True)  # only a run of the same config that never checkpointed
+        print(f"[{i + 1}/{len(planned)}] {attn} ({variant}) seed {config.seed} -> {run_dir}" + ACTION_NOTES[action],
+              flush=True)
+        metrics = run_planned(config, action)
         row = {
             "attn": attn, "variant": variant, "seed": config.seed, "top1": metrics["best_top1"],
             "final_top1": metrics["final_top1"], "test_top1": metrics.get("test_top1"),

@@ -107,7 +107,7 @@ def _slug(text: str) -> str:
 def run_study(study: dict[str, Any], out: Path, *, base: TrainConfig | None = None, quick: bool = False,
               analyze: bool = False) -> list[dict[str, Any]]:
     """Run (or continue) every run of ``study``; write ``out/results.json``, ``results.md`` and ``results.png``."""
-    from .train import existing_run_action, holds_run, train
+    from .train import ACTION_NOTES, existing_run_action, holds_run, run_planned
 
     seeds = (study.get("quick_seeds") or study["seeds"][:2]) if quick else study["seeds"]
     planned = _configs(study, base or TrainConfig(progress=False), out, list(seeds))
@@ -118,14 +118,8 @@ def run_study(study: dict[str, Any], out: Path, *, base: TrainConfig | None = No
     results = []
     for i, ((setting, variant, seed, config), action) in enumerate(zip(planned, actions, strict=True)):
         run_dir = Path(config.out)
-        print(f"[{i + 1}/{len(planned)}] {setting} / {variant} seed {seed}"
-              + {"train": "", "resume": " (resuming)", "reuse": " (finished: reused)"}[action], flush=True)
-        if action == "reuse":
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-        elif action == "resume":
-            metrics = train(config, resume=run_dir)
-        else:
-            metrics = train(config, overwrite=True)
+        print(f"[{i + 1}/{len(planned)}] {setting} / {variant} seed {seed}" + ACTION_NOTES[action], flush=True)
+        metrics = run_planned(config, action)
         row = {"setting": setting, "variant": variant, "seed": seed, "top1": metrics["best_top1"],
                "test_top1": metrics.get("test_top1"), "train_seconds": metrics["train_seconds"],
                "run_dir": str(run_dir)}

@@ -240,6 +240,19 @@ def existing_run_action(run_dir: Path, config: TrainConfig) -> str:
     return "resume"
 
 
+def run_planned(config: TrainConfig, action: str) -> dict[str, Any]:
+    """The metrics of a planned run (see :func:`existing_run_action`): read back, resumed, or trained."""
+    run_dir = Path(config.out)
+    if action == "reuse":
+        return json.loads((run_dir / "metrics.json").read_text())
+    if action == "resume":
+        return train(config, resume=run_dir)
+    return train(config, overwrite=True)  # a new run, or one of the same config that never checkpointed
+
+
+ACTION_NOTES = {"train": "", "resume": " (resuming)", "reuse": " (finished: reused)"}
+
+
 def _run_dir_of(run: str | Path) -> Path:
     p = Path(run).expanduser()
     if p.is_file() or p.suffix in (".json", ".safetensors"):
