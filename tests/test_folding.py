@@ -110,3 +110,16 @@ def test_layer_compiles_with_fullgraph(fold):
     out = compiled(x)
     out.sum().backward()
     torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_folding_q_and_k_together_equals_folding_each():
+    from mirrorla.feature_maps import create_feature_map
+
+    for kwargs in ({}, {"variance": False}, {"pairing": "half"}, {"cross_head": False}):
+        fmap = create_feature_map("mirror", 3, 8, **kwargs).double()
+        w, b = torch.randn(2, 24, 10, dtype=torch.float64), torch.randn(2, 24, dtype=torch.float64)
+        wg, bg = fmap.fold_projection(w, b)
+        for i in range(2):
+            wi, bi = fmap.fold_projection(w[i], b[i])
+            torch.testing.assert_close(wg[i], wi)
+            torch.testing.assert_close(bg[i], bi)

@@ -256,11 +256,12 @@ class LinearAttention(nn.Module):
     def _fold_qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight, bias = self.qkv.weight, self.qkv.bias
         c = self.dim
-        w_q, b_q = self.feature_map.fold_projection(weight[:c], None if bias is None else bias[:c])
-        w_k, b_k = self.feature_map.fold_projection(weight[c:2 * c], None if bias is None else bias[c:2 * c])
-        weight = torch.cat([w_q, w_k, weight[2 * c:]], 0)
+        # q and k rows folded together, as two groups of one call
+        w_qk, b_qk = self.feature_map.fold_projection(weight[:2 * c].view(2, c, -1),
+                                                      None if bias is None else bias[:2 * c].view(2, c))
+        weight = torch.cat([w_qk.reshape(2 * c, -1), weight[2 * c:]], 0)
         if bias is not None:
-            bias = torch.cat([b_q, b_k, bias[2 * c:]], 0)
+            bias = torch.cat([b_qk.reshape(2 * c), bias[2 * c:]], 0)
         return weight, bias
 
     def _spatially_reduced_qkv(self, x: torch.Tensor, grid_size: tuple[int, int] | None, weight: torch.Tensor,

@@ -526,31 +526,48 @@ class MirrorFeatureMap(FeatureMap):
     def foldable(self) -> bool:
         return self.cross_head or self.block
 
-    def _static_theta(self) -> torch.Tensor:
-        # With the variance modulation the per-sample part stays per token; H(0) is folded, so the tokens
-        # only need the rotation R(2Θ) (H(Θ) = R(2Θ)·H(0)). Without it the whole H(θ) is static.
-        return torch.zeros_like(self.theta) if self.variance else self.theta
-
     def fold_projection(self, weight: torch.Tensor, bias: torch.Tensor | None):
         """``(T·W, T·b)`` for the static part ``T = H_blk(θ or 0) · H_cross`` of the map.
 
-        ``weight`` ``[C, C_in]`` (output channels head-major, as the heads are split), ``bias`` ``[C]`` or None.
-        Costs O(C·C_in) per call, nothing next to the N·C·C_in of the projection itself.
+        ``weight`` ``[C, C_in]`` or ``[G, C, C_in]`` (G projections folded together, e.g. q and k; output channels
+        head-major, as the heads are split), ``bias`` ``[C]`` / ``[G, C]`` or None. Costs O(C·C_in) per call,
+        nothing next to the N·C·C_in of the projection itself; a handful of small ops for q and k together.
         """
         c = self.num_heads * self.head_dim
-        if weight.dim() != 2 or weight.shape[0] != c or (bias is not None and bias.shape != (c,)):
-            raise ValueError(f"weight must be [C={c}, C_in] and bias [C={c}], got {tuple(weight.shape)} and "
-                             f"{None if bias is None else tuple(bias.shape)}")
-        rows = weight.t() if bias is None else torch.cat([weight.t(), bias[None]], 0)  # [C_in (+1), C] "tokens"
-        x = rows.reshape(1, rows.shape[0], self.num_heads, self.head_dim).transpose(1, 2)  # [1, H, M, d]
+        grouped = weight.dim() == 3
+        if weight.dim() not in (2, 3) or weight.shape[-2] != c or (
+                bias is not None and bias.shape != weight.shape[:-1]):
+            raise ValueError(f"weight must be [C={c}, C_in] or [G, C={c}, C_in] and bias [C] or [G, C], got "
+                             f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
+        weight = weight if grouped else weight[None]
+        rows = weight.transpose(-1, -2)  # [G, C_in, C]: the input channels act as tokens
+        if bias is not None:
+            rows = torch.cat([rows, (bias if grouped else bias[None])[:, None]], 1)
+        groups, m = rows.shape[0], rows.shape[1]
+        x = rows.reshape(groups, m, self.num_heads, self.head_dim).transpose(1, 2)  # [G, H, M, d]
         if self.cross_head:
             x = cross_head_reflect(x, self.u)
-        if self.block:
-            x = block_reflect(x, self._static_theta()[None, :, None, :].to(x.dtype), pairing=self.pairing)
-        rows = x.transpose(1, 2).reshape(rows.shape[0], c)
-        if bias is None:
-            return rows.t(), None
-        return rows[:-1].t(), rows[-1]
+        # With the variance modulation the per-sample part stays per token: H(0) is folded and the tokens only need
+        # the rotation R(2Θ) (H(Θ) = R(2Θ)·H(0)). Without it the whole H(θ) is static.
+        if self.block and self.variance:
+            x = x * self._first_of_pair_negated(x)  # H(0) = diag(−1, 1) per pair
+        elif self.block:
+            x = block_reflect(x, self.theta[None, :, None, :].to(x.dtype), pairing=self.pairing)
+        rows = x.transpose(1, 2).reshape(groups, m, c)
+        w, b = (rows[:, :-1], rows[:, -1]) if bias is not None else (rows, None)
+        w = w.transpose(-1, -2)
+        if not grouped:
+            return w[0], None if b is None else b[0]
+        return w, b
+
+    def _first_of_pair_negated(self, like: torch.Tensor) -> torch.Tensor:
+        """``[d]`` signs of ``H(0) = diag(−1, 1)`` per pair, in ``like``'s dtype and device."""
+        sign = torch.ones(self.head_dim, dtype=like.dtype, device=like.device)
+        if self.pairing == "adjacent":
+            sign[0::2] = -1.0
+        else:
+            sign[: self.head_dim // 2] = -1.0
+        return sign
 
     def forward(self, q, k, *, folded: bool = False):
         """``(φ(q), φ(k))``. With ``folded=True`` q and k come from projections folded by
