@@ -43,3 +43,18 @@ def test_cases_that_run_out_of_time_are_recorded_not_fatal(tmp_path):
     (record,) = json.loads((tmp_path / "bench.json").read_text())["records"]
     assert record["status"] == "timeout" and record["median_ms"] is None
     assert "timeout" in (tmp_path / "bench.md").read_text()
+
+
+def test_report_tables_have_as_many_divider_cells_as_header_cells(tmp_path):
+    """A markdown table renders only when its divider row has exactly the header's cells."""
+    from mirrorla.tools.bench import write_report
+
+    records = [dict(kind="op", attn=a, n=64, mode="fwd", dtype="fp32", status="ok", median_ms=1.0 + i, iqr_ms=0.1,
+                    peak_mem_mb=1.0) for i, a in enumerate(("softmax", "relu", "mirror"))]
+    write_report(records, tmp_path, {"device": "cpu", "cpu": "x", "threads": 1, "torch": "t", "cpu_kernels": "n/a"})
+    lines = (tmp_path / "bench.md").read_text().splitlines()
+    tables = [i for i, line in enumerate(lines) if line.startswith("|---")]
+    assert tables
+    for i in tables:
+        cells = lines[i - 1].count("|")
+        assert lines[i].count("|") == cells and all(row.count("|") == cells for row in lines[i + 1:i + 4])
