@@ -8,6 +8,7 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -317,3 +318,24 @@ def test_cli_never_prints_a_traceback_for_a_bad_value():
     proc = subprocess.run([sys.executable, "-m", "mirrorla", "train", "--data", "nowhere"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown data source" in proc.stderr
+
+
+def test_run_directory_is_taken_atomically_at_the_first_write(tmp_path, monkeypatch):
+    """Between the checks and the first write another process may start a run: an automatic name moves on to the
+    next free one, an explicit --out that now holds a run is refused."""
+    from mirrorla.tools import train as train_module
+
+    taken = tmp_path / "20260101-000000"
+    taken.mkdir()
+    names = iter([taken, tmp_path / "20260101-000000-2"])
+    monkeypatch.setattr(train_module, "fresh_run_dir", lambda root="runs/train": next(names))
+    config = train_module._take_run_dir(TrainConfig(**TINY), new_run=True, overwrite=False)
+    assert config.out == str(tmp_path / "20260101-000000-2") and Path(config.out).is_dir()
+
+    out = tmp_path / "explicit"
+    config = TrainConfig(**TINY, out=str(out))
+    train_module.check_out_dir(out, overwrite=False)  # passes: nothing there yet
+    out.mkdir()
+    (out / "last.json").write_text("{}")  # another run got there first
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_module._take_run_dir(config, new_run=True, overwrite=False)

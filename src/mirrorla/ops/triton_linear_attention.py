@@ -139,6 +139,31 @@ def _load_state(ST, offs_d, offs_v, partner, dmask, vmask, DV: tl.constexpr):
     return s, z, s_p, z_p
 
 
+@triton.jit
+def _map_backward(dphi, left, state_p, bias_p, y, y_p, cos, ssin, sign, nmask, MAP: tl.constexpr,
+                  SWAP: tl.constexpr, PAIRING: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Through φ: the input's gradient ``[BN, BD]`` from dφ, and this tile's part of d angle per channel ``[BD]``.
+
+    For the rotation the partner's gradient is shuffled in registers (``SWAP``) or recomputed from the state rows in
+    partner order, ``left · state_pᵀ + bias_p`` (the same product that gave ``dphi``, with the partner rows)."""
+    if MAP == 2:
+        g = tl.where(y > 0, dphi, 0.0)
+        if SWAP:
+            g_p = _swap_pairs(g, BN, BD, PAIRING)
+        else:
+            g_p = tl.where(y_p > 0, _dot(left, tl.trans(state_p), IEEE, UPCAST) + bias_p, 0.0)
+        dx = cos[None, :] * g - ssin[None, :] * g_p
+        d_angle = tl.sum(tl.where(nmask[:, None], g * y_p, 0.0), axis=0) * sign
+    elif MAP == 1:
+        dx = tl.where(y > 0, dphi, 0.0)
+        d_angle = tl.zeros_like(sign)
+    else:
+        dx = dphi
+        d_angle = tl.zeros_like(sign)
+    return dx, d_angle
+
+
 # ----------------------------------------------------------------------------------------------------- forward
 
 
@@ -234,19 +259,9 @@ def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, 
         dden = -tl.sum(do * num, axis=1) / (den * den)
         dden = tl.where(nmask, dden, 0.0)
         dphi = _dot(dnum, tl.trans(s), IEEE, UPCAST) + dden[:, None] * z[None, :]
-        if MAP == 2:
-            g = tl.where(y > 0, dphi, 0.0)
-            if SWAP:
-                g_p = _swap_pairs(g, BN, BD, PAIRING)
-            else:
-                dphi_p = _dot(dnum, tl.trans(s_p), IEEE, UPCAST) + dden[:, None] * z_p[None, :]
-                g_p = tl.where(y_p > 0, dphi_p, 0.0)
-            dq = cos[None, :] * g - ssin[None, :] * g_p
-            dang += tl.sum(g * y_p, axis=0) * sign
-        elif MAP == 1:
-            dq = tl.where(y > 0, dphi, 0.0)
-        else:
-            dq = dphi
+        dq, d_angle = _map_backward(dphi, dnum, s_p, dden[:, None] * z_p[None, :], y, y_p, cos, ssin, sign, nmask,
+                                    MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST)
+        dang += d_angle
         tl.store(dq_ptr + offs_n[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=nmask[:, None] & dmask[None, :])
         ds_acc += _dot(tl.trans(phi), dnum, IEEE, UPCAST)
@@ -283,19 +298,9 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, DANG_PART, N, H, TI
         tl.store(dv_ptr + offs_n[:, None] * DV + offs_v[None, :], dv.to(DV_OUT.dtype.element_ty),
                  mask=nmask[:, None] & vmask[None, :])
         dphi = _dot(v, tl.trans(ds), IEEE, UPCAST) + dz[None, :]
-        if MAP == 2:
-            g = tl.where(y > 0, dphi, 0.0)
-            if SWAP:
-                g_p = _swap_pairs(g, BN, BD, PAIRING)
-            else:
-                dphi_p = _dot(v, tl.trans(ds_p), IEEE, UPCAST) + dz_p[None, :]
-                g_p = tl.where(y_p > 0, dphi_p, 0.0)
-            dk = cos[None, :] * g - ssin[None, :] * g_p
-            dang += tl.sum(tl.where(nmask[:, None], g * y_p, 0.0), axis=0) * sign
-        elif MAP == 1:
-            dk = tl.where(y > 0, dphi, 0.0)
-        else:
-            dk = dphi
+        dk, d_angle = _map_backward(dphi, v, ds_p, dz_p[None, :], y, y_p, cos, ssin, sign, nmask,
+                                    MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST)
+        dang += d_angle
         tl.store(dk_ptr + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
                  mask=nmask[:, None] & dmask[None, :])
     tl.store(DANG_PART + (bh * tl.num_programs(1) + chunk) * D + offs_d, dang, mask=dmask)
@@ -648,24 +653,29 @@ def _mirror_rotation(k, theta, gamma, pairing: int, form: int, map_eps: float):
 
 @torch.library.custom_op("mirrorla::mirror_linear_attention", mutates_args=())
 def _mirror_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor,
-                    pairing: int, form: int, map_eps: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _, cos, ssin = _mirror_rotation(k, theta, gamma, pairing, form, map_eps)
-    return _forward_impl(q, k, v, cos, ssin, 2, pairing, eps)
+                    pairing: int, form: int, map_eps: float, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o, state, token sums, cos, signed sin)``: the last four are small fp32 tensors the backward reuses."""
+    sums, cos, ssin = _mirror_rotation(k, theta, gamma, pairing, form, map_eps)
+    out, state = _forward_impl(q, k, v, cos, ssin, 2, pairing, eps)
+    return out, state, sums, cos, ssin
 
 
 @_mirror_forward.register_fake
 def _(q, k, v, theta, gamma, pairing, form, map_eps, eps):
     b, h, nq, d = q.shape
     dv = v.shape[3]
-    return (q.new_empty(b, h, nq, dv, dtype=v.dtype), q.new_empty(b * h, d, dv + 1, dtype=torch.float32))
+    f32 = torch.float32
+    return (q.new_empty(b, h, nq, dv, dtype=v.dtype), q.new_empty(b * h, d, dv + 1, dtype=f32),
+            q.new_empty(b * h, 2, d, dtype=f32), q.new_empty(b * h, d, dtype=f32), q.new_empty(b * h, d, dtype=f32))
 
 
 @torch.library.custom_op("mirrorla::mirror_linear_attention_backward", mutates_args=())
 def _mirror_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor,
-                     state: torch.Tensor, grad_out: torch.Tensor, pairing: int, form: int, map_eps: float,
+                     state: torch.Tensor, sums: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor,
+                     grad_out: torch.Tensor, pairing: int, form: int, map_eps: float,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, n, d = k.shape
-    sums, cos, ssin = _mirror_rotation(k, theta, gamma, pairing, form, map_eps)  # recomputed: two small passes
     dq, dk, dv, dang = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps)
     dtheta = torch.empty(b * h, d // 2, device=k.device, dtype=torch.float32)
     dgamma = torch.empty_like(dtheta)
@@ -680,20 +690,20 @@ def _mirror_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: t
 
 
 @_mirror_backward.register_fake
-def _(q, k, v, theta, gamma, state, grad_out, pairing, form, map_eps, eps):
+def _(q, k, v, theta, gamma, state, sums, cos, ssin, grad_out, pairing, form, map_eps, eps):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
             torch.empty_like(gamma))
 
 
 def _mirror_setup_context(ctx, inputs, output):
     q, k, v, theta, gamma, pairing, form, map_eps, eps = inputs
-    ctx.save_for_backward(q, k, v, theta, gamma, output[1])
+    _, state, sums, cos, ssin = output
+    ctx.save_for_backward(q, k, v, theta, gamma, state, sums, cos, ssin)
     ctx.args = (pairing, form, map_eps, eps)
 
 
-def _mirror_backward_autograd(ctx, grad_out, _grad_state):
-    q, k, v, theta, gamma, state = ctx.saved_tensors
-    return (*_mirror_backward(q, k, v, theta, gamma, state, grad_out, *ctx.args), None, None, None, None)
+def _mirror_backward_autograd(ctx, grad_out, *_grad_saved):
+    return (*_mirror_backward(*ctx.saved_tensors, grad_out, *ctx.args), None, None, None, None)
 
 
 _mirror_forward.register_autograd(_mirror_backward_autograd, setup_context=_mirror_setup_context)

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..attention import LinearAttention
 from ..feature_maps import MirrorFeatureMap
+from .checkpoint import atomic_savefig, atomic_write_text
 from .runs import load_run
 
 # the layer-averaged statistics that `compare --analyze` adds to its tables
@@ -215,7 +216,7 @@ def _plot_layers(analyses: dict[str, list[dict[str, Any]]], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -256,7 +257,7 @@ def _plot_attention_maps(models: dict[str, nn.Module], image: torch.Tensor, path
         for ax in ax_row:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -273,11 +274,11 @@ def analyze_runs(paths: list[str], data: str | None, out: Path, num_images: int 
         first_image = images[0] if first_image is None else first_image
     result = {"data": data, "num_images": num_images, "runs": [str(p) for p in _expand_runs(paths)],
               "analysis": analyses}
-    (out / "analysis.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "analysis.json", json.dumps(result, indent=2))
     _plot_layers(analyses, out / "layers.png")
     shown = {k: m for k, m in models.items() if k.split(" ")[0] in ("mirror", "relu", "softmax")} or models
     _plot_attention_maps(shown, first_image, out / "attention_maps.png")
-    (out / "analysis.md").write_text(_markdown(analyses))
+    atomic_write_text(out / "analysis.md", _markdown(analyses))
     return result
 
 

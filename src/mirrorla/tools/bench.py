@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from .checkpoint import atomic_savefig, atomic_write_text
+
 __all__ = ["bench_model", "bench_op", "machine_info", "measure_memory", "measure_times", "run_cases", "write_report"]
 
 OP_EXTRA = ("mirror_unfolded",)
@@ -409,7 +411,7 @@ def _key(r: dict[str, Any]) -> tuple:
 def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, Any]) -> None:
     """``bench.json``, ``bench.md`` (ratios against softmax and ReLU of the same size) and ``bench.png``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"machine": machine, "records": records}, indent=2))
+    atomic_write_text(out / "bench.json", json.dumps({"machine": machine, "records": records}, indent=2))
     lines = [f"# Benchmark ({machine['device']}{', ' + machine['gpu'] if machine.get('gpu') else ''}; "
              f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}; "
              f"backend: {machine.get('backend', 'n/a')}; fused CPU kernels: {machine.get('cpu_kernels', 'n/a')})", ""]
@@ -442,7 +444,7 @@ def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, An
         lines.append("")
     lines.append("× softmax / × relu: how many times faster than softmax / ReLU linear attention of the same size, "
                  "measured in the same run (> 1 is faster).")
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "bench.md", "\n".join(lines) + "\n")
     _plot(records, out / "bench.png")
 
 
@@ -477,7 +479,7 @@ def _plot(records: list[dict[str, Any]], path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
 
 

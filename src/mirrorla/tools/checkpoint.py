@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "atomic_write_text", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "atomic_savefig", "atomic_write_text", "load_checkpoint", "load_state",
+           "resolve_checkpoint", "save_checkpoint"]
 
 FORMAT = "mirrorla-checkpoint-v1"
 
@@ -53,6 +54,13 @@ def _atomic_write(path: Path, write) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` atomically: a reader or a crash sees the old file or the new one, never half."""
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_savefig(fig, path: Path, **kwargs) -> Path:
+    """``fig.savefig`` to ``path`` atomically (a reader never sees half a PNG); the format follows the suffix."""
+    path = Path(path)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs))
+    return path
 
 
 def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -117,8 +125,8 @@ def resolve_checkpoint(path: str | Path, name: str = "last") -> Path:
     return p
 
 
-def load_checkpoint(path: str | Path, name: str = "last") -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Read and verify a checkpoint: ``(state, {"model": ..., "ema": ..., "optimizer": optimizer_state|None})``."""
+def load_state(path: str | Path, name: str = "last") -> tuple[dict[str, Any], Path]:
+    """The JSON state of a checkpoint and its path, without reading the weights (config, epoch, history)."""
     meta_path = resolve_checkpoint(path, name)
     try:
         meta = json.loads(meta_path.read_text())
@@ -126,6 +134,12 @@ def load_checkpoint(path: str | Path, name: str = "last") -> tuple[dict[str, Any
         raise CheckpointError(f"checkpoint {meta_path} is corrupt or truncated (not valid JSON: {err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path} is not a {FORMAT} checkpoint")
+    return meta, meta_path
+
+
+def load_checkpoint(path: str | Path, name: str = "last") -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Read and verify a checkpoint: ``(state, {"model": ..., "ema": ..., "optimizer": optimizer_state|None})``."""
+    meta, meta_path = load_state(path, name)
     weights = meta_path.parent / meta["weights"]
     if not weights.is_file():
         raise CheckpointError(f"checkpoint weights {weights} are missing")

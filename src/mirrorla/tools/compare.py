@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .analyze import ANALYSIS_COLUMNS
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_savefig, atomic_write_text
 from .config import TrainConfig
 from .train import ACTION_NOTES, existing_run_action, holds_run, run_planned
 
@@ -88,7 +88,7 @@ def compare(base: TrainConfig, attns: list[str], seeds: list[int], out: Path, *,
             row.update(_analysis_columns(run_dir, base.data))
         results.append(row)
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))  # partial results survive a crash
-    (out / "results.md").write_text(results_markdown(results, base))
+    atomic_write_text(out / "results.md", results_markdown(results, base))
     plot_results(results, out / "results.png")
     return results
 
@@ -172,7 +172,7 @@ def plot_results(results: list[dict[str, Any]], path: Path) -> Path:
     ax_curve.set_title("validation accuracy")
     ax_curve.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 

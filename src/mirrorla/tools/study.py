@@ -34,7 +34,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_savefig, atomic_write_text
 from .config import TrainConfig
 
 __all__ = ["load_study", "paired_interval", "run_study", "study_markdown"]
@@ -250,6 +250,6 @@ def plot_study(study: dict[str, Any], results: list[dict[str, Any]], path: Path)
         ax.set_xlabel(f"top-1 − {study['reference']} (points)")
     fig.suptitle("paired difference to the reference, mean and 95% interval over seeds", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_state, save_checkpoint
 from .config import TrainConfig
 from .data import load_data
 from .runs import build_model, load_run, load_weights
@@ -184,15 +184,18 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
                          "with `--overwrite`, or choose another --out")
 
 
-def resume_config(run: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def resume_config(run: str | Path, overrides: dict[str, Any] | None = None, *,
+                  state: dict[str, Any] | None = None) -> TrainConfig:
     """The stored config of the run in ``run`` (its directory, or one of its checkpoint files), with ``overrides``.
 
     ``epochs`` may grow (the run is extended: the cosine schedule is stretched to the new length from the current
     step, see the README), and the options in :data:`RESUME_FREE` may change. Any other override must equal the
-    stored value; otherwise the error names every conflicting option.
+    stored value; otherwise the error names every conflicting option. ``state``: the checkpoint's JSON state when
+    the caller has read it already.
     """
     run_dir = _run_dir_of(run)
-    state, _ = load_checkpoint(run_dir, "last")
+    if state is None:  # the JSON alone; train passes the state of the checkpoint it has read and verified
+        state, _ = load_state(run_dir, "last")
     stored = TrainConfig(**{**state["config"], "out": str(run_dir)})  # the run may have moved
     changes: dict[str, Any] = {}
     conflicts = []
@@ -217,7 +220,7 @@ def resume_config(run: str | Path, overrides: dict[str, Any] | None = None) -> T
     return dataclasses.replace(stored, **changes)
 
 
-_IGNORED_IN_MATCH = ("out", "progress", "workers", "tensorboard")
+_IGNORED_IN_MATCH = ("out", *RESUME_FREE)  # where a run is kept, and what may differ on resume
 
 
 def existing_run_action(run_dir: Path, config: TrainConfig) -> str:
@@ -360,13 +363,35 @@ def _recipe(config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int, n
 def _resolve_run(config: TrainConfig, resume, overrides, overwrite: bool):
     """The config to run, and the checkpoint to continue from (``({}, {})`` for a new run)."""
     if resume is not None:
-        config = resume_config(resume, overrides)
-        return (config, *load_checkpoint(Path(config.out), "last"))
+        state, parts = load_checkpoint(_run_dir_of(resume), "last")  # read and verified once
+        return resume_config(resume, overrides, state=state), state, parts
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    out = Path(config.out) if config.out is not None else fresh_run_dir()
+    if config.out is None:
+        return config, {}, {}  # a fresh directory is picked, and taken, when the run starts writing
+    check_out_dir(Path(config.out), overwrite=overwrite)
+    return config, {}, {}
+
+
+def _take_run_dir(config: TrainConfig, *, new_run: bool, overwrite: bool) -> TrainConfig:
+    """Create the run directory just before the first write, checked again: another process may have started a
+    run there since the checks (an automatic name is then replaced by the next free one)."""
+    if not new_run:
+        return config
+    if config.out is None:
+        while True:
+            out = fresh_run_dir()
+            try:
+                out.mkdir(parents=True)  # atomic: two runs started in the same second get two directories
+                return dataclasses.replace(config, out=str(out))
+            except FileExistsError:
+                continue
+    out = Path(config.out)
     check_out_dir(out, overwrite=overwrite)
-    return dataclasses.replace(config, out=str(out)), {}, {}
+    if overwrite:
+        _remove_run_files(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return config
 
 
 def _training_set(config: TrainConfig, data):
@@ -438,7 +463,6 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
         raise ValueError(f"stop_after must be a positive int, got {stop_after!r}")
     config, state, parts = _resolve_run(config, resume, overrides, overwrite)
     info = setup_distributed()
-    out = Path(config.out)
 
     seed_everything(config.seed)
     data = load_data(config.data, img_size=config.img_size or _default_img_size(config.model, config.data),
@@ -467,10 +491,9 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
                  == "cuda" else None) if info.enabled else model)
     if info.is_main:
         # everything was checked: only now is the run directory created (or the old run replaced)
-        if overwrite and resume is None:
-            _remove_run_files(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
+        config = _take_run_dir(config, new_run=resume is None, overwrite=overwrite)
+        atomic_write_text(Path(config.out) / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
+    out = Path(config.out) if config.out is not None else None  # ranks other than 0 write nothing
     writer = None
     if config.tensorboard and info.is_main:
         from torch.utils.tensorboard import SummaryWriter
