@@ -29,11 +29,13 @@ lint: $(STAMP)
 bench-cpu: $(STAMP)
 	bash benchmarks/run_cpu.sh $(PY)
 
-# The accuracy study (benchmarks/study/mirror_study.json): hours on 2 cores; `make study QUICK=1` runs two seeds.
+# The accuracy study (benchmarks/study/mirror_study.json): about 2 hours on 2 cores (JOBS=2 runs
+# two single-threaded runs at a time); `make study QUICK=1` runs two seeds.
 # Runs (with their checkpoints) stay in runs/study; the report is copied to benchmarks/results/accuracy/.
+JOBS ?= 2
 study: $(STAMP)
 	$(PY) -m mirrorla compare --variants benchmarks/study/mirror_study.json --out runs/study --analyze \
-	    $(if $(QUICK),--quick) --no-progress
+	    $(if $(QUICK),--quick) --no-progress --jobs $(JOBS)
 	mkdir -p benchmarks/results/accuracy
 	cp runs/study/study.json runs/study/results.json runs/study/results.md runs/study/results.png \
 	    benchmarks/results/accuracy/

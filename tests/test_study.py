@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -73,14 +74,49 @@ def test_two_variant_two_seed_study_on_digits(tmp_path, capsys):
     assert capsys.readouterr().out.count("finished: reused") == 4
 
 
-def test_the_shipped_study_file_is_valid():
-    """benchmarks/study/mirror_study.json loads and every one of its runs is a valid TrainConfig."""
-    from pathlib import Path
+def test_jobs_train_in_worker_processes_seed_by_seed(tmp_path, capsys):
+    """--jobs 2: two runs at a time in spawned processes, each one's output in ``<run dir>.log``; the runs go seed
+    by seed and the results keep the study's order."""
+    study = {"reference": "relu", "seeds": [0, 1],
+             "recipe": {"model": "mirrorla_pvt_nano", "data": "digits", "epochs": 1, "batch_size": 64,
+                        "train_subset": 128, "warmup_epochs": 0.0},
+             "variants": [{"name": "relu", "attn": "relu"}, {"name": "mirror", "attn": "mirror"}]}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(study))
+    out = tmp_path / "out"
+    assert main(["compare", "--variants", str(path), "--out", str(out), "--no-progress", "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 at a time" in printed and printed.count(" trained] ") == 4
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in results] == [("relu", 0), ("mirror", 0), ("relu", 1), ("mirror", 1)]
+    for r in results:
+        metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+        assert metrics["finished"] and r["top1"] == metrics["best_top1"] and r["best_epoch"] == 1.0
+        assert "epoch 1/1" in Path(r["run_dir"] + ".log").read_text()
 
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    assert main(["compare", "--attn", "relu", "--data", "digits", "--out", str(tmp_path / "o"), "--jobs", "0"]) == 2
+    assert "--jobs must be a positive int, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_curve_columns_read_the_log(tmp_path):
+    from mirrorla.tools.study import _curve_columns
+
+    (tmp_path / "log.csv").write_text("epoch,val_top1\n" + "".join(f"{e},{v}\n" for e, v in
+                                                                  enumerate([10, 30, 50, 40, 60, 61, 62], 1)))
+    assert _curve_columns(tmp_path) == {"best_epoch": 7.0, "last_gain": 62.0 - 30.0}
+    assert _curve_columns(tmp_path / "missing") == {}
+
+
+@pytest.mark.parametrize("name", ["mirror_study.json", "mirror_choices.json"])
+def test_the_shipped_study_files_are_valid(name):
+    """The shipped study files load and every one of their runs is a valid TrainConfig."""
     from mirrorla.tools.config import TrainConfig
     from mirrorla.tools.study import _configs
 
-    study = load_study(Path(__file__).resolve().parents[1] / "benchmarks" / "study" / "mirror_study.json")
+    study = load_study(Path(__file__).resolve().parents[1] / "benchmarks" / "study" / name)
     planned = _configs(study, TrainConfig(progress=False), Path("unused"), study["seeds"])
     assert len(planned) == len(study["settings"]) * len(study["variants"]) * len(study["seeds"])
     assert study["reference"] == "mirror" and len(study["seeds"]) >= 5 and study["recipe"]["epochs"] >= 20

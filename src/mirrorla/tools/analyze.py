@@ -32,7 +32,7 @@ from .checkpoint import atomic_savefig, atomic_write_text
 from .runs import load_run
 
 # the layer-averaged statistics that `compare --analyze` adds to its tables
-ANALYSIS_COLUMNS = ("retention_q", "retention_k", "rank_k", "attn_entropy")
+ANALYSIS_COLUMNS = ("retention_q", "retention_k", "zeroed_k", "rank_k", "rank_attn", "attn_entropy")
 
 __all__ = [
     "ANALYSIS_COLUMNS",

@@ -96,6 +96,8 @@ def _add_compare_and_demo(sub) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--ablation", action="store_true", help="add the MirrorLA component rows")
     p.add_argument("--analyze", action="store_true", help="add retention and rank columns (mirrorla analyze)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process with "
+                   "cpu_count/JOBS threads and its output in <run dir>.log (default 1: in this process)")
     p.add_argument("--out", default=None, help="output directory (default runs/compare); rerun into it, finished "
                    "runs are reused and unfinished ones resumed")
     p.set_defaults(func=_lazy("compare", "cmd_compare"))

@@ -16,7 +16,7 @@ from typing import Any
 from .analyze import ANALYSIS_COLUMNS
 from .checkpoint import atomic_savefig, atomic_write_text
 from .config import TrainConfig
-from .train import ACTION_NOTES, existing_run_action, holds_run, run_planned
+from .train import existing_run_action, holds_run, run_all_planned
 
 __all__ = ["ABLATION", "ANALYSIS_COLUMNS", "aggregate", "compare", "plot_results", "results_markdown"]
 
@@ -64,20 +64,21 @@ def _planned_runs(base: TrainConfig, attns: list[str], seeds: list[int], out: Pa
 
 
 def compare(base: TrainConfig, attns: list[str], seeds: list[int], out: Path, *, ablation: bool = False,
-            analyze: bool = False) -> list[dict[str, Any]]:
+            analyze: bool = False, jobs: int = 1) -> list[dict[str, Any]]:
     """Train every (attention or ablation variant) × seed with ``base``'s recipe; write ``out/results.*``.
 
     Every run is validated before the first one trains. Rerun into the same ``out``, finished runs are reused
-    and unfinished ones resumed, so an interrupted comparison is continued by running it again.
+    and unfinished ones resumed, so an interrupted comparison is continued by running it again. ``jobs`` runs
+    train at a time (see :func:`~mirrorla.tools.train.run_all_planned`).
     """
     planned = _planned_runs(base, attns, seeds, out, ablation)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, (attn, variant, config, action) in enumerate(planned):
+    results = [None] * len(planned)
+    labelled = [(f"{attn} ({variant}) seed {config.seed} -> {config.out}", config, action)
+                for attn, variant, config, action in planned]
+    for i, metrics in run_all_planned(labelled, jobs):
+        attn, variant, config, _ = planned[i]
         run_dir = Path(config.out)
-        print(f"[{i + 1}/{len(planned)}] {attn} ({variant}) seed {config.seed} -> {run_dir}" + ACTION_NOTES[action],
-              flush=True)
-        metrics = run_planned(config, action)
         row = {
             "attn": attn, "variant": variant, "seed": config.seed, "top1": metrics["best_top1"],
             "final_top1": metrics["final_top1"], "test_top1": metrics.get("test_top1"),
@@ -86,8 +87,9 @@ def compare(base: TrainConfig, attns: list[str], seeds: list[int], out: Path, *,
         }
         if analyze:
             row.update(_analysis_columns(run_dir, base.data))
-        results.append(row)
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2))  # partial results survive a crash
+        results[i] = row
+        # partial results survive a crash
+        atomic_write_text(out / "results.json", json.dumps([r for r in results if r], indent=2))
     atomic_write_text(out / "results.md", results_markdown(results, base))
     plot_results(results, out / "results.png")
     return results
@@ -182,6 +184,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .train import config_values
 
     base = TrainConfig(**config_values(args))
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be a positive int, got {args.jobs}")
     if args.variants:
         from .study import load_study, run_study, study_markdown
 
@@ -190,7 +194,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         study = load_study(args.variants)
         out = Path(args.out or f"runs/study_{Path(args.variants).stem}")
         results = run_study(study, out, base=dataclasses.replace(base, progress=base.progress and not args.quick),
-                            quick=args.quick, analyze=args.analyze)
+                            quick=args.quick, analyze=args.analyze, jobs=args.jobs)
         print(study_markdown(study, results))
         print(f"results: {out / 'results.json'}, {out / 'results.md'}, plot: {out / 'results.png'}")
         return 0
@@ -200,7 +204,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--seeds takes comma-separated ints, got {args.seeds!r}") from None
     out = Path(args.out or "runs/compare")
-    results = compare(base, csv_list(args.attns), seeds, out, ablation=args.ablation, analyze=args.analyze)
+    results = compare(base, csv_list(args.attns), seeds, out, ablation=args.ablation, analyze=args.analyze,
+                      jobs=args.jobs)
     print(results_markdown(results, base))
     print(f"results: {out / 'results.json'}, {out / 'results.md'}, plot: {out / 'results.png'}")
     return 0

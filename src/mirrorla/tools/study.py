@@ -39,7 +39,8 @@ from .config import TrainConfig
 
 __all__ = ["load_study", "paired_interval", "run_study", "study_markdown"]
 
-_MECHANISM = ("retention_k", "rank_k", "attn_entropy")
+_CURVE = ("best_epoch", "last_gain")
+_MECHANISM = ("retention_k", "zeroed_k", "rank_k", "rank_attn", "attn_entropy")
 _STUDY_KEYS = {"protocol", "decision_rule", "reference", "seeds", "quick_seeds", "recipe", "settings", "variants"}
 _VARIANT_KEYS = {"name", "attn", "attn_kwargs", "recipe"}
 
@@ -84,9 +85,9 @@ def load_study(path: str | Path) -> dict[str, Any]:
 def _configs(study: dict[str, Any], base: TrainConfig, out: Path, seeds: list[int]):
     """Every run of the study as ``(setting, variant, seed, TrainConfig)``, each validated before anything trains."""
     planned = []
-    for setting in study["settings"]:
-        for variant in study["variants"]:
-            for seed in seeds:
+    for seed in seeds:
+        for setting in study["settings"]:
+            for variant in study["variants"]:
                 values = {**dataclasses.asdict(base), **study["recipe"],
                           **{k: v for k, v in setting.items() if k != "name"}, **variant.get("recipe", {}),
                           "attn": variant.get("attn", "mirror"), "attn_kwargs": variant.get("attn_kwargs", {}),
@@ -105,9 +106,11 @@ def _slug(text: str) -> str:
 
 
 def run_study(study: dict[str, Any], out: Path, *, base: TrainConfig | None = None, quick: bool = False,
-              analyze: bool = False) -> list[dict[str, Any]]:
-    """Run (or continue) every run of ``study``; write ``out/results.json``, ``results.md`` and ``results.png``."""
-    from .train import ACTION_NOTES, existing_run_action, holds_run, run_planned
+              analyze: bool = False, jobs: int = 1) -> list[dict[str, Any]]:
+    """Run (or continue) every run of ``study``, ``jobs`` at a time; write ``out/results.json``, ``results.md``
+    and ``results.png``. Runs go seed by seed (every setting and variant of the first seed, then the next), so a
+    study stopped early holds the same seeds in every cell and its pairs stay balanced."""
+    from .train import existing_run_action, holds_run, run_all_planned
 
     seeds = (study.get("quick_seeds") or study["seeds"][:2]) if quick else study["seeds"]
     planned = _configs(study, base or TrainConfig(progress=False), out, list(seeds))
@@ -115,23 +118,43 @@ def run_study(study: dict[str, Any], out: Path, *, base: TrainConfig | None = No
     out.mkdir(parents=True, exist_ok=True)
     # the study as run (defaults filled in): the protocol travels with its results
     atomic_write_text(out / "study.json", json.dumps(study, indent=2))
-    results = []
-    for i, ((setting, variant, seed, config), action) in enumerate(zip(planned, actions, strict=True)):
-        run_dir = Path(config.out)
-        print(f"[{i + 1}/{len(planned)}] {setting} / {variant} seed {seed}" + ACTION_NOTES[action], flush=True)
-        metrics = run_planned(config, action)
+    labelled = [(f"{setting} / {variant} seed {seed}", config, action)
+                for (setting, variant, seed, config), action in zip(planned, actions, strict=True)]
+    results: list[dict[str, Any] | None] = [None] * len(planned)
+    for i, metrics in run_all_planned(labelled, jobs):
+        setting, variant, seed, config = planned[i]
         row = {"setting": setting, "variant": variant, "seed": seed, "top1": metrics["best_top1"],
                "test_top1": metrics.get("test_top1"), "train_seconds": metrics["train_seconds"],
-               "run_dir": str(run_dir)}
+               "run_dir": config.out}
+        row.update(_curve_columns(Path(config.out)))
         if analyze:
             from .analyze import summary_columns
 
-            row.update(summary_columns(run_dir, config.data))
-        results.append(row)
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    atomic_write_text(out / "results.md", study_markdown(study, results))
-    plot_study(study, results, out / "results.png")
-    return results
+            row.update(summary_columns(Path(config.out), config.data))
+        results[i] = row
+        atomic_write_text(out / "results.json", json.dumps([r for r in results if r], indent=2))
+    done = [r for r in results if r]
+    atomic_write_text(out / "results.md", study_markdown(study, done))
+    plot_study(study, done, out / "results.png")
+    return done
+
+
+def _curve_columns(run_dir: Path, last: int = 5) -> dict[str, float]:
+    """From a run's ``log.csv``: the epoch of its best validation top-1 and the validation gain over its last
+    ``last`` epochs (a run still rising at the end of its schedule has not converged)."""
+    import csv
+
+    log = run_dir / "log.csv"
+    if not log.exists():
+        return {}
+    with open(log) as f:
+        top1 = [float(row["val_top1"]) for row in csv.DictReader(f)]
+    if not top1:
+        return {}
+    cols = {"best_epoch": float(top1.index(max(top1)) + 1)}
+    if len(top1) > last:
+        cols["last_gain"] = top1[-1] - top1[-1 - last]
+    return cols
 
 
 def paired_interval(differences: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -162,7 +185,7 @@ def summarise(study: dict[str, Any], results: list[dict[str, Any]]) -> list[dict
             top1 = [by[(setting, variant, s)] for s in seeds]
             row = {"setting": setting, "variant": variant, "seeds": len(seeds), "mean": statistics.fmean(top1),
                    "std": statistics.stdev(top1) if len(top1) > 1 else 0.0}
-            for key in _MECHANISM:  # compare --analyze: layer-averaged mechanism statistics, mean over seeds
+            for key in _CURVE + _MECHANISM:  # mean over seeds; mechanism statistics come from compare --analyze
                 values = [r[key] for r in results if r["setting"] == setting and r["variant"] == variant
                           and r.get(key) is not None]
                 if values:
@@ -199,10 +222,15 @@ def study_markdown(study: dict[str, Any], results: list[dict[str, Any]]) -> str:
     if study.get("decision_rule"):
         lines += ["## Decision rule (fixed before the runs)", "", study["decision_rule"], ""]
     lines += [f"Reference variant: `{study['reference']}`. Top-1 is each run's best validation accuracy; the paired "
-              "difference is the mean over seeds of (variant − reference) at the same seed, with its 95% t-interval.",
+              "difference is the mean over seeds of (variant − reference) at the same seed, with its 95% t-interval. "
+              "best_epoch: the epoch of the best validation top-1; last_gain: validation top-1 at the last epoch "
+              "minus five epochs before (near 0: the schedule has settled). The mechanism columns (from --analyze, "
+              "layer averages on validation images): retention_k, the share of k's energy kept by the feature map; "
+              "zeroed_k, the fraction of φ(k) entries that are 0; rank_k and rank_attn, the effective ranks of φ(K) "
+              "and of the attention matrix; attn_entropy, the attention rows' entropy. All are means over seeds.",
               ""]
     for setting in [s["name"] for s in study["settings"]]:
-        mech = [k for k in _MECHANISM if any(k in r for r in rows if r["setting"] == setting)]
+        mech = [k for k in _CURVE + _MECHANISM if any(k in r for r in rows if r["setting"] == setting)]
         lines += [f"## {setting}", "", "| variant | seeds | top-1 (%) | paired diff | 95% interval |"
                   + "".join(f" {k} |" for k in mech), "|---" * (5 + len(mech)) + "|"]
         for r in rows:
@@ -210,7 +238,7 @@ def study_markdown(study: dict[str, Any], results: list[dict[str, Any]]) -> str:
                 continue
             diff = f"{r['diff']:+.2f}" if "diff" in r else "(reference)"
             ci = f"[{r['low']:+.2f}, {r['high']:+.2f}]" if "diff" in r else ""
-            cells = "".join(f" {r[k]:.3f} |" if k in r else " – |" for k in mech)
+            cells = "".join(f" {r[k]:{'.1f' if k in _CURVE else '.3f'}} |" if k in r else " – |" for k in mech)
             lines.append(f"| {r['variant']} | {r['seeds']} | {r['mean']:.2f} ± {r['std']:.2f} | {diff} | {ci} |"
                          + cells)
         lines.append("")

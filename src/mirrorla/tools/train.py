@@ -256,6 +256,65 @@ def run_planned(config: TrainConfig, action: str) -> dict[str, Any]:
 ACTION_NOTES = {"train": "", "resume": " (resuming)", "reuse": " (finished: reused)"}
 
 
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_logged(config: TrainConfig, action: str, log_path: str) -> dict[str, Any]:
+    """:func:`run_planned` in a worker process, its console output kept in ``log_path`` (beside the run)."""
+    import contextlib
+
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        return run_planned(config, action)
+
+
+def run_all_planned(runs: list[tuple[str, TrainConfig, str]], jobs: int = 1):
+    """Run ``(label, config, action)`` items, ``jobs`` at a time; yield ``(index, metrics)`` as each finishes.
+
+    ``jobs == 1`` trains in this process, in order, its output on the console. With ``jobs > 1`` each run trains in
+    its own spawned process with ``cpu_count // jobs`` torch threads (small models train faster as several
+    single-threaded processes than as one multi-threaded one) and writes its console output to ``<run dir>.log``;
+    this process prints one line as each run ends. A failing run stops the ones not yet started.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs}")
+    if jobs == 1:
+        for i, (label, config, action) in enumerate(runs):
+            print(f"[{i + 1}/{len(runs)}] {label}" + ACTION_NOTES[action], flush=True)
+            yield i, run_planned(config, action)
+        return
+    import concurrent.futures as cf
+    import multiprocessing
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending = {}
+    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                initargs=(threads,)) as pool:
+        for i, (_, config, action) in enumerate(runs):
+            if action != "reuse":
+                pending[pool.submit(_run_logged, config, action, f"{config.out}.log")] = i
+        for i, (label, config, action) in enumerate(runs):
+            if action == "reuse":  # read back here: no process needed
+                print(f"[{i + 1}/{len(runs)}] {label}" + ACTION_NOTES[action], flush=True)
+                yield i, run_planned(config, action)
+        print(f"{len(pending)} runs to train, {jobs} at a time with {threads} torch thread(s) each; each run's "
+              "output goes to <run dir>.log", flush=True)
+        start = time.perf_counter()
+        try:
+            for done, future in enumerate(cf.as_completed(pending), 1):
+                i = pending[future]
+                metrics = future.result()
+                print(f"[{done}/{len(pending)} trained] {runs[i][0]}: best top-1 {metrics['best_top1']:.2f} "
+                      f"({metrics['train_seconds']:.0f} s; {time.perf_counter() - start:.0f} s since start)",
+                      flush=True)
+                yield i, metrics
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
 def _run_dir_of(run: str | Path) -> Path:
     p = Path(run).expanduser()
     if p.is_file() or p.suffix in (".json", ".safetensors"):
