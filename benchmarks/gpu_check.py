@@ -3,7 +3,8 @@
 Compares the fused op and the MirrorLA layer on the Triton backend with the torch reference on the same device:
 outputs and the gradients of q, k, v and the angles, fp32 and bf16, strided inputs, head dims 16–128, N from 1
 to 4,097, both pairings. Also checks that a DeiT-T forward under torch.compile(fullgraph) matches eager, and that
-CUDA-graph capture (mode="reduce-overhead") runs. Prints one line per check and exits 1 on a mismatch.
+CUDA-graph capture (mode="reduce-overhead") runs, also for a training step compiled block by block. Prints one
+line per check and exits 1 on a mismatch.
 
 Usage: PYTHONPATH=src python benchmarks/gpu_check.py [DEVICE] [--kernels-only]  (DEVICE defaults to cuda;
 --kernels-only skips the compiled DeiT-T checks, which spend minutes compiling)
@@ -103,6 +104,7 @@ if device.type == "cuda" and not kernels_only:
     import timm
 
     import mirrorla  # noqa: F401  (registers the models)
+    from mirrorla.models.compile import compile_model
 
     model = timm.create_model("mirrorla_deit_tiny_patch16_224").to(device).eval()
     x = torch.randn(8, 3, 224, 224, device=device)
@@ -110,6 +112,20 @@ if device.type == "cuda" and not kernels_only:
         eager = model(x).float()
         compiled = torch.compile(model, fullgraph=True)(x).float()
         report("DeiT-T compile(fullgraph) vs eager, bf16", rel(compiled, eager), 3e-2)
+    # training under CUDA graphs, compiled block by block (what bench --compile measures): loss and gradients
+    train_model = timm.create_model("mirrorla_deit_tiny_patch16_224").to(device).train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        train_model(x).float().square().mean().backward()
+    ref_grads = [p.grad.float().clone() for p in train_model.parameters()]
+    compile_model(train_model, scope="blocks", mode="reduce-overhead")
+    for _ in range(3):
+        train_model.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            train_model(x).float().square().mean().backward()
+    worst = max(rel(p.grad.float(), g) for p, g in zip(train_model.parameters(), ref_grads, strict=True))
+    report("DeiT-T training, blocks compiled with CUDA graphs vs eager, bf16, worst gradient", worst, 5e-2)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         graphs = torch.compile(model, mode="reduce-overhead")
         for _ in range(3):
             out = graphs(x).float()

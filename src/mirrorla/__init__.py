@@ -15,6 +15,7 @@ from .feature_maps import (
     register_feature_map,
 )
 from .models import list_models, mirrorize  # noqa: E402  (registers the timm models)
+from .models.compile import compile_model
 from .models.export import export_onnx
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "FeatureMap",
     "LinearAttention",
     "MirrorFeatureMap",
+    "compile_model",
     "create_feature_map",
     "export_onnx",
     "list_attentions",

@@ -397,6 +397,13 @@ class MirrorFeatureMap(FeatureMap):
         # weights, so loading a state dict saved with another pairing or Δα form is an error, not a silent
         # change of outputs (see _check_loaded_config).
         self.register_buffer("map_config", self._config_code(), persistent=True)
+        # the signs of H(0) = diag(−1, 1) per pair, made once: the fold runs every training forward
+        sign = torch.ones(head_dim)
+        if pairing == "adjacent":
+            sign[0::2] = -1.0
+        else:
+            sign[: head_dim // 2] = -1.0
+        self.register_buffer("pair_signs", sign, persistent=False)
         self._register_load_state_dict_pre_hook(self._check_loaded_config)
         self.reset_parameters()
 
@@ -550,7 +557,7 @@ class MirrorFeatureMap(FeatureMap):
         # With the variance modulation the per-sample part stays per token: H(0) is folded and the tokens only need
         # the rotation R(2Θ) (H(Θ) = R(2Θ)·H(0)). Without it the whole H(θ) is static.
         if self.block and self.variance:
-            x = x * self._first_of_pair_negated(x)  # H(0) = diag(−1, 1) per pair
+            x = x * self.pair_signs.to(x.dtype)  # H(0) = diag(−1, 1) per pair
         elif self.block:
             x = block_reflect(x, self.theta[None, :, None, :].to(x.dtype), pairing=self.pairing)
         rows = x.transpose(1, 2).reshape(groups, m, c)
@@ -559,15 +566,6 @@ class MirrorFeatureMap(FeatureMap):
         if not grouped:
             return w[0], None if b is None else b[0]
         return w, b
-
-    def _first_of_pair_negated(self, like: torch.Tensor) -> torch.Tensor:
-        """``[d]`` signs of ``H(0) = diag(−1, 1)`` per pair, in ``like``'s dtype and device."""
-        sign = torch.ones(self.head_dim, dtype=like.dtype, device=like.device)
-        if self.pairing == "adjacent":
-            sign[0::2] = -1.0
-        else:
-            sign[: self.head_dim // 2] = -1.0
-        return sign
 
     def forward(self, q, k, *, folded: bool = False):
         """``(φ(q), φ(k))``. With ``folded=True`` q and k come from projections folded by

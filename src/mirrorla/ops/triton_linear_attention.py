@@ -407,8 +407,11 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float):
     return out, state
 
 
-def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: int, eps: float):
-    """dq, dk, dv and the per-channel gradient of the rotation angle ``[B·H, d]`` (fp32; zeros unless rotating)."""
+def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: int, eps: float,
+                   reduce_angle: bool = True):
+    """dq, dk, dv and the per-channel gradient of the rotation angle ``[B·H, d]`` (fp32; zeros unless rotating);
+    with ``reduce_angle=False`` that gradient as its two sets of chunk partials ``[B·H, chunks, d]`` (q pass,
+    k/v pass), for a kernel that adds them itself."""
     b, h, nq, d = q.shape
     n, dv = k.shape[2], v.shape[3]
     bd, bdv, bn, warps = _blocks(d, dv)
@@ -432,6 +435,8 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
         k, v, cos, ssin, dstate, dk, dvv, dang_k, n, h, per_k, *k.stride(), *v.stride(),
         D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
         num_warps=warps, num_stages=_STAGES)
+    if not reduce_angle:
+        return dq, dk, dvv, (dang_q, dang_k)
     return dq, dk, dvv, dang_q.sum(1) + dang_k.sum(1)
 
 
@@ -550,20 +555,31 @@ def _delta(var, eps_map, FORM: tl.constexpr):
 
 
 @triton.jit
-def _angles_kernel(SUMS, THETA, GAMMA, COS, SSIN, H, n_tokens, eps_map,
+def _angles_kernel(PART, SUMS, THETA, GAMMA, COS, SSIN, H, CHUNKS, n_tokens, eps_map,
                    D: tl.constexpr, BP: tl.constexpr, PAIRING: tl.constexpr, FORM: tl.constexpr):
-    """Per (b, h): σ² of each pair from the token sums of the folded keys (undoing H(0): the pair mean is
+    """Per (b, h): the token sums of the folded keys, added over the chunk partials ``PART [B·H, CHUNKS, 2, D]``
+    and kept in ``SUMS [B·H, 2, D]`` for the backward; σ² of each pair from them (undoing H(0): the pair mean is
     (m₁ − m₀)/2), Θ = θ + γ·f(σ²), and the per-channel cos(2Θ) and signed sin(2Θ) the attention kernels use."""
     bh = tl.program_id(0)
     h = bh % H
     i = tl.arange(0, BP)
     m = i < D // 2
     a, b = _pair_channels(i, D, PAIRING)
+    s1a = tl.zeros([BP], dtype=tl.float32)
+    s1b = tl.zeros([BP], dtype=tl.float32)
+    s2a = tl.zeros([BP], dtype=tl.float32)
+    s2b = tl.zeros([BP], dtype=tl.float32)
+    for c in range(0, CHUNKS):  # a fixed order: deterministic
+        part = PART + (bh * CHUNKS + c) * 2 * D
+        s1a += tl.load(part + a, mask=m, other=0.0)
+        s1b += tl.load(part + b, mask=m, other=0.0)
+        s2a += tl.load(part + D + a, mask=m, other=0.0)
+        s2b += tl.load(part + D + b, mask=m, other=0.0)
     base = SUMS + bh * 2 * D
-    s1a = tl.load(base + a, mask=m, other=0.0)
-    s1b = tl.load(base + b, mask=m, other=0.0)
-    s2a = tl.load(base + D + a, mask=m, other=0.0)
-    s2b = tl.load(base + D + b, mask=m, other=0.0)
+    tl.store(base + a, s1a, mask=m)
+    tl.store(base + b, s1b, mask=m)
+    tl.store(base + D + a, s2a, mask=m)
+    tl.store(base + D + b, s2b, mask=m)
     diff = (s1b - s1a) / n_tokens
     var = tl.maximum(0.5 * (s2a + s2b) / n_tokens - 0.25 * diff * diff, 0.0)
     theta = tl.load(THETA + h * (D // 2) + i, mask=m, other=0.0)
@@ -579,15 +595,22 @@ def _angles_kernel(SUMS, THETA, GAMMA, COS, SSIN, H, n_tokens, eps_map,
 
 
 @triton.jit
-def _angles_backward_kernel(DANG, SUMS, GAMMA, DTHETA, DGAMMA, DSUMS, H, n_tokens, eps_map,
+def _angles_backward_kernel(DANG_Q, DANG_K, SUMS, GAMMA, DTG, DSUMS, H, CHUNKS_Q, CHUNKS_K, n_tokens, eps_map,
                             D: tl.constexpr, BP: tl.constexpr, PAIRING: tl.constexpr, FORM: tl.constexpr):
-    """From d angle per channel ``[B·H, D]``: dθ and dγ per sample ``[B·H, D/2]`` and d(token sums) ``[B·H, 2, D]``."""
+    """From the chunk partials of d angle per channel (``DANG_Q [B·H, CHUNKS_Q, D]`` of the q pass and ``DANG_K``
+    of the k/v pass): dθ and dγ per sample into ``DTG [2, B·H, D/2]`` and d(token sums) ``[B·H, 2, D]``."""
     bh = tl.program_id(0)
     h = bh % H
     i = tl.arange(0, BP)
     m = i < D // 2
     a, b = _pair_channels(i, D, PAIRING)
-    dang = tl.load(DANG + bh * D + a, mask=m, other=0.0) + tl.load(DANG + bh * D + b, mask=m, other=0.0)
+    dang = tl.zeros([BP], dtype=tl.float32)
+    for c in range(0, CHUNKS_Q):
+        row = DANG_Q + (bh * CHUNKS_Q + c) * D
+        dang += tl.load(row + a, mask=m, other=0.0) + tl.load(row + b, mask=m, other=0.0)
+    for c in range(0, CHUNKS_K):
+        row = DANG_K + (bh * CHUNKS_K + c) * D
+        dang += tl.load(row + a, mask=m, other=0.0) + tl.load(row + b, mask=m, other=0.0)
     base = SUMS + bh * 2 * D
     s1a = tl.load(base + a, mask=m, other=0.0)
     s1b = tl.load(base + b, mask=m, other=0.0)
@@ -599,8 +622,8 @@ def _angles_backward_kernel(DANG, SUMS, GAMMA, DTHETA, DGAMMA, DSUMS, H, n_token
     gamma = tl.load(GAMMA + h * (D // 2) + i, mask=m, other=0.0)
     f, df = _delta(var, eps_map, FORM)
     dtheta = 2.0 * dang
-    tl.store(DTHETA + bh * (D // 2) + i, dtheta, mask=m)
-    tl.store(DGAMMA + bh * (D // 2) + i, dtheta * f, mask=m)
+    tl.store(DTG + bh * (D // 2) + i, dtheta, mask=m)
+    tl.store(DTG + (tl.num_programs(0) + bh) * (D // 2) + i, dtheta * f, mask=m)
     dvar = tl.where(raw > 0, dtheta * gamma * df, 0.0)
     dmean_sq = 0.5 * dvar / n_tokens  # ∂σ²/∂S₂ of either channel
     ddiff = -0.5 * diff * dvar / n_tokens  # ∂σ²/∂S₁[b] (and minus that for S₁[a])
@@ -632,21 +655,29 @@ def _sums_grad_kernel(DK, K, DSUMS, N, H, s_kb, s_kh, s_kn, s_kd,
 
 
 def _token_sums_impl(x: torch.Tensor) -> torch.Tensor:
+    part = _token_sum_parts(x)
+    return part.sum(1) if part.shape[1] > 1 else part[:, 0]
+
+
+def _token_sum_parts(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``[Σx, Σx²]`` of each chunk of tokens, ``[B·H, chunks, 2, d]`` fp32 (one launch)."""
     b, h, n, d = x.shape
     bd = max(16, triton.next_power_of_2(d))
     chunks, per = _chunks(n, b * h, x.device)
     part = torch.empty(b * h, chunks, 2, d, device=x.device, dtype=torch.float32)
     _token_sums_kernel[(b * h, chunks)](x, part, n, h, per, *x.stride(), D=d, BD=bd, BN=_BLOCK_N)
-    return part.sum(1) if chunks > 1 else part[:, 0]
+    return part
 
 
 def _mirror_rotation(k, theta, gamma, pairing: int, form: int, map_eps: float):
+    """Token sums ``[B·H, 2, d]`` of k, and the per-channel cos and signed sin ``[B·H, d]`` of 2Θ: two launches."""
     b, h, n, d = k.shape
-    sums = _token_sums_impl(k)  # [B·H, 2, d]
+    part = _token_sum_parts(k)
+    sums = torch.empty(b * h, 2, d, device=k.device, dtype=torch.float32)
     cos = torch.empty(b * h, d, device=k.device, dtype=torch.float32)
     ssin = torch.empty_like(cos)
     bp = max(16, triton.next_power_of_2(d // 2))
-    _angles_kernel[(b * h,)](sums, theta, gamma, cos, ssin, h, float(n), float(map_eps),
+    _angles_kernel[(b * h,)](part, sums, theta, gamma, cos, ssin, h, part.shape[1], float(n), float(map_eps),
                              D=d, BP=bp, PAIRING=pairing, FORM=form)
     return sums, cos, ssin
 
@@ -674,25 +705,25 @@ def _(q, k, v, theta, gamma, pairing, form, map_eps, eps):
 def _mirror_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor,
                      state: torch.Tensor, sums: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor,
                      grad_out: torch.Tensor, pairing: int, form: int, map_eps: float,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and ``[dθ; dγ]`` ``[2, H, d/2]`` (fp32): one tensor, as a custom op's outputs must not alias."""
     b, h, n, d = k.shape
-    dq, dk, dv, dang = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps)
-    dtheta = torch.empty(b * h, d // 2, device=k.device, dtype=torch.float32)
-    dgamma = torch.empty_like(dtheta)
+    dq, dk, dv, (dang_q, dang_k) = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps,
+                                                  reduce_angle=False)
+    dtg = torch.empty(2, b * h, d // 2, device=k.device, dtype=torch.float32)  # dθ and dγ per sample
     dsums = torch.empty(b * h, 2, d, device=k.device, dtype=torch.float32)
     bp = max(16, triton.next_power_of_2(d // 2))
-    _angles_backward_kernel[(b * h,)](dang, sums, gamma, dtheta, dgamma, dsums, h, float(n), float(map_eps),
-                                      D=d, BP=bp, PAIRING=pairing, FORM=form)
+    _angles_backward_kernel[(b * h,)](dang_q, dang_k, sums, gamma, dtg, dsums, h, dang_q.shape[1], dang_k.shape[1],
+                                      float(n), float(map_eps), D=d, BP=bp, PAIRING=pairing, FORM=form)
     bd = max(16, triton.next_power_of_2(d))
     _sums_grad_kernel[(b * h, triton.cdiv(n, _BLOCK_N))](dk, k, dsums, n, h, *k.stride(), D=d, BD=bd, BN=_BLOCK_N)
-    return (dq, dk, dv, dtheta.view(b, h, d // 2).sum(0).to(theta.dtype),
-            dgamma.view(b, h, d // 2).sum(0).to(gamma.dtype))
+    return dq, dk, dv, dtg.view(2, b, h, d // 2).sum(1)  # [dθ; dγ] over the batch: one launch for both
 
 
 @_mirror_backward.register_fake
 def _(q, k, v, theta, gamma, state, sums, cos, ssin, grad_out, pairing, form, map_eps, eps):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
-            torch.empty_like(gamma))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            theta.new_empty(2, *theta.shape, dtype=torch.float32))
 
 
 def _mirror_setup_context(ctx, inputs, output):
@@ -703,7 +734,8 @@ def _mirror_setup_context(ctx, inputs, output):
 
 
 def _mirror_backward_autograd(ctx, grad_out, *_grad_saved):
-    return (*_mirror_backward(*ctx.saved_tensors, grad_out, *ctx.args), None, None, None, None)
+    dq, dk, dv, dtg = _mirror_backward(*ctx.saved_tensors, grad_out, *ctx.args)
+    return dq, dk, dv, dtg[0], dtg[1], None, None, None, None
 
 
 _mirror_forward.register_autograd(_mirror_backward_autograd, setup_context=_mirror_setup_context)
@@ -733,7 +765,8 @@ def mirror_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
                             map_eps: float = 1e-6, eps: float = 1e-6) -> torch.Tensor:
     """MirrorLA's folded per-sample step and linear attention in one op (Triton): σ² of the folded keys
     ``k [B, H, N, d]``, ``Θ = θ + Δα(σ²)`` (θ, γ ``[H, d/2]``), ``φ = ReLU(R(2Θ)·)`` of q and k inside the
-    attention kernels. Differentiable in q, k (also through σ²), v, θ and γ. Six kernel launches forward."""
+    attention kernels. Differentiable in q, k (also through σ²), v, θ and γ. Five kernel launches forward, six
+    backward."""
     if q.dtype == torch.float64:
         raise ValueError("the Triton kernels take fp32, bf16 or fp16 inputs, got float64 (use the torch backend)")
     theta32 = theta.to(torch.float32).contiguous()

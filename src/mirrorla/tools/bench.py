@@ -104,13 +104,17 @@ def _op_step(case: dict[str, Any], device: torch.device):
             return fmap.attend(q, k, v, **kwargs)
 
     if case.get("compile"):
-        fn = torch.compile(fn, fullgraph=True)
+        mode = case.get("compile_mode", "default")
+        fn = torch.compile(fn, fullgraph=True, **({} if mode == "default" else {"mode": mode}))
+    mark = _cudagraph_step_marker(case)
     if not train:
         def step():
+            mark()
             with torch.no_grad():
                 return fn()
     else:
         def step():
+            mark()
             out = fn()
             out.float().sum().backward()
             q.grad = k.grad = v.grad = None
@@ -131,15 +135,22 @@ def _model_step(case: dict[str, Any], device: torch.device):
     x = torch.randn(case["batch"], 3, case["img_size"], case["img_size"], device=device)
     train = case["mode"] == "train"
     model.train(train)
-    fn = torch.compile(model) if case.get("compile") else model
+    fn = model
+    if case.get("compile"):
+        from ..models.compile import compile_model
+
+        fn = compile_model(model, scope=case.get("compile_scope", "blocks"), mode=case.get("compile_mode", "default"))
+    mark = _cudagraph_step_marker(case)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     if not train:
         def step():
+            mark()
             with torch.no_grad(), autocast:
                 return fn(x)
     else:
         def step():
+            mark()
             with autocast:
                 out = fn(x)
             out.float().sum().backward()
@@ -147,6 +158,14 @@ def _model_step(case: dict[str, Any], device: torch.device):
                 p.grad = None
             return out
     return step
+
+
+def _cudagraph_step_marker(case: dict[str, Any]):
+    """What a step calls first: under CUDA graphs (``reduce-overhead``) it tells the graph trees that a new
+    step begins, so the previous step's outputs may be overwritten; otherwise nothing."""
+    if case.get("compile") and "reduce-overhead" in case.get("compile_mode", "default"):
+        return torch.compiler.cudagraph_mark_step_begin
+    return lambda: None
 
 
 def _sync(device: torch.device) -> None:
@@ -376,7 +395,8 @@ def _op_cases(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
                 for attn in _csv(args.attn):
                     cases.append(dict(kind="op", attn=attn, n=n, mode=mode, dtype=dtype, device=device,
                                       batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-                                      compile=args.compile, min_run_time=args.min_run_time))
+                                      compile=args.compile, min_run_time=args.min_run_time,
+                                      **_compile_options(args, "op")))
     return cases
 
 
@@ -393,8 +413,15 @@ def _model_cases(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
                         for window in windows if attn == "softmax" and "swin" in model else [None]:
                             cases.append(dict(kind="model", model=model, attn=attn, img_size=size, mode=mode,
                                               dtype=dtype, device=device, batch=args.batch, window=window,
-                                              compile=args.compile, min_run_time=args.min_run_time))
+                                              compile=args.compile, min_run_time=args.min_run_time,
+                                              **_compile_options(args, "model")))
     return cases
+
+
+def _compile_options(args: argparse.Namespace, kind: str) -> dict[str, str]:
+    if not args.compile:
+        return {}
+    return {"compile_mode": args.compile_mode, **({"compile_scope": args.compile_scope} if kind == "model" else {})}
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -424,7 +451,12 @@ def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, An
     for group, keys in groups.items():
         kind, model, mode, dtype = group
         size_name = "N" if kind == "op" else "img"
-        title = f"## {kind}{' ' + model if model else ''} — {mode}, {dtype}"
+        compiled = next((r for r in records if _key(r)[:4] == group and r.get("compile")), None)
+        how = ""
+        if compiled:
+            how = f", compiled ({compiled.get('compile_mode', 'default')}" + (
+                f", {compiled['compile_scope']})" if compiled.get("compile_scope") else ")")
+        title = f"## {kind}{' ' + model if model else ''} — {mode}, {dtype}{how}"
         lines += [title, "", f"| {size_name} | attention | median ms | IQR ms | peak MB | × softmax | × relu | "
                   + ("img/s |" if kind == "model" else "status |"), "|---" * 8 + "|"]
         for key in sorted(keys, key=lambda k: k[4]):
@@ -524,8 +556,13 @@ def _choices(text: str, option: str, allowed) -> list[str]:
 def validate_args(args: argparse.Namespace, kind: str) -> None:
     """Every bench option checked before any case runs; errors name the option and what it accepts."""
     from ..attention import list_attentions
+    from ..models.compile import COMPILE_MODES, COMPILE_SCOPES
 
     _choices(args.mode, "--mode", OP_MODES if kind == "op" else MODEL_MODES)
+    for option, value, allowed in (("--compile-mode", args.compile_mode, COMPILE_MODES),
+                                   ("--compile-scope", args.compile_scope, COMPILE_SCOPES)):
+        if value not in allowed:
+            raise ValueError(f"{option}: unknown value {value!r}; choose one of {', '.join(allowed)}")
     _choices(args.dtype, "--dtype", tuple(DTYPES))
     if args.device is not None:
         try:

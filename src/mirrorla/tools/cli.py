@@ -113,6 +113,10 @@ def _add_bench_options(p: argparse.ArgumentParser, modes: str) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 (comma separated)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the measured function")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile: default, "
+                   "reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs")
+    p.add_argument("--compile-scope", default="blocks", help="bench model --compile: blocks (each repeated block "
+                   "compiled once and its code reused: fast to compile) or model (one graph)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per case before it is recorded as timeout")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed repetitions per case (CPU)")
     p.add_argument("--no-progress", action="store_true")
