@@ -70,8 +70,15 @@ def test_two_variant_two_seed_study_on_digits(tmp_path, capsys):
     assert (out / "results.png").stat().st_size > 0
     assert json.loads((out / "study.json").read_text()) == {**study, "settings": [{"name": "default"}]}
     capsys.readouterr()
-    assert main(["compare", "--variants", str(path), "--out", str(out), "--no-progress"]) == 0
+    assert main(["compare", "--variants", str(path), "--out", str(out), "--no-progress", "--analyze"]) == 0
     assert capsys.readouterr().out.count("finished: reused") == 4
+    analysed = json.loads((out / "results.json").read_text())
+    assert all(0 < r["retention_k"] <= 1 and r["rank_k"] > 0 for r in analysed)
+    # reused runs keep the statistics computed before: marked here, the mark survives a rerun
+    analysed[0]["retention_k"] = 0.123
+    (out / "results.json").write_text(json.dumps(analysed))
+    assert main(["compare", "--variants", str(path), "--out", str(out), "--no-progress", "--analyze"]) == 0
+    assert json.loads((out / "results.json").read_text())[0]["retention_k"] == 0.123
 
 
 def test_jobs_train_in_worker_processes_seed_by_seed(tmp_path, capsys):

@@ -109,7 +109,9 @@ def run_study(study: dict[str, Any], out: Path, *, base: TrainConfig | None = No
               analyze: bool = False, jobs: int = 1) -> list[dict[str, Any]]:
     """Run (or continue) every run of ``study``, ``jobs`` at a time; write ``out/results.json``, ``results.md``
     and ``results.png``. Runs go seed by seed (every setting and variant of the first seed, then the next), so a
-    study stopped early holds the same seeds in every cell and its pairs stay balanced."""
+    study stopped early holds the same seeds in every cell and its pairs stay balanced. With ``analyze``, a
+    finished run that is reused keeps the statistics an earlier ``results.json`` holds for it (delete that file
+    to recompute them)."""
     from .train import existing_run_action, holds_run, run_all_planned
 
     seeds = (study.get("quick_seeds") or study["seeds"][:2]) if quick else study["seeds"]
@@ -121,6 +123,7 @@ def run_study(study: dict[str, Any], out: Path, *, base: TrainConfig | None = No
     labelled = [(f"{setting} / {variant} seed {seed}", config, action)
                 for (setting, variant, seed, config), action in zip(planned, actions, strict=True)]
     results: list[dict[str, Any] | None] = [None] * len(planned)
+    earlier = _earlier_analyses(out / "results.json")
     for i, metrics in run_all_planned(labelled, jobs):
         setting, variant, seed, config = planned[i]
         row = {"setting": setting, "variant": variant, "seed": seed, "top1": metrics["best_top1"],
@@ -128,15 +131,28 @@ def run_study(study: dict[str, Any], out: Path, *, base: TrainConfig | None = No
                "run_dir": config.out}
         row.update(_curve_columns(Path(config.out)))
         if analyze:
-            from .analyze import summary_columns
+            from .analyze import ANALYSIS_COLUMNS, summary_columns
 
-            row.update(summary_columns(Path(config.out), config.data))
+            # a finished run reused as it was keeps the statistics computed when it finished
+            kept = earlier.get(config.out) if actions[i] == "reuse" else None
+            if kept is not None and all(k in kept for k in ANALYSIS_COLUMNS):
+                row.update({k: kept[k] for k in ANALYSIS_COLUMNS})
+            else:
+                row.update(summary_columns(Path(config.out), config.data))
         results[i] = row
         atomic_write_text(out / "results.json", json.dumps([r for r in results if r], indent=2))
     done = [r for r in results if r]
     atomic_write_text(out / "results.md", study_markdown(study, done))
     plot_study(study, done, out / "results.png")
     return done
+
+
+def _earlier_analyses(path: Path) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier ``results.json`` by run directory (empty when there is none or it is unreadable)."""
+    try:
+        return {r["run_dir"]: r for r in json.loads(path.read_text()) if isinstance(r, dict) and "run_dir" in r}
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 def _curve_columns(run_dir: Path, last: int = 5) -> dict[str, float]:
