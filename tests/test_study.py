@@ -33,9 +33,16 @@ def test_decision_rule_needs_two_settings_above_and_none_below():
             results.append({"setting": setting, "variant": "b", "seed": seed, "top1": 50.0 + noise + shift
                             + (0.3 * noise if setting == "s3" else 0.01 * seed)})
     verdict = decisions(study, summarise(study, results))["b"]
-    assert verdict == {"above": 2, "below": 0, "settings": 3, "passes": True}
+    assert verdict == {"above": 2, "below": 0, "settings": 3, "passes": True, "worse": False}
     results = [dict(r, top1=r["top1"] - 2.0 * (r["variant"] == "b" and r["setting"] == "s3")) for r in results]
     assert decisions(study, summarise(study, results))["b"]["passes"] is False  # one setting below 0
+    # the mirror image: below 0 in two settings, above in none, reads as worse than the reference
+    flipped = [dict(r, top1=100.0 - r["top1"]) for r in results if r["setting"] != "s3"]
+    flipped += [r for r in results if r["setting"] == "s3" and r["variant"] == "a"]
+    flipped += [dict(r, top1=r["top1"] * 0 + 50.0 + r["seed"] * 0.1) for r in results
+                if r["setting"] == "s3" and r["variant"] == "b"]
+    verdict = decisions(study, summarise(study, flipped))["b"]
+    assert (verdict["below"], verdict["above"], verdict["worse"], verdict["passes"]) == (2, 0, True, False)
 
 
 @pytest.mark.parametrize("change, needle", [

@@ -225,8 +225,10 @@ def decisions(study: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, di
         mine = [r for r in rows if r["variant"] == variant and "diff" in r]
         above = sum(r["low"] > 0 for r in mine)
         below = sum(r["high"] < 0 for r in mine)
+        complete = len(mine) == n_settings
         verdicts[variant] = {"above": int(above), "below": int(below), "settings": len(mine),
-                             "passes": bool(above >= needed and below == 0 and len(mine) == n_settings)}
+                             "passes": bool(above >= needed and below == 0 and complete),
+                             "worse": bool(below >= needed and above == 0 and complete)}
     return verdicts
 
 
@@ -258,11 +260,15 @@ def study_markdown(study: dict[str, Any], results: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['variant']} | {r['seeds']} | {r['mean']:.2f} ± {r['std']:.2f} | {diff} | {ci} |"
                          + cells)
         lines.append("")
-    lines += ["## Decision", "", "| variant | settings above 0 | settings below 0 | passes the rule |",
-              "|---|---|---|---|"]
+    reference = study["reference"]
+    lines += ["## Decision", "", "passes the rule: better than the reference by the rule (interval above 0 in enough "
+              "settings, below 0 in none); the last column reads the same rule both ways.", "",
+              "| variant | settings above 0 | settings below 0 | passes the rule | reading |", "|---|---|---|---|---|"]
     for variant, v in decisions(study, rows).items():
+        reading = (f"better than {reference}" if v["passes"] else f"worse than {reference}" if v["worse"]
+                   else f"not separated from {reference}")
         lines.append(f"| {variant} | {v['above']}/{v['settings']} | {v['below']}/{v['settings']} | "
-                     f"{'yes' if v['passes'] else 'no'} |")
+                     f"{'yes' if v['passes'] else 'no'} | {reading} |")
     return "\n".join(lines) + "\n"
 
 
