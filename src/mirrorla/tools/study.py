@@ -245,7 +245,10 @@ def study_markdown(study: dict[str, Any], results: list[dict[str, Any]]) -> str:
               "minus five epochs before (near 0: the schedule has settled). The mechanism columns (from --analyze, "
               "layer averages on validation images): retention_k, the share of k's energy kept by the feature map; "
               "zeroed_k, the fraction of φ(k) entries that are 0; rank_k and rank_attn, the effective ranks of φ(K) "
-              "and of the attention matrix; attn_entropy, the attention rows' entropy. All are means over seeds.",
+              "and of the attention matrix; attn_entropy, the attention rows' entropy. All are means over seeds. "
+              "Retention is Σ‖φ(k)‖² / Σ‖k‖²: a share of the keys' energy only for maps that zero or keep each "
+              "coordinate (ReLU, MirrorLA and its variants); focused rescales its features and polarity raises "
+              "them to a power in two streams, so theirs is not comparable.",
               ""]
     for setting in [s["name"] for s in study["settings"]]:
         mech = [k for k in _CURVE + _MECHANISM if any(k in r for r in rows if r["setting"] == setting)]
