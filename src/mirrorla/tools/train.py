@@ -298,13 +298,18 @@ def run_all_planned(runs: list[tuple[str, TrainConfig, str]], jobs: int = 1):
             if action == "reuse":  # read back here: no process needed
                 print(f"[{i + 1}/{len(runs)}] {label}" + ACTION_NOTES[action], flush=True)
                 yield i, run_planned(config, action)
-        print(f"{len(pending)} runs to train, {jobs} at a time with {threads} torch thread(s) each; each run's "
-              "output goes to <run dir>.log", flush=True)
+        if pending:
+            print(f"{len(pending)} runs to train, {jobs} at a time with {threads} torch thread(s) each; each run's "
+                  "output goes to <run dir>.log", flush=True)
         start = time.perf_counter()
         try:
             for done, future in enumerate(cf.as_completed(pending), 1):
                 i = pending[future]
-                metrics = future.result()
+                try:
+                    metrics = future.result()
+                except Exception:
+                    print(f"{runs[i][0]} failed; its output: {runs[i][1].out}.log", flush=True)
+                    raise
                 print(f"[{done}/{len(pending)} trained] {runs[i][0]}: best top-1 {metrics['best_top1']:.2f} "
                       f"({metrics['train_seconds']:.0f} s; {time.perf_counter() - start:.0f} s since start)",
                       flush=True)
