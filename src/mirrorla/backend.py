@@ -52,14 +52,13 @@ def backend_setting() -> str:
     return value
 
 
-_TRITON: dict[str, bool] = {}
+# Looked up once, at import: importlib's find_spec is one of the functions torch.compile refuses to trace, and
+# select_backend runs inside compiled models (a lazy lookup there broke the first compiled forward).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _triton_installed() -> bool:
-    # a plain dict, not functools.cache: dynamo traces through this call inside compiled models
-    if "ok" not in _TRITON:
-        _TRITON["ok"] = importlib.util.find_spec("triton") is not None
-    return _TRITON["ok"]
+    return _TRITON_INSTALLED
 
 
 def triton_available(device: torch.device) -> bool:
