@@ -123,3 +123,69 @@ def test_folding_q_and_k_together_equals_folding_each():
             wi, bi = fmap.fold_projection(w[i], b[i])
             torch.testing.assert_close(wg[i], wi)
             torch.testing.assert_close(bg[i], bi)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"pairing": "half"}, {"block": False, "variance": False},
+                                    {"variance": False}, {"cross_head": False}])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_fold_equals_the_generic_fold_in_values_and_gradients(kwargs, bias):
+    """The one-node fold of the qkv rows (reflect_projection_rows) equals folding q and k op by op and keeping v:
+    folded weights and the gradients of weight, bias and u."""
+    from mirrorla.feature_maps import FeatureMap
+
+    torch.manual_seed(0)
+    fmap = MirrorFeatureMap(3, 8, **kwargs).double()
+    w = torch.randn(72, 10, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(72, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = [w] + ([b] if bias else []) + list(fmap.parameters())
+    gw, gb = torch.randn(72, 10, dtype=torch.float64), torch.randn(72, dtype=torch.float64)
+    results = []
+    for fold in (fmap.fold_leading_rows, lambda *a: FeatureMap.fold_leading_rows(fmap, *a)):
+        wf, bf = fold(w, b, 2)
+        loss = (wf * gw).sum() + ((bf * gb).sum() if bias else 0)
+        results.append(((wf, bf), torch.autograd.grad(loss, inputs, allow_unused=True)))
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(w[48:], out[0][48:])  # the v rows pass unchanged
+    if bias:
+        torch.testing.assert_close(out[1], ref[1])
+    for a, e in zip(grads, ref_grads, strict=True):
+        if e is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, e)
+
+
+def test_reflect_projection_rows_gradcheck_and_errors():
+    from mirrorla.ops import reflect_projection_rows
+
+    torch.manual_seed(0)
+    w = torch.randn(20, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    signs = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda w, b, u: reflect_projection_rows(w, b, u, signs, groups=3), (w, b, u))
+    assert torch.autograd.gradcheck(lambda w, u: reflect_projection_rows(w, None, u, groups=2)[0], (w, u))
+    # an orthogonal map of the rows: each group's column norms are kept
+    wf, _ = reflect_projection_rows(w, b, u, signs, groups=3)
+    torch.testing.assert_close(wf[:6].norm(dim=0), w[:6].norm(dim=0))
+    for kwargs, needle in [
+        (dict(weight=torch.randn(5, 3)), r"weight must have shape \[R ≥ groups·C = 18, C_in\]"),
+        (dict(bias=torch.randn(3)), r"bias must have shape \[R = 20\]"),
+        (dict(signs=torch.ones(4)), r"signs must have shape \[C = 6\] or \[d\] with d dividing C"),
+        (dict(groups=0), "groups must be a positive int"),
+    ]:
+        args = dict(weight=w, bias=b, u=u, signs=signs, groups=3) | kwargs
+        with pytest.raises(ValueError, match=needle):
+            reflect_projection_rows(args["weight"], args["bias"], args["u"], args["signs"], groups=args["groups"])
+
+
+def test_fused_fold_in_bf16_weights_stays_finite_and_close():
+    from mirrorla.feature_maps import FeatureMap
+
+    fmap = MirrorFeatureMap(3, 8)
+    w, b = torch.randn(72, 10), torch.randn(72)
+    ref = FeatureMap.fold_leading_rows(fmap, w, b, 2)
+    got = fmap.bfloat16().fold_leading_rows(w.bfloat16(), b.bfloat16(), 2)
+    assert got[0].dtype == torch.bfloat16 and torch.isfinite(got[0]).all()
+    torch.testing.assert_close(got[0].float(), ref[0], atol=5e-2, rtol=5e-2)

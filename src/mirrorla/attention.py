@@ -254,15 +254,8 @@ class LinearAttention(nn.Module):
         return folded
 
     def _fold_qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight, bias = self.qkv.weight, self.qkv.bias
-        c = self.dim
-        # q and k rows folded together, as two groups of one call
-        w_qk, b_qk = self.feature_map.fold_projection(weight[:2 * c].view(2, c, -1),
-                                                      None if bias is None else bias[:2 * c].view(2, c))
-        weight = torch.cat([w_qk.reshape(2 * c, -1), weight[2 * c:]], 0)
-        if bias is not None:
-            bias = torch.cat([b_qk.reshape(2 * c), bias[2 * c:]], 0)
-        return weight, bias
+        # the q and k rows folded together (two groups of C rows); the v rows pass unchanged
+        return self.feature_map.fold_leading_rows(self.qkv.weight, self.qkv.bias, groups=2)
 
     def _spatially_reduced_qkv(self, x: torch.Tensor, grid_size: tuple[int, int] | None, weight: torch.Tensor,
                                bias: torch.Tensor | None):

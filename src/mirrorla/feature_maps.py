@@ -35,6 +35,7 @@ from .ops import (
     linear_attention_reference,
     mapped_linear_attention,
     pair_channels,
+    reflect_projection_rows,
     rotate_relu,
     rotate_relu_reference,
     select_backend,
@@ -138,6 +139,16 @@ class FeatureMap(nn.Module):
     def fold_projection(self, weight: torch.Tensor, bias: torch.Tensor | None):
         """Fold the map's static linear part into a q or k projection ``weight [C, C_in]``, ``bias [C]``."""
         raise NotImplementedError(f"feature map {self.map_name!r} has nothing to fold")
+
+    def fold_leading_rows(self, weight: torch.Tensor, bias: torch.Tensor | None, groups: int):
+        """:meth:`fold_projection` on each of the first ``groups`` blocks of C rows of ``weight [R, C_in]`` (and
+        ``bias [R]``); the other rows pass unchanged (a fused qkv projection folds its q and k rows, not v)."""
+        c = self.num_heads * self.head_dim
+        w, b = self.fold_projection(weight[:groups * c].view(groups, c, -1),
+                                    None if bias is None else bias[:groups * c].view(groups, c))
+        weight_out = torch.cat([w.reshape(groups * c, -1), weight[groups * c:]], 0)
+        bias_out = None if bias is None else torch.cat([b.reshape(groups * c), bias[groups * c:]], 0)
+        return weight_out, bias_out
 
     def __init__(self, num_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -566,6 +577,16 @@ class MirrorFeatureMap(FeatureMap):
         if not grouped:
             return w[0], None if b is None else b[0]
         return w, b
+
+    def fold_leading_rows(self, weight: torch.Tensor, bias: torch.Tensor | None, groups: int):
+        # The common configurations (cross-head reflection, with the H(0) signs of the variance-modulated blocks or
+        # without blocks) are one reflection and a sign flip: a single autograd node with a closed-form backward,
+        # which keeps a training step's host time and kernel count near ReLU's. Static block angles take the
+        # general path.
+        if self.cross_head and (self.variance or not self.block):
+            return reflect_projection_rows(weight, bias, self.u, self.pair_signs if self.block else None,
+                                           groups=groups)
+        return super().fold_leading_rows(weight, bias, groups)
 
     def forward(self, q, k, *, folded: bool = False):
         """``(φ(q), φ(k))``. With ``folded=True`` q and k come from projections folded by

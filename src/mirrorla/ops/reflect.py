@@ -6,6 +6,7 @@ and keys keeps every inner product ``(Hq)ᵀ(Hk) = qᵀk`` (docs/method.md §1).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "check_pairing",
     "cross_head_reflect",
     "householder_reflect",
+    "reflect_projection_rows",
     "pair_channels",
     "rotate_pairs",
     "token_moments",
@@ -186,6 +188,99 @@ def cross_head_reflect(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     unit = _unit(u).to(x.dtype).view(heads, 1, head_dim)
     proj = (x * unit).sum(dim=(1, 3), keepdim=True)  # [B, 1, N, 1]: uᵀz per token, over all heads
     return torch.addcmul(x, proj, unit, value=-2.0)
+
+
+class _ReflectProjectionRows(torch.autograd.Function):
+    """Autograd of :func:`reflect_projection_rows`: one node with a closed-form backward, so a training step pays
+    a dozen small kernels for the fold instead of the fifty-odd that autograd records for the op-by-op version."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, u, signs, groups):
+        rows, c = weight.shape[0], u.shape[0]
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        # [C_in (+1), R]: input channels as rows, the bias as one more; reflections act along the output channels
+        m = (torch.cat([weight.t(), bias[None]], 0) if bias is not None else weight.t()).to(compute)
+        qk = m[:, : groups * c].view(m.shape[0], groups, c)
+        norm = torch.linalg.vector_norm(u.to(compute))
+        unit = u.to(compute) / norm * math.sqrt(2.0)  # ‖unit‖² = 2: H = I − unit·unitᵀ
+        a = torch.matmul(qk, unit)  # [K, G]: unitᵀ w per input channel and group
+        out_qk = torch.addcmul(qk, a[..., None], unit, value=-1.0)
+        if signs is not None:  # [d] repeated over the C channels (one head's pattern) or [C]
+            out_qk.view(*out_qk.shape[:2], -1, signs.shape[0]).mul_(signs.to(compute))
+        out = torch.cat([out_qk.view(m.shape[0], groups * c), m[:, groups * c:]], 1) if groups * c < rows \
+            else out_qk.view(m.shape[0], rows)
+        out = out.to(weight.dtype)
+        ctx.save_for_backward(qk, unit, a, norm, signs)
+        ctx.groups, ctx.has_bias, ctx.weight_dtype, ctx.bias_dtype = groups, bias is not None, weight.dtype, (
+            None if bias is None else bias.dtype)
+        c_in = weight.shape[1]
+        # weight' = out[:C_in]ᵀ (a transposed view: F.linear reads it as a plain row-major matrix), bias' = out[C_in]
+        return out[:c_in].t(), (out[c_in] if bias is not None else None)
+
+    @staticmethod
+    def backward(ctx, d_weight, d_bias):
+        qk, unit, a, norm, signs = ctx.saved_tensors
+        groups, k, c = ctx.groups, qk.shape[0], unit.shape[0]
+        compute = unit.dtype
+        rows = d_weight.shape[0] if d_weight is not None else d_bias.shape[0]
+        c_in = k - ctx.has_bias
+        if d_weight is None:
+            d_weight = torch.zeros(rows, c_in, dtype=compute, device=unit.device)
+        if ctx.has_bias and d_bias is None:
+            d_bias = torch.zeros(rows, dtype=compute, device=unit.device)
+        dm = (torch.cat([d_weight.t(), d_bias[None]], 0) if ctx.has_bias else d_weight.t()).to(compute)
+        g = dm[:, : groups * c].view(k, groups, c)
+        if signs is not None:  # diag(s) is its own transpose
+            g = (g.view(k, groups, -1, signs.shape[0]) * signs.to(compute)).view(k, groups, c)
+        r = torch.matmul(g, unit)  # [K, G]
+        d_qk = torch.addcmul(g, r[..., None], unit, value=-1.0)  # Hᵀ = H
+        d_m = torch.cat([d_qk.view(k, groups * c), dm[:, groups * c:]], 1) if groups * c < rows \
+            else d_qk.view(k, rows)
+        # d unit = −Σ (g a + w r) over input channels and groups (the two places unit enters w − unit·(unitᵀw))
+        d_unit = -(torch.matmul(a.reshape(1, -1), g.reshape(-1, c)) + torch.matmul(r.reshape(1, -1), qk.reshape(-1, c)))
+        d_unit = d_unit[0]
+        # unit = √2·u/‖u‖: du = (√2/‖u‖)(d unit − û ûᵀ d unit), û = unit/√2
+        d_u = (d_unit - unit * (torch.dot(unit, d_unit) * 0.5)) * (math.sqrt(2.0) / norm)
+        d_weight_in = d_m[:c_in].t().to(ctx.weight_dtype)
+        d_bias_in = d_m[c_in].to(ctx.bias_dtype) if ctx.has_bias else None
+        return d_weight_in, d_bias_in, d_u, None, None
+
+
+def reflect_projection_rows(weight: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,
+                            signs: torch.Tensor | None = None, *, groups: int = 1
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold ``T = diag(signs)·(I − 2uuᵀ/‖u‖²)`` into the first ``groups`` blocks of C output rows of a projection.
+
+    Row block g of ``weight`` becomes ``T·W_g`` (and of ``bias`` ``T·b_g``); rows after ``groups·C`` pass unchanged
+    (e.g. the v rows of a fused qkv projection). Equal to applying :func:`householder_reflect` and the signs to the
+    projection's outputs, for a projection computed once per forward instead of per token. One autograd node with
+    a closed-form backward (to weight, bias and u); the arithmetic runs in at least fp32.
+
+    Args:
+        weight: ``[R, C_in]`` with ``R ≥ groups·C``.
+        bias: ``[R]`` or None.
+        u: ``[C]``, any non-zero vector.
+        signs: ``[C]`` of ±1, or ``[d]`` with d dividing C, repeated over the C channels (one head's pattern,
+            e.g. the H(0) of the block reflections); or None.
+        groups: how many blocks of C rows to fold.
+
+    Returns:
+        ``(weight' [R, C_in], bias' [R] or None)`` in the input dtypes; ``weight'`` is a transposed view.
+    """
+    check_floating("weight", weight)
+    check_floating("u", u)
+    if u.dim() != 1:
+        raise ValueError(f"u must have shape [C], got {tuple(u.shape)}")
+    c = u.shape[0]
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if weight.dim() != 2 or weight.shape[0] < groups * c:
+        raise ValueError(f"weight must have shape [R ≥ groups·C = {groups * c}, C_in], got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [R = {weight.shape[0]}], got {tuple(bias.shape)}")
+    if signs is not None and (signs.dim() != 1 or signs.shape[0] == 0 or c % signs.shape[0]):
+        raise ValueError(f"signs must have shape [C = {c}] or [d] with d dividing C, got {tuple(signs.shape)}")
+    return _ReflectProjectionRows.apply(weight, bias, u, signs, groups)
 
 
 def _complex_view(x: torch.Tensor) -> torch.Tensor | None:
