@@ -181,3 +181,49 @@ def test_running_scope_on_triton_matches_torch(backend):
             assert a is None
         else:
             torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4)
+
+
+def _op_calls():
+    """(name, call, inputs) of each public Triton op, on small interpreter-sized inputs."""
+    torch.manual_seed(0)
+    b, h, n, d = 2, 2, 40, 16
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    angle = torch.randn(b, h, d // 2, requires_grad=True)
+    theta, gamma = torch.randn(h, d // 2, requires_grad=True), torch.randn(h, d // 2, requires_grad=True)
+    return [
+        ("fused rotate_relu", lambda: triton_ops.fused_linear_attention(q, k, v, angle, feature="rotate_relu"),
+         [q, k, v, angle]),
+        ("fused relu", lambda: triton_ops.fused_linear_attention(q, k, v, feature="relu"), [q, k, v]),
+        ("token sums", lambda: triton_ops.token_sums_triton(k), [k]),
+        ("mirror", lambda: triton_ops.mirror_linear_attention(q, k, v, theta, gamma), [q, k, v, theta, gamma]),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_eager_function_and_custom_op_agree_bitwise(index, monkeypatch):
+    """Eager calls go through a torch.autograd.Function, compiled ones through the torch.library custom op: one
+    implementation, so values and every gradient are identical."""
+    name, call, inputs = _op_calls()[index]
+    results = []
+    for custom in (False, True):
+        monkeypatch.setattr(triton_ops, "_use_custom_ops", lambda custom=custom: custom)
+        out = call()
+        results.append((out, torch.autograd.grad(out.square().sum(), inputs)))
+    (out_f, grads_f), (out_c, grads_c) = results
+    torch.testing.assert_close(out_f, out_c, rtol=0, atol=0, msg=name)
+    for a, w in zip(grads_f, grads_c, strict=True):
+        torch.testing.assert_close(a, w, rtol=0, atol=0, msg=name)
+
+
+def test_custom_ops_pass_torch_library_opcheck():
+    """Schemas, fake kernels and autograd registrations of the custom ops (what torch.compile relies on)."""
+    torch.manual_seed(0)
+    b, h, n, d = 1, 2, 20, 16
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    angle = torch.randn(b, h, d // 2, requires_grad=True)
+    theta, gamma = torch.randn(h, d // 2, requires_grad=True), torch.randn(h, d // 2, requires_grad=True)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(triton_ops._fused_forward, (q, k, v, angle, 2, 0, 1e-6), test_utils=tests)
+    torch.library.opcheck(triton_ops._fused_forward, (q, k, v, None, 1, 0, 1e-6), test_utils=tests)
+    torch.library.opcheck(triton_ops._token_sums, (k,), test_utils=tests)
+    torch.library.opcheck(triton_ops._mirror_forward, (q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6), test_utils=tests)
