@@ -6,8 +6,12 @@ to 4,097, both pairings. Also checks that a DeiT-T forward under torch.compile(f
 CUDA-graph capture (mode="reduce-overhead") runs, also for a training step compiled block by block. Prints one
 line per check and exits 1 on a mismatch.
 
-Usage: PYTHONPATH=src python benchmarks/gpu_check.py [DEVICE] [--kernels-only]  (DEVICE defaults to cuda;
---kernels-only skips the compiled DeiT-T checks, which spend minutes compiling)
+Also checks the MirrorLA layer (fold, σ², rotation, attention) on the Triton backend against the torch backend on
+the same device, in values and in the gradients of every parameter.
+
+Usage: PYTHONPATH=src python benchmarks/gpu_check.py [DEVICE] [--kernels-only] [--quick]  (DEVICE defaults to
+cuda; --kernels-only skips the compiled DeiT-T checks, which spend minutes compiling; --quick keeps the head width
+and sizes the benchmarks use, d = 64, so few kernel variants compile)
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from mirrorla.ops.triton_linear_attention import fused_linear_attention
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 device = torch.device(args[0] if args else "cuda")
 kernels_only = "--kernels-only" in sys.argv
+quick = "--quick" in sys.argv
 failures = 0
 
 
@@ -50,6 +55,8 @@ def reference(q, k, v, angle, feature, pairing):
 
 # the interpreter (device cpu) is slow: smaller sizes there
 CASE_SIZES = ((4097, 128), (1, 16), (197, 48), (1000, 64)) if device.type == "cuda" else ((1, 16), (97, 48))
+if quick:
+    CASE_SIZES = ((1000, 64),) if device.type == "cuda" else ((97, 64),)
 cases = [(feature, pairing, n, d, dtype)
          for feature, pairing in (("rotate_relu", "adjacent"), ("rotate_relu", "half"), ("relu", "adjacent"))
          for n, d in CASE_SIZES
@@ -78,9 +85,9 @@ for feature, pairing, n, d, dtype in cases:
 # the whole folded MirrorLA step on the Triton backend (σ², Θ, rotation, attention: one op) against the reference
 from mirrorla.feature_maps import create_feature_map  # noqa: E402
 
-for delta_form, pairing, n, d, dtype in (("tanh_log", "adjacent", 4096, 64, torch.bfloat16),
-                                         ("rsqrt", "half", 1000, 48, torch.float32),
-                                         ("log", "adjacent", 999, 128, torch.bfloat16)):
+MAP_CASES = (("tanh_log", "adjacent", 4096, 64, torch.bfloat16), ("rsqrt", "half", 1000, 48, torch.float32),
+             ("log", "adjacent", 999, 128, torch.bfloat16))
+for delta_form, pairing, n, d, dtype in MAP_CASES[:1] if quick else MAP_CASES:
     fmap = create_feature_map("mirror", 3, d, delta_form=delta_form, pairing=pairing).to(device)
     with torch.no_grad():
         fmap.gamma.normal_(0, 0.5)
@@ -99,6 +106,30 @@ for delta_form, pairing, n, d, dtype in (("tanh_log", "adjacent", 4096, 64, torc
     for label, a, w in zip(("dq", "dk", "dv", "dtheta", "dgamma"), results["triton"][1], results["torch"][1],
                            strict=True):
         report(f"{name} {label}", rel(a, w), 2 * tol)
+
+# the layer as models run it: the fused fold of the q/k rows, then the Triton op; bf16 autocast on the GPU
+from mirrorla import LinearAttention  # noqa: E402
+
+torch.manual_seed(0)
+layer = LinearAttention(192, 3, qkv_bias=True).to(device)
+with torch.no_grad():
+    layer.feature_map.gamma.normal_(0, 0.5)
+x = torch.randn(4, 197 if device.type == "cuda" else 17, 192, device=device)
+layer_results = {}
+for backend in ("triton", "torch"):
+    os.environ["MIRRORLA_BACKEND"] = backend
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = layer(x).float()
+    grads = torch.autograd.grad(out.square().mean(), list(layer.parameters()))
+    layer_results[backend] = (out, grads)
+os.environ.pop("MIRRORLA_BACKEND")
+tol = 3e-2 if device.type == "cuda" else 2e-3
+precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+report(f"LinearAttention(mirror) layer, {precision}, triton vs torch out",
+       rel(layer_results["triton"][0], layer_results["torch"][0]), tol)
+for (pname, _), a, w in zip(layer.named_parameters(), layer_results["triton"][1], layer_results["torch"][1],
+                            strict=True):
+    report(f"LinearAttention(mirror) layer d {pname}", rel(a, w), 2 * tol)
 
 if device.type == "cuda" and not kernels_only:
     import timm

@@ -1,0 +1,166 @@
+"""Where a step's time goes: host (Python, dispatch, launches) against device (kernels), per attention.
+
+For each attention and mode it prints the wall time per step (CUDA events around whole steps), the device time
+per step (the sum of the kernels' own times, from ``torch.profiler``), the kernels and the operators dispatched
+per step, and the kernels and operators that cost the most. A step whose wall time is far above its device time
+is host-bound: fewer, larger kernels help it, faster kernels do not.
+
+Cases: ``mirrorla_deit_tiny_patch16_224`` (bf16 autocast, inference and training) and, with ``--op``, the
+attention op alone (q, k, v given, as in ``mirrorla bench op``).
+
+Usage: PYTHONPATH=src python benchmarks/gpu_profile.py [--device cuda] [--img-size 224] [--batch 128]
+       [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--top 10] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from mirrorla import models  # noqa: F401  (registers the models)
+from mirrorla.attention import LinearAttention
+
+
+def model_step(attn: str, mode: str, img: int, batch: int, device: torch.device):
+    import timm
+
+    model = timm.create_model("mirrorla_deit_tiny_patch16_224", attn=attn, img_size=img).to(device)
+    model.train(mode == "train")
+    x = torch.randn(batch, 3, img, img, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def step():
+        if mode == "train":
+            with autocast:
+                out = model(x)
+            out.float().sum().backward()
+            for p in model.parameters():
+                p.grad = None
+        else:
+            with torch.no_grad(), autocast:
+                model(x)
+
+    return step
+
+
+def op_step(attn: str, mode: str, n: int, device: torch.device):
+    import torch.nn.functional as F
+
+    b, h, d = 8, 3, 64
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype).requires_grad_(mode == "train") for _ in range(3))
+    if attn == "softmax":
+        def fn():
+            return F.scaled_dot_product_attention(q, k, v)
+    else:
+        layer = LinearAttention(h * d, h, attn=attn, local_kernel=0).to(device)
+
+        def fn():
+            return layer.feature_map.attend(q, k, v, **layer.map_kwargs)
+
+    def step():
+        if mode == "train":
+            fn().float().sum().backward()
+            q.grad = k.grad = v.grad = None
+        else:
+            with torch.no_grad():
+                fn()
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def wall_ms(step, device: torch.device, steps: int) -> float:
+    for _ in range(3):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def profile_case(name: str, step, device: torch.device, steps: int, top: int, lines: list[str]) -> dict:
+    wall = wall_ms(step, device, steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    ops = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith(("aten::", "mirrorla::"))]
+    device_ms = sum(e.device_time_total for e in kernels) / 1e3 / steps
+    by_kernel: Counter = Counter()
+    count_kernel: Counter = Counter()
+    for e in kernels:
+        by_kernel[e.name[:90]] += e.device_time_total / 1e3 / steps
+        count_kernel[e.name[:90]] += 1
+    by_op: Counter = Counter()
+    count_op: Counter = Counter()
+    for e in ops:
+        by_op[e.name] += e.self_cpu_time_total / 1e3 / steps
+        count_op[e.name] += 1
+    row = dict(case=name, wall_ms=wall, device_ms=device_ms, kernels=len(kernels) / steps, ops=len(ops) / steps)
+    lines.append(f"\n## {name}: wall {wall:.2f} ms/step, device {device_ms:.2f} ms/step, "
+                 f"{row['kernels']:.0f} kernels and {row['ops']:.0f} operators per step")
+    lines.append("top kernels (ms/step, launches/step):")
+    for k, ms in by_kernel.most_common(top):
+        lines.append(f"  {ms:8.3f}  {count_kernel[k] / steps:6.0f}  {k}")
+    lines.append("top operators by own host time (ms/step, calls/step):")
+    for k, ms in by_op.most_common(top):
+        lines.append(f"  {ms:8.3f}  {count_op[k] / steps:6.0f}  {k}")
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--attn", default="softmax,relu,mirror")
+    p.add_argument("--mode", default="infer,train")
+    p.add_argument("--op", type=int, default=0, help="also profile the op alone at this many tokens (B=8, H=3, d=64)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    lines: list[str] = [f"# Profile on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+                        f"torch {torch.__version__}"]
+    rows = []
+    for mode in args.mode.split(","):
+        for attn in args.attn.split(","):
+            if args.op:
+                rows.append(profile_case(f"op {attn} {mode} N={args.op}", op_step(attn, mode, args.op, device),
+                                         device, args.steps, args.top, lines))
+            rows.append(profile_case(f"deit_tiny {attn} {mode} {args.img_size}px batch {args.batch}",
+                                     model_step(attn, mode, args.img_size, args.batch, device),
+                                     device, args.steps, args.top, lines))
+            for r in rows[-2 if args.op else -1:]:
+                print(f"{r['case']}: wall {r['wall_ms']:.2f} ms, device {r['device_ms']:.2f} ms, "
+                      f"{r['kernels']:.0f} kernels, {r['ops']:.0f} operators per step", flush=True)
+    summary = ["", "| case | wall ms | device ms | kernels/step | operators/step |", "|---|---|---|---|---|"]
+    summary += [f"| {r['case']} | {r['wall_ms']:.2f} | {r['device_ms']:.2f} | {r['kernels']:.0f} | {r['ops']:.0f} |"
+                for r in rows]
+    text = "\n".join(lines[:1] + summary + lines[1:]) + "\n"
+    print("\n".join(summary))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
