@@ -189,3 +189,20 @@ def test_fused_fold_in_bf16_weights_stays_finite_and_close():
     got = fmap.bfloat16().fold_leading_rows(w.bfloat16(), b.bfloat16(), 2)
     assert got[0].dtype == torch.bfloat16 and torch.isfinite(got[0]).all()
     torch.testing.assert_close(got[0].float(), ref[0], atol=5e-2, rtol=5e-2)
+
+
+def test_fused_fold_under_autocast_keeps_the_weights_precision():
+    """Under bf16 autocast the fold's own matmuls stay in fp32 (a bf16 product there broke the training step on the
+    GPU), and a backward run inside the autocast region works too."""
+    torch.manual_seed(0)
+    layer = LinearAttention(48, 3, qkv_bias=True)
+    with torch.no_grad():
+        layer.feature_map.gamma.normal_()
+    x = torch.randn(2, 17, 48)
+    ref_w, _ = layer.feature_map.fold_leading_rows(layer.qkv.weight, layer.qkv.bias, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, b = layer.feature_map.fold_leading_rows(layer.qkv.weight, layer.qkv.bias, 2)
+        assert w.dtype == torch.float32 and b.dtype == torch.float32
+        torch.testing.assert_close(w, ref_w)
+        layer(x).float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())

@@ -227,3 +227,22 @@ def test_custom_ops_pass_torch_library_opcheck():
     torch.library.opcheck(triton_ops._fused_forward, (q, k, v, None, 1, 0, 1e-6), test_utils=tests)
     torch.library.opcheck(triton_ops._token_sums, (k,), test_utils=tests)
     torch.library.opcheck(triton_ops._mirror_forward, (q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6), test_utils=tests)
+
+
+def test_backward_custom_ops_fake_kernels_match_strided_inputs():
+    """q, k, v are strided views of one qkv tensor in the models; the backward ops return contiguous gradients,
+    and their fake kernels must say so (a fake that copied q's strides failed the compiled DeiT-T training step on
+    the GPU: inductor checks the real strides against the fake's)."""
+    torch.manual_seed(0)
+    b, h, n, d = 1, 2, 20, 16
+    q, k, v = (t.detach() for t in _strided_qkv(b, h, n, d, torch.float32))
+    assert not q.is_contiguous()
+    theta, gamma = torch.randn(h, d // 2), torch.randn(h, d // 2)
+    out, state, sums, cos, ssin = triton_ops._mirror_forward(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)
+    grad = torch.randn_like(out)
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(triton_ops._mirror_backward,
+                          (q, k, v, theta, gamma, state, sums, cos, ssin, grad, 0, 0, 1e-6, 1e-6), test_utils=tests)
+    angle = torch.randn(b, h, d // 2)
+    out, state = triton_ops._fused_forward(q, k, v, angle, 2, 0, 1e-6)
+    torch.library.opcheck(triton_ops._fused_backward, (q, k, v, angle, state, grad, 2, 0, 1e-6), test_utils=tests)

@@ -196,6 +196,19 @@ class _ReflectProjectionRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, bias, u, signs, groups):
+        # autocast must not turn the fold's matmuls into bf16 ones: the folded weights keep the parameters' precision
+        # (the projection that uses them is cast by autocast as usual)
+        with torch.autocast(weight.device.type, enabled=False):
+            return _ReflectProjectionRows._forward(ctx, weight, bias, u, signs, groups)
+
+    @staticmethod
+    def backward(ctx, d_weight, d_bias):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _ReflectProjectionRows._backward(ctx, d_weight, d_bias)
+
+    @staticmethod
+    def _forward(ctx, weight, bias, u, signs, groups):
+        ctx.device_type = weight.device.type
         rows, c = weight.shape[0], u.shape[0]
         compute = torch.promote_types(weight.dtype, torch.float32)
         # [C_in (+1), R]: input channels as rows, the bias as one more; reflections act along the output channels
@@ -206,7 +219,8 @@ class _ReflectProjectionRows(torch.autograd.Function):
         a = torch.matmul(qk, unit)  # [K, G]: unitᵀ w per input channel and group
         out_qk = torch.addcmul(qk, a[..., None], unit, value=-1.0)
         if signs is not None:  # [d] repeated over the C channels (one head's pattern) or [C]
-            out_qk.view(*out_qk.shape[:2], -1, signs.shape[0]).mul_(signs.to(compute))
+            # out of place: the TorchScript ONNX exporter mistranslates an in-place product on a view
+            out_qk = (out_qk.view(*out_qk.shape[:2], -1, signs.shape[0]) * signs.to(compute)).view(out_qk.shape)
         out = torch.cat([out_qk.view(m.shape[0], groups * c), m[:, groups * c:]], 1) if groups * c < rows \
             else out_qk.view(m.shape[0], rows)
         out = out.to(weight.dtype)
@@ -218,7 +232,7 @@ class _ReflectProjectionRows(torch.autograd.Function):
         return out[:c_in].t(), (out[c_in] if bias is not None else None)
 
     @staticmethod
-    def backward(ctx, d_weight, d_bias):
+    def _backward(ctx, d_weight, d_bias):
         qk, unit, a, norm, signs = ctx.saved_tensors
         groups, k, c = ctx.groups, qk.shape[0], unit.shape[0]
         compute = unit.dtype

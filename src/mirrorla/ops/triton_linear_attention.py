@@ -511,7 +511,7 @@ def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angle: to
 def _(q, k, v, angle, state, grad_out, feature, pairing, eps):
     dangle = angle.new_empty(angle.shape) if (angle is not None and feature == 2) else q.new_empty(0,
                                                                                                   dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dangle
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dangle
 
 
 def _setup_context(ctx, inputs, output):
@@ -803,7 +803,7 @@ def _mirror_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: t
 
 @_mirror_backward.register_fake
 def _(q, k, v, theta, gamma, state, sums, cos, ssin, grad_out, pairing, form, map_eps, eps):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             theta.new_empty(2, *theta.shape, dtype=torch.float32))
 
 
