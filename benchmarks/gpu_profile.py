@@ -1,9 +1,10 @@
 """Where a step's time goes: host (Python, dispatch, launches) against device (kernels), per attention.
 
-For each attention and mode it prints the wall time per step (CUDA events around whole steps), the device time
+For each attention and mode it prints the wall time per step (host clock around whole steps), the device time
 per step (the sum of the kernels' own times, from ``torch.profiler``), the kernels and the operators dispatched
-per step, and the kernels and operators that cost the most. A step whose wall time is far above its device time
-is host-bound: fewer, larger kernels help it, faster kernels do not.
+per step, the kernels and operators that cost the most, and the calls that made the host wait for the GPU (CUDA's
+sync-debug mode, one step). A step whose wall time is far above its device time is host-bound: fewer, larger
+kernels help it, faster kernels do not; a host sync inside it serialises host and device time.
 
 Cases: ``mirrorla_deit_tiny_patch16_224`` (bf16 autocast, inference and training) and, with ``--op``, the
 attention op alone (q, k, v given, as in ``mirrorla bench op``).
@@ -91,8 +92,26 @@ def wall_ms(step, device: torch.device, steps: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
+def host_syncs(step, device: torch.device) -> list[str]:
+    """The calls of one step that made the host wait for the GPU (CUDA's sync-debug mode), de-duplicated."""
+    if device.type != "cuda":
+        return []
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        sync(device)
+    return sorted({str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message)})
+
+
 def profile_case(name: str, step, device: torch.device, steps: int, top: int, lines: list[str]) -> dict:
     wall = wall_ms(step, device, steps)
+    syncs = host_syncs(step, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -112,9 +131,11 @@ def profile_case(name: str, step, device: torch.device, steps: int, top: int, li
     for e in ops:
         by_op[e.name] += e.self_cpu_time_total / 1e3 / steps
         count_op[e.name] += 1
-    row = dict(case=name, wall_ms=wall, device_ms=device_ms, kernels=len(kernels) / steps, ops=len(ops) / steps)
+    row = dict(case=name, wall_ms=wall, device_ms=device_ms, kernels=len(kernels) / steps, ops=len(ops) / steps,
+               syncs=len(syncs))
     lines.append(f"\n## {name}: wall {wall:.2f} ms/step, device {device_ms:.2f} ms/step, "
                  f"{row['kernels']:.0f} kernels and {row['ops']:.0f} operators per step")
+    lines.append(f"host syncs in one step: {len(syncs)} distinct" + "".join(f"\n  {m}" for m in syncs))
     lines.append("top kernels (ms/step, launches/step):")
     for k, ms in by_kernel.most_common(top):
         lines.append(f"  {ms:8.3f}  {count_kernel[k] / steps:6.0f}  {k}")
@@ -151,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows[-2 if args.op else -1:]:
                 print(f"{r['case']}: wall {r['wall_ms']:.2f} ms, device {r['device_ms']:.2f} ms, "
                       f"{r['kernels']:.0f} kernels, {r['ops']:.0f} operators per step", flush=True)
-    summary = ["", "| case | wall ms | device ms | kernels/step | operators/step |", "|---|---|---|---|---|"]
-    summary += [f"| {r['case']} | {r['wall_ms']:.2f} | {r['device_ms']:.2f} | {r['kernels']:.0f} | {r['ops']:.0f} |"
-                for r in rows]
+    summary = ["", "| case | wall ms | device ms | kernels/step | operators/step | host syncs |",
+               "|---|---|---|---|---|---|"]
+    summary += [f"| {r['case']} | {r['wall_ms']:.2f} | {r['device_ms']:.2f} | {r['kernels']:.0f} | {r['ops']:.0f} "
+                f"| {r['syncs']} |" for r in rows]
     text = "\n".join(lines[:1] + summary + lines[1:]) + "\n"
     print("\n".join(summary))
     if args.out:

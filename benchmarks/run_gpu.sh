@@ -28,6 +28,6 @@ for SIZE_BATCH in "224 128" "1024 8"; do
     for MODE in infer train; do
         timeout 80 $PY -m mirrorla bench model $MODEL --attn softmax,mirror --mode "$MODE" --img-size "$1" \
             --batch "$2" --compile --compile-mode reduce-overhead --out "$OUT/model_$1_compiled_$MODE" \
-            || echo "compiled DeiT-T bench ($1 px, $MODE) did not finish within 80 s" | tee -a "$OUT/gpu.txt"
+            || echo "compiled DeiT-T bench ($1 px, $MODE) failed or did not finish within 80 s" | tee -a "$OUT/gpu.txt"
     done
 done

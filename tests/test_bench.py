@@ -58,3 +58,29 @@ def test_report_tables_have_as_many_divider_cells_as_header_cells(tmp_path):
     for i in tables:
         cells = lines[i - 1].count("|")
         assert lines[i].count("|") == cells and all(row.count("|") == cells for row in lines[i + 1:i + 4])
+
+
+def test_a_failed_compiled_case_resets_the_compiler_and_the_others_are_measured(monkeypatch):
+    """In-process runs (CUDA): a compiled case that fails is recorded as an error, the compiler's state is reset
+    (half-built CUDA-graph trees killed the next case once) and the other attentions of the size are measured."""
+    import torch
+
+    from mirrorla.tools import bench
+
+    real_new_step = bench._new_step
+
+    def new_step(case, device):
+        if case["attn"] == "mirror":
+            raise RuntimeError("compilation failed")
+        return real_new_step(case, device)
+
+    resets = []
+    monkeypatch.setattr(bench, "_new_step", new_step)
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    base = dict(kind="op", n=64, mode="fwd", dtype="fp32", device="cpu", batch=1, heads=2, head_dim=16,
+                compile=True, compile_mode="default", min_run_time=0.01, median_ms=None, iqr_ms=None, peak_mem_mb=None)
+    records = [dict(base, attn="relu"), dict(base, attn="mirror")]
+    out = bench._run_cases_in_process(records, timeout=60, progress=False)
+    assert [r["status"] for r in out] == ["ok", "error"]
+    assert "compilation failed" in out[1]["error"] and out[0]["median_ms"] > 0
+    assert resets == [1]

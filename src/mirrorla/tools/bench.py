@@ -369,6 +369,12 @@ def _run_cases_in_process(records: list[dict[str, Any]], *, timeout: float, prog
                 r.update(status="oom", error=str(err).splitlines()[0][:300])
             except Exception as err:  # noqa: BLE001 (one failing case must not end the benchmark)
                 r.update(status="error", error=f"{type(err).__name__}: {str(err).strip()[:300]}")
+        if any(r.get("compile") and r["status"] != "ok" for r in members):
+            # a compiled step that failed midway leaves the CUDA-graph trees half built, and the next compiled case
+            # then died on their internal assertion (H100 run): start the compiler's state afresh, rebuilding the
+            # steps that did work
+            torch.compiler.reset()
+            _STEPS.clear()
         runnable = [r for r in members if r["status"] == "ok"]
         if runnable:
             try:
