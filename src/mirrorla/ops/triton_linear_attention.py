@@ -11,7 +11,9 @@ the kernels and never written to memory:
 
 Kernels: a state pass over k and v (each program reduces a chunk of tokens into fp32 partial states, summed in
 torch: deterministic, no atomics), an output pass over q, and in the backward one pass over q (dq, dS, dz and the
-q part of d angle) and one over k and v (dk, dv and the k part of d angle). q, k and v are read in their own
+q part of d angle) and one over k and v (dk, dv and the k part of d angle). MirrorLA's op adds a pass of token
+sums over k before the state pass (whose programs turn them into the angles) and, in the backward, one over k
+that takes the σ² path to dk, θ and γ. q, k and v are read in their own
 dtype (and may be strided views of a qkv tensor); states, normalisers and gradients of the angle are fp32; the
 matmuls run on tensor cores (bf16/fp16 inputs with fp32 accumulation, tf32 for the fp32 states).
 
@@ -183,12 +185,26 @@ def _map_backward(dphi, left, state_p, bias_p, y, y_p, cos, ssin, sign, nmask, M
 @triton.jit
 def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
                   s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                  SPART, THETA, GAMMA, SUMS, S_CHUNKS, n_tokens, eps_map,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                   MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  SWAP: tl.constexpr):
-    """PART[bh, chunk] = [Σ φ(k) vᵀ | Σ φ(k)] over the chunk's tokens, ``[BD, BDV + 1]`` → stored ``[D, DV + 1]``."""
+                  SWAP: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr, LOAD_MAP: tl.constexpr):
+    """PART[bh, chunk] = [Σ φ(k) vᵀ | Σ φ(k)] over the chunk's tokens, ``[BD, BDV + 1]`` → stored ``[D, DV + 1]``.
+
+    With ``ANGLES`` (MirrorLA) every program derives the row's rotation itself from the token-sum partials of the
+    keys (``SPART``, see :func:`_mirror_angles`), which saves a launch; the first chunk's program stores the cos,
+    signed sin and token sums that the output and backward kernels read."""
+    # LOAD_MAP: MAP, or 0 when the angles are computed here (then COS and SSIN are outputs, not inputs)
     bh, chunk, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
-        COS, SSIN, H, D, DV, BD, BDV, PAIRING, MAP)
+        COS, SSIN, H, D, DV, BD, BDV, PAIRING, LOAD_MAP)
+    if ANGLES:
+        cos, ssin, s1, s2 = _mirror_angles(SPART, THETA, GAMMA, bh, h, S_CHUNKS, n_tokens, eps_map, offs_d, partner,
+                                           sign, dmask, D, BD, PAIRING, FORM)
+        if chunk == 0:
+            tl.store(COS + bh * D + offs_d, cos, mask=dmask)
+            tl.store(SSIN + bh * D + offs_d, ssin, mask=dmask)
+            tl.store(SUMS + bh * 2 * D + offs_d, s1, mask=dmask)
+            tl.store(SUMS + bh * 2 * D + D + offs_d, s2, mask=dmask)
     k_ptr = K + b * s_kb + h * s_kh
     v_ptr = V + b * s_vb + h * s_vh
     acc = tl.zeros([BD, BDV], dtype=tl.float32)
@@ -397,11 +413,13 @@ def _pair_sum(per_channel: torch.Tensor, pairing: str) -> torch.Tensor:
     return per_channel.unflatten(-1, (2, d // 2)).sum(-2)
 
 
-def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float):
+def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mirror=None):
     """o and the fp32 state ``[B·H, d, dv + 1]``, with per-channel ``cos``/``ssin`` ``[B·H, d]`` of the rotation
-    (None without one)."""
+    (None without one). ``mirror = (token-sum partials, θ, γ, sums, Δα form, ε of Δα)``: the state kernel computes
+    the rotation from the keys' statistics and fills ``cos``, ``ssin`` and ``sums`` (allocated by the caller)."""
     if cos is None:
         cos = ssin = q  # never read: the kernels load them only when they rotate
+    spart, theta, gamma, sums, form, map_eps = mirror if mirror is not None else (q, q, q, q, 0, 0.0)
     b, h, nq, d = q.shape
     n, dv = k.shape[2], v.shape[3]
     bd, bdv, bn, warps = _blocks(d, dv)
@@ -411,7 +429,9 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float):
     part = torch.empty(b * h, chunks, d, dv + 1, device=q.device, dtype=torch.float32)
     _state_kernel[(b * h, chunks)](
         k, v, cos, ssin, part, n, h, per, *k.stride(), *v.stride(),
+        spart, theta, gamma, sums, spart.shape[1] if mirror is not None else 1, float(n), float(map_eps),
         D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
+        ANGLES=mirror is not None, FORM=form, LOAD_MAP=0 if mirror is not None else feature,
         num_warps=warps, num_stages=_STAGES)
     state = part.sum(1) if chunks > 1 else part[:, 0]
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
@@ -603,14 +623,6 @@ def _tanh(x):
 
 
 @triton.jit
-def _pair_channels(i, D: tl.constexpr, PAIRING: tl.constexpr):
-    if PAIRING == 0:
-        return 2 * i, 2 * i + 1
-    else:
-        return i, i + D // 2
-
-
-@triton.jit
 def _delta(var, eps_map, FORM: tl.constexpr):
     """Δα(σ²)/γ and its derivative in σ², for the forms of ``mirrorla.ops.DELTA_FORMS`` (codes:
     ``mirrorla.backend.DELTA_FORM_CODES``)."""
@@ -626,98 +638,88 @@ def _delta(var, eps_map, FORM: tl.constexpr):
 
 
 @triton.jit
-def _angles_kernel(PART, SUMS, THETA, GAMMA, COS, SSIN, H, CHUNKS, n_tokens, eps_map,
-                   D: tl.constexpr, BP: tl.constexpr, PAIRING: tl.constexpr, FORM: tl.constexpr):
-    """Per (b, h): the token sums of the folded keys, added over the chunk partials ``PART [B·H, CHUNKS, 2, D]``
-    and kept in ``SUMS [B·H, 2, D]`` for the backward; σ² of each pair from them (undoing H(0): the pair mean is
-    (m₁ − m₀)/2), Θ = θ + γ·f(σ²), and the per-channel cos(2Θ) and signed sin(2Θ) the attention kernels use."""
-    bh = tl.program_id(0)
-    h = bh % H
-    i = tl.arange(0, BP)
-    m = i < D // 2
-    a, b = _pair_channels(i, D, PAIRING)
-    s1a = tl.zeros([BP], dtype=tl.float32)
-    s1b = tl.zeros([BP], dtype=tl.float32)
-    s2a = tl.zeros([BP], dtype=tl.float32)
-    s2b = tl.zeros([BP], dtype=tl.float32)
-    for c in range(0, CHUNKS):  # a fixed order: deterministic
-        part = PART + (bh * CHUNKS + c) * 2 * D
-        s1a += tl.load(part + a, mask=m, other=0.0)
-        s1b += tl.load(part + b, mask=m, other=0.0)
-        s2a += tl.load(part + D + a, mask=m, other=0.0)
-        s2b += tl.load(part + D + b, mask=m, other=0.0)
-    base = SUMS + bh * 2 * D
-    tl.store(base + a, s1a, mask=m)
-    tl.store(base + b, s1b, mask=m)
-    tl.store(base + D + a, s2a, mask=m)
-    tl.store(base + D + b, s2b, mask=m)
-    diff = (s1b - s1a) / n_tokens
-    var = tl.maximum(0.5 * (s2a + s2b) / n_tokens - 0.25 * diff * diff, 0.0)
-    theta = tl.load(THETA + h * (D // 2) + i, mask=m, other=0.0)
-    gamma = tl.load(GAMMA + h * (D // 2) + i, mask=m, other=0.0)
+def _pair_stats(SUMS_ROW, offs_d, partner, sign, dmask, n_tokens, D: tl.constexpr):
+    """Per channel, from a row of token sums ``[2, D]`` (Σx, Σx² of the folded keys): the pair's σ² (clamped), its
+    unclamped value and the pair's mean gap ``(m_second − m_first)`` (H(0) negated the first channel, so the pair's
+    mean is half that gap)."""
+    s1 = tl.load(SUMS_ROW + offs_d, mask=dmask, other=0.0)
+    s1p = tl.load(SUMS_ROW + partner, mask=dmask, other=0.0)
+    s2 = tl.load(SUMS_ROW + D + offs_d, mask=dmask, other=0.0)
+    s2p = tl.load(SUMS_ROW + D + partner, mask=dmask, other=0.0)
+    diff = sign * (s1 - s1p) / n_tokens
+    raw = 0.5 * (s2 + s2p) / n_tokens - 0.25 * diff * diff
+    return tl.maximum(raw, 0.0), raw, diff
+
+
+@triton.jit
+def _pair_index(offs_d, D: tl.constexpr, PAIRING: tl.constexpr):
+    if PAIRING == 0:
+        return offs_d // 2
+    else:
+        return tl.where(offs_d < D // 2, offs_d, offs_d - D // 2)
+
+
+@triton.jit
+def _mirror_angles(SPART, THETA, GAMMA, bh, h, S_CHUNKS, n_tokens, eps_map, offs_d, partner, sign, dmask,
+                   D: tl.constexpr, BD: tl.constexpr, PAIRING: tl.constexpr, FORM: tl.constexpr):
+    """The row's per-channel cos(2Θ) and signed sin(2Θ), Θ = θ + γ·f(σ²), and its token sums (Σx, Σx² per channel),
+    from the chunk partials ``SPART [B·H, S_CHUNKS, 2, D]`` added in a fixed order (deterministic)."""
+    s1 = tl.zeros([BD], dtype=tl.float32)
+    s1p = tl.zeros([BD], dtype=tl.float32)
+    s2 = tl.zeros([BD], dtype=tl.float32)
+    s2p = tl.zeros([BD], dtype=tl.float32)
+    for c in range(0, S_CHUNKS):
+        row = SPART + (bh * S_CHUNKS + c) * 2 * D
+        s1 += tl.load(row + offs_d, mask=dmask, other=0.0)
+        s1p += tl.load(row + partner, mask=dmask, other=0.0)
+        s2 += tl.load(row + D + offs_d, mask=dmask, other=0.0)
+        s2p += tl.load(row + D + partner, mask=dmask, other=0.0)
+    diff = sign * (s1 - s1p) / n_tokens
+    var = tl.maximum(0.5 * (s2 + s2p) / n_tokens - 0.25 * diff * diff, 0.0)
+    pair = _pair_index(offs_d, D, PAIRING)
+    theta = tl.load(THETA + h * (D // 2) + pair, mask=dmask, other=0.0)
+    gamma = tl.load(GAMMA + h * (D // 2) + pair, mask=dmask, other=0.0)
     f, _ = _delta(var, eps_map, FORM)
     angle = 2.0 * (theta + gamma * f)
-    c = tl.cos(angle)
-    sn = tl.sin(angle)
-    tl.store(COS + bh * D + a, c, mask=m)
-    tl.store(COS + bh * D + b, c, mask=m)
-    tl.store(SSIN + bh * D + a, -sn, mask=m)
-    tl.store(SSIN + bh * D + b, sn, mask=m)
+    return tl.cos(angle), sign * tl.sin(angle), s1, s2
 
 
 @triton.jit
-def _angles_backward_kernel(DANG_Q, DANG_K, SUMS, GAMMA, DTG, DSUMS, H, CHUNKS_Q, CHUNKS_K, n_tokens, eps_map,
-                            D: tl.constexpr, BP: tl.constexpr, PAIRING: tl.constexpr, FORM: tl.constexpr):
-    """From the chunk partials of d angle per channel (``DANG_Q [B·H, CHUNKS_Q, D]`` of the q pass and ``DANG_K``
-    of the k/v pass): dθ and dγ per sample into ``DTG [2, B·H, D/2]`` and d(token sums) ``[B·H, 2, D]``."""
-    bh = tl.program_id(0)
-    h = bh % H
-    i = tl.arange(0, BP)
-    m = i < D // 2
-    a, b = _pair_channels(i, D, PAIRING)
-    dang = tl.zeros([BP], dtype=tl.float32)
-    for c in range(0, CHUNKS_Q):
-        row = DANG_Q + (bh * CHUNKS_Q + c) * D
-        dang += tl.load(row + a, mask=m, other=0.0) + tl.load(row + b, mask=m, other=0.0)
-    for c in range(0, CHUNKS_K):
-        row = DANG_K + (bh * CHUNKS_K + c) * D
-        dang += tl.load(row + a, mask=m, other=0.0) + tl.load(row + b, mask=m, other=0.0)
-    base = SUMS + bh * 2 * D
-    s1a = tl.load(base + a, mask=m, other=0.0)
-    s1b = tl.load(base + b, mask=m, other=0.0)
-    s2a = tl.load(base + D + a, mask=m, other=0.0)
-    s2b = tl.load(base + D + b, mask=m, other=0.0)
-    diff = (s1b - s1a) / n_tokens
-    raw = 0.5 * (s2a + s2b) / n_tokens - 0.25 * diff * diff
-    var = tl.maximum(raw, 0.0)
-    gamma = tl.load(GAMMA + h * (D // 2) + i, mask=m, other=0.0)
-    f, df = _delta(var, eps_map, FORM)
-    dtheta = 2.0 * dang
-    tl.store(DTG + bh * (D // 2) + i, dtheta, mask=m)
-    tl.store(DTG + (tl.num_programs(0) + bh) * (D // 2) + i, dtheta * f, mask=m)
-    dvar = tl.where(raw > 0, dtheta * gamma * df, 0.0)
-    dmean_sq = 0.5 * dvar / n_tokens  # ∂σ²/∂S₂ of either channel
-    ddiff = -0.5 * diff * dvar / n_tokens  # ∂σ²/∂S₁[b] (and minus that for S₁[a])
-    out = DSUMS + bh * 2 * D
-    tl.store(out + a, -ddiff, mask=m)
-    tl.store(out + b, ddiff, mask=m)
-    tl.store(out + D + a, dmean_sq, mask=m)
-    tl.store(out + D + b, dmean_sq, mask=m)
-
-
-@triton.jit
-def _sums_grad_kernel(DK, K, DSUMS, N, H, s_kb, s_kh, s_kn, s_kd,
-                      D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
-    """dk += dS₁ + 2·dS₂·k: the σ² path's gradient into the keys, in place on the contiguous dk."""
+def _sums_grad_kernel(DK, K, DANG_Q, DANG_K, SUMS, GAMMA, DTG, N, H, CHUNKS_Q, CHUNKS_K, n_tokens, eps_map,
+                      s_kb, s_kh, s_kn, s_kd, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+                      PAIRING: tl.constexpr, FORM: tl.constexpr):
+    """The σ² path of the backward, one tile of keys per program: from the chunk partials of d angle per channel
+    (``DANG_Q [B·H, CHUNKS_Q, D]`` of the q pass, ``DANG_K`` of the k/v pass) the gradients of θ and γ of this row
+    (stored by the first tile's program into ``DTG [2, B·H, D/2]``) and of the token sums, and with them
+    dk += dS₁ + 2·dS₂·k, in place on the contiguous dk."""
     bh = tl.program_id(0)
     tile = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    partner, sign = _partner(offs_d, D, PAIRING)
+    dang = tl.zeros([BD], dtype=tl.float32)
+    for c in range(0, CHUNKS_Q):
+        row = DANG_Q + (bh * CHUNKS_Q + c) * D
+        dang += tl.load(row + offs_d, mask=dmask, other=0.0) + tl.load(row + partner, mask=dmask, other=0.0)
+    for c in range(0, CHUNKS_K):
+        row = DANG_K + (bh * CHUNKS_K + c) * D
+        dang += tl.load(row + offs_d, mask=dmask, other=0.0) + tl.load(row + partner, mask=dmask, other=0.0)
+    var, raw, diff = _pair_stats(SUMS + bh * 2 * D, offs_d, partner, sign, dmask, n_tokens, D)
+    pair = _pair_index(offs_d, D, PAIRING)
+    gamma = tl.load(GAMMA + h * (D // 2) + pair, mask=dmask, other=0.0)
+    f, df = _delta(var, eps_map, FORM)
+    dtheta = 2.0 * dang
+    if tile == 0:  # one value per pair: the first channel of each pair stores it
+        first = dmask & (sign < 0)
+        tl.store(DTG + bh * (D // 2) + pair, dtheta, mask=first)
+        tl.store(DTG + (tl.num_programs(0) + bh) * (D // 2) + pair, dtheta * f, mask=first)
+    dvar = tl.where(raw > 0, dtheta * gamma * df, 0.0)
+    ds2 = 0.5 * dvar / n_tokens  # ∂σ²/∂S₂ of either channel
+    ds1 = -0.5 * sign * diff * dvar / n_tokens  # ∂σ²/∂S₁: opposite signs on the pair's two channels
     offs_n = tile * BN + tl.arange(0, BN)
-    mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
-    ds1 = tl.load(DSUMS + bh * 2 * D + offs_d, mask=offs_d < D, other=0.0)
-    ds2 = tl.load(DSUMS + bh * 2 * D + D + offs_d, mask=offs_d < D, other=0.0)
+    mask = (offs_n < N)[:, None] & dmask[None, :]
     k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=mask,
                 other=0.0).to(tl.float32)
     ptr = DK + bh * N * D + offs_n[:, None] * D + offs_d[None, :]
@@ -740,22 +742,16 @@ def _token_sum_parts(x: torch.Tensor) -> torch.Tensor:
     return part
 
 
-def _mirror_rotation(k, theta, gamma, pairing: int, form: int, map_eps: float):
-    """Token sums ``[B·H, 2, d]`` of k, and the per-channel cos and signed sin ``[B·H, d]`` of 2Θ: two launches."""
+def _mirror_forward_impl(q, k, v, theta, gamma, pairing: int, form: int, map_eps: float, eps: float):
+    """Two launches before the output pass: the keys' token-sum partials, then the state pass, whose programs
+    derive the rotation from them (and store cos, signed sin and the token sums for the output and backward)."""
     b, h, n, d = k.shape
-    part = _token_sum_parts(k)
+    spart = _token_sum_parts(k)
     sums = torch.empty(b * h, 2, d, device=k.device, dtype=torch.float32)
     cos = torch.empty(b * h, d, device=k.device, dtype=torch.float32)
     ssin = torch.empty_like(cos)
-    bp = max(16, triton.next_power_of_2(d // 2))
-    _angles_kernel[(b * h,)](part, sums, theta, gamma, cos, ssin, h, part.shape[1], float(n), float(map_eps),
-                             D=d, BP=bp, PAIRING=pairing, FORM=form)
-    return sums, cos, ssin
-
-
-def _mirror_forward_impl(q, k, v, theta, gamma, pairing: int, form: int, map_eps: float, eps: float):
-    sums, cos, ssin = _mirror_rotation(k, theta, gamma, pairing, form, map_eps)
-    out, state = _forward_impl(q, k, v, cos, ssin, 2, pairing, eps)
+    out, state = _forward_impl(q, k, v, cos, ssin, 2, pairing, eps,
+                               mirror=(spart, theta, gamma, sums, form, map_eps))
     return out, state, sums, cos, ssin
 
 
@@ -765,12 +761,10 @@ def _mirror_backward_impl(q, k, v, theta, gamma, state, sums, cos, ssin, grad_ou
     dq, dk, dv, (dang_q, dang_k) = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps,
                                                   reduce_angle=False)
     dtg = torch.empty(2, b * h, d // 2, device=k.device, dtype=torch.float32)  # dθ and dγ per sample
-    dsums = torch.empty(b * h, 2, d, device=k.device, dtype=torch.float32)
-    bp = max(16, triton.next_power_of_2(d // 2))
-    _angles_backward_kernel[(b * h,)](dang_q, dang_k, sums, gamma, dtg, dsums, h, dang_q.shape[1], dang_k.shape[1],
-                                      float(n), float(map_eps), D=d, BP=bp, PAIRING=pairing, FORM=form)
     bd = max(16, triton.next_power_of_2(d))
-    _sums_grad_kernel[(b * h, triton.cdiv(n, _BLOCK_N))](dk, k, dsums, n, h, *k.stride(), D=d, BD=bd, BN=_BLOCK_N)
+    _sums_grad_kernel[(b * h, triton.cdiv(n, _BLOCK_N))](
+        dk, k, dang_q, dang_k, sums, gamma, dtg, n, h, dang_q.shape[1], dang_k.shape[1], float(n), float(map_eps),
+        *k.stride(), D=d, BD=bd, BN=_BLOCK_N, PAIRING=pairing, FORM=form)
     return dq, dk, dv, dtg.view(2, b, h, d // 2).sum(1)  # [dθ; dγ] over the batch: one launch for both
 
 
@@ -869,7 +863,7 @@ def mirror_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
                             map_eps: float = 1e-6, eps: float = 1e-6) -> torch.Tensor:
     """MirrorLA's folded per-sample step and linear attention in one op (Triton): σ² of the folded keys
     ``k [B, H, N, d]``, ``Θ = θ + Δα(σ²)`` (θ, γ ``[H, d/2]``), ``φ = ReLU(R(2Θ)·)`` of q and k inside the
-    attention kernels. Differentiable in q, k (also through σ²), v, θ and γ. Five kernel launches forward, six
+    attention kernels. Differentiable in q, k (also through σ²), v, θ and γ. Four kernel launches forward, five
     backward."""
     if q.dtype == torch.float64:
         raise ValueError("the Triton kernels take fp32, bf16 or fp16 inputs, got float64 (use the torch backend)")
