@@ -178,9 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {r['syncs']} |" for r in rows]
     text = "\n".join(lines[:1] + summary + lines[1:]) + "\n"
     print("\n".join(summary))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    if args.out:  # written whole or not at all (a killed run leaves no half report)
+        from pathlib import Path
+
+        from mirrorla.tools.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.out), text)
     return 0
 
 

@@ -183,13 +183,18 @@ def test_running_scope_on_triton_matches_torch(backend):
             torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4)
 
 
-def _op_calls():
-    """(name, call, inputs) of each public Triton op, on small interpreter-sized inputs."""
+def _op_inputs(b, h, n, d):
+    """q, k, v ``[B, H, N, d]``, per-sample angles ``[B, H, d/2]`` and θ, γ ``[H, d/2]``, all requiring gradients."""
     torch.manual_seed(0)
-    b, h, n, d = 2, 2, 40, 16
     q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
     angle = torch.randn(b, h, d // 2, requires_grad=True)
     theta, gamma = torch.randn(h, d // 2, requires_grad=True), torch.randn(h, d // 2, requires_grad=True)
+    return q, k, v, angle, theta, gamma
+
+
+def _op_calls():
+    """(name, call, inputs) of each public Triton op, on small interpreter-sized inputs."""
+    q, k, v, angle, theta, gamma = _op_inputs(2, 2, 40, 16)
     return [
         ("fused rotate_relu", lambda: triton_ops.fused_linear_attention(q, k, v, angle, feature="rotate_relu"),
          [q, k, v, angle]),
@@ -217,11 +222,7 @@ def test_eager_function_and_custom_op_agree_bitwise(index, monkeypatch):
 
 def test_custom_ops_pass_torch_library_opcheck():
     """Schemas, fake kernels and autograd registrations of the custom ops (what torch.compile relies on)."""
-    torch.manual_seed(0)
-    b, h, n, d = 1, 2, 20, 16
-    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
-    angle = torch.randn(b, h, d // 2, requires_grad=True)
-    theta, gamma = torch.randn(h, d // 2, requires_grad=True), torch.randn(h, d // 2, requires_grad=True)
+    q, k, v, angle, theta, gamma = _op_inputs(1, 2, 20, 16)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(triton_ops._fused_forward, (q, k, v, angle, 2, 0, 1e-6), test_utils=tests)
     torch.library.opcheck(triton_ops._fused_forward, (q, k, v, None, 1, 0, 1e-6), test_utils=tests)

@@ -638,14 +638,10 @@ def _delta(var, eps_map, FORM: tl.constexpr):
 
 
 @triton.jit
-def _pair_stats(SUMS_ROW, offs_d, partner, sign, dmask, n_tokens, D: tl.constexpr):
-    """Per channel, from a row of token sums ``[2, D]`` (Σx, Σx² of the folded keys): the pair's σ² (clamped), its
-    unclamped value and the pair's mean gap ``(m_second − m_first)`` (H(0) negated the first channel, so the pair's
-    mean is half that gap)."""
-    s1 = tl.load(SUMS_ROW + offs_d, mask=dmask, other=0.0)
-    s1p = tl.load(SUMS_ROW + partner, mask=dmask, other=0.0)
-    s2 = tl.load(SUMS_ROW + D + offs_d, mask=dmask, other=0.0)
-    s2p = tl.load(SUMS_ROW + D + partner, mask=dmask, other=0.0)
+def _pair_stats(s1, s1p, s2, s2p, sign, n_tokens):
+    """Per channel, from the token sums Σx, Σx² of the folded keys on the channel and on its pair partner: the
+    pair's σ² (clamped), its unclamped value and the pair's mean gap ``(m_second − m_first)`` (H(0) negated the
+    first channel, so the pair's mean is half that gap)."""
     diff = sign * (s1 - s1p) / n_tokens
     raw = 0.5 * (s2 + s2p) / n_tokens - 0.25 * diff * diff
     return tl.maximum(raw, 0.0), raw, diff
@@ -674,8 +670,7 @@ def _mirror_angles(SPART, THETA, GAMMA, bh, h, S_CHUNKS, n_tokens, eps_map, offs
         s1p += tl.load(row + partner, mask=dmask, other=0.0)
         s2 += tl.load(row + D + offs_d, mask=dmask, other=0.0)
         s2p += tl.load(row + D + partner, mask=dmask, other=0.0)
-    diff = sign * (s1 - s1p) / n_tokens
-    var = tl.maximum(0.5 * (s2 + s2p) / n_tokens - 0.25 * diff * diff, 0.0)
+    var, _, _ = _pair_stats(s1, s1p, s2, s2p, sign, n_tokens)
     pair = _pair_index(offs_d, D, PAIRING)
     theta = tl.load(THETA + h * (D // 2) + pair, mask=dmask, other=0.0)
     gamma = tl.load(GAMMA + h * (D // 2) + pair, mask=dmask, other=0.0)
@@ -706,7 +701,11 @@ def _sums_grad_kernel(DK, K, DANG_Q, DANG_K, SUMS, GAMMA, DTG, N, H, CHUNKS_Q, C
     for c in range(0, CHUNKS_K):
         row = DANG_K + (bh * CHUNKS_K + c) * D
         dang += tl.load(row + offs_d, mask=dmask, other=0.0) + tl.load(row + partner, mask=dmask, other=0.0)
-    var, raw, diff = _pair_stats(SUMS + bh * 2 * D, offs_d, partner, sign, dmask, n_tokens, D)
+    row = SUMS + bh * 2 * D
+    var, raw, diff = _pair_stats(tl.load(row + offs_d, mask=dmask, other=0.0),
+                                 tl.load(row + partner, mask=dmask, other=0.0),
+                                 tl.load(row + D + offs_d, mask=dmask, other=0.0),
+                                 tl.load(row + D + partner, mask=dmask, other=0.0), sign, n_tokens)
     pair = _pair_index(offs_d, D, PAIRING)
     gamma = tl.load(GAMMA + h * (D // 2) + pair, mask=dmask, other=0.0)
     f, df = _delta(var, eps_map, FORM)
