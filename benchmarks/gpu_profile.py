@@ -9,8 +9,13 @@ kernels help it, faster kernels do not; a host sync inside it serialises host an
 Cases: ``mirrorla_deit_tiny_patch16_224`` (bf16 autocast, inference and training) and, with ``--op``, the
 attention op alone (q, k, v given, as in ``mirrorla bench op``).
 
+With ``--host`` it first times the attention's pieces one by one at one DeiT-T layer's shape (B·H = 128·3, 197
+tokens, d = 64), each called back to back: a tiny torch op, a one-argument Triton kernel, each MirrorLA kernel
+launch, the ops forward and forward+backward, the fold, and whole layers. At this size the GPU keeps up with the
+host, so these are the host's costs per call; they say which piece a host-bound step spends its time in.
+
 Usage: PYTHONPATH=src python benchmarks/gpu_profile.py [--device cuda] [--img-size 224] [--batch 128]
-       [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--top 10] [--out FILE]
+       [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--host] [--top 10] [--out FILE]
 """
 
 from __future__ import annotations
@@ -145,6 +150,112 @@ def profile_case(name: str, step, device: torch.device, steps: int, top: int, li
     return row
 
 
+def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 200) -> list[dict]:
+    """Per-call times (µs) of the attention's pieces at one DeiT-T layer's shape, called ``calls`` times back to
+    back: ``host`` until the last call returns, ``wall`` until the device has finished too."""
+    import triton
+    import triton.language as tl
+
+    from mirrorla.ops import reflect_projection_rows
+    from mirrorla.ops import triton_linear_attention as tla
+
+    @triton.jit
+    def _one_arg(X):
+        tl.store(X, 1.0)
+
+    h, n, d, c = 3, 197, 64, 192
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def qkv(grad: bool):
+        x = torch.randn(batch, n, 3, h, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
+        return [t.detach().requires_grad_(grad) for t in x.unbind(0)]  # strided views, as in the model
+
+    q, k, v = qkv(False)
+    qg, kg, vg = qkv(True)
+    tiny = torch.zeros(8, device=device)
+    theta = torch.rand(h, d // 2, device=device)
+    gamma = torch.zeros(h, d // 2, device=device)
+    theta_g, gamma_g = theta.clone().requires_grad_(), gamma.clone().requires_grad_()
+    grad_out = torch.randn(batch, h, n, d, device=device, dtype=dtype)
+    w = torch.randn(3 * c, c, device=device, requires_grad=True)
+    bias = torch.randn(3 * c, device=device, requires_grad=True)
+    u = torch.randn(c, device=device, requires_grad=True)
+    signs = torch.ones(d, device=device)
+    x = torch.randn(batch, n, c, device=device)  # a class token and a 14 × 14 grid
+
+    def fwd_bwd(fn):
+        def step():
+            out = fn()
+            if isinstance(out, tuple):
+                torch.autograd.backward([t for t in out if t is not None],
+                                        [torch.ones_like(t) for t in out if t is not None])
+            else:
+                out.backward(grad_out if out.shape == grad_out.shape else torch.ones_like(out))
+        return step
+
+    layers = {}
+    for attn in ("relu", "mirror"):
+        layers[attn] = LinearAttention(c, h, attn=attn).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def layer_step(attn: str, train: bool):
+        layer = layers[attn]
+        def step():
+            if train:
+                with autocast:
+                    out = layer(x)
+                out.float().sum().backward()
+            else:
+                with torch.no_grad(), autocast:
+                    layer(x)
+        return step
+
+    state_args = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)
+    cases = [
+        ("torch: one tiny add", lambda: tiny.add_(1.0)),
+        ("triton: a one-argument kernel", lambda: _one_arg[(1,)](tiny)),
+        ("triton: token sums (one launch + alloc)", lambda: tla._token_sum_parts(k)),
+        ("relu op forward (no grad)", lambda: tla._fused_forward_impl(q, k, v, None, 1, 0, 1e-6)),
+        ("mirror op forward (no grad)", lambda: tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)),
+        ("relu op backward impl", lambda: tla._fused_backward_impl(q, k, v, None, state_args[1], grad_out, 1, 0,
+                                                                   1e-6)),
+        ("mirror op backward impl", lambda: tla._mirror_backward_impl(q, k, v, theta, gamma, *state_args[1:],
+                                                                      grad_out, 0, 0, 1e-6, 1e-6)),
+        ("relu op fwd+bwd (autograd)", fwd_bwd(lambda: tla.fused_linear_attention(qg, kg, vg, feature="relu"))),
+        ("mirror op fwd+bwd (autograd)", fwd_bwd(lambda: tla.mirror_linear_attention(qg, kg, vg, theta_g,
+                                                                                     gamma_g))),
+        ("fold forward (no grad)", lambda: reflect_projection_rows(w.detach(), bias.detach(), u.detach(), signs,
+                                                                   groups=2)),
+        ("fold fwd+bwd (autograd)", fwd_bwd(lambda: reflect_projection_rows(w, bias, u, signs, groups=2))),
+        ("layer relu inference (bf16 autocast)", layer_step("relu", False)),
+        ("layer mirror inference (bf16 autocast)", layer_step("mirror", False)),
+        ("layer relu training step", layer_step("relu", True)),
+        ("layer mirror training step", layer_step("mirror", True)),
+    ]
+    rows = []
+    lines += ["", f"## Host cost per call, one DeiT-T layer's shape (batch {batch}, H = 3, N = 197, d = 64), "
+                  f"{calls} calls back to back", "", "| piece | host µs/call | wall µs/call | host syncs |",
+              "|---|---|---|---|"]
+    for name, fn in cases:
+        for _ in range(5):
+            fn()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        sync(device)
+        t2 = time.perf_counter()
+        syncs = host_syncs(fn, device)
+        row = dict(piece=name, host_us=(t1 - t0) * 1e6 / calls, wall_us=(t2 - t0) * 1e6 / calls, syncs=syncs)
+        rows.append(row)
+        lines.append(f"| {name} | {row['host_us']:.1f} | {row['wall_us']:.1f} | {len(syncs)} |")
+        print(lines[-1], flush=True)
+        for m in syncs:
+            lines.append(f"|   sync: {m} | | | |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -153,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attn", default="softmax,relu,mirror")
     p.add_argument("--mode", default="infer,train")
     p.add_argument("--op", type=int, default=0, help="also profile the op alone at this many tokens (B=8, H=3, d=64)")
+    p.add_argument("--host", action="store_true", help="first time the attention's pieces one by one (host cost)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--out", default=None)
@@ -161,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     lines: list[str] = [f"# Profile on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
                         f"torch {torch.__version__}"]
     rows = []
+    if args.host:
+        host_costs(device, args.batch, lines)
     for mode in args.mode.split(","):
         for attn in args.attn.split(","):
             if args.op:

@@ -297,7 +297,8 @@ def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, 
     base = DSTATE_PART + (bh * tl.num_programs(1) + chunk) * D * (DV + 1)
     tl.store(base + offs_d[:, None] * (DV + 1) + offs_v[None, :], ds_acc, mask=smask)
     tl.store(base + offs_d * (DV + 1) + DV, dz_acc, mask=dmask)
-    tl.store(DANG_PART + (bh * tl.num_programs(1) + chunk) * D + offs_d, dang, mask=dmask)
+    if MAP == 2:  # only a rotation has an angle to differentiate (DANG_PART is a placeholder otherwise)
+        tl.store(DANG_PART + (bh * tl.num_programs(1) + chunk) * D + offs_d, dang, mask=dmask)
 
 
 @triton.jit
@@ -331,7 +332,8 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, DANG_PART, N, H, TI
         dang += d_angle
         tl.store(dk_ptr + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
                  mask=nmask[:, None] & dmask[None, :])
-    tl.store(DANG_PART + (bh * tl.num_programs(1) + chunk) * D + offs_d, dang, mask=dmask)
+    if MAP == 2:
+        tl.store(DANG_PART + (bh * tl.num_programs(1) + chunk) * D + offs_d, dang, mask=dmask)
 
 
 @triton.jit
@@ -444,9 +446,10 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
 
 def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: int, eps: float,
                    reduce_angle: bool = True):
-    """dq, dk, dv and the per-channel gradient of the rotation angle ``[B·H, d]`` (fp32; zeros unless rotating);
+    """dq, dk, dv and the per-channel gradient of the rotation angle ``[B·H, d]`` (fp32; None unless rotating);
     with ``reduce_angle=False`` that gradient as its two sets of chunk partials ``[B·H, chunks, d]`` (q pass,
     k/v pass), for a kernel that adds them itself."""
+    rotating = feature == 2
     if cos is None:
         cos = ssin = q  # never read without a rotation
     b, h, nq, d = q.shape
@@ -457,7 +460,8 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     dq = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)
     chunks_q, per_q = _chunks(nq, b * h, q.device, bn)
     dstate_part = torch.empty(b * h, chunks_q, d, dv + 1, device=q.device, dtype=torch.float32)
-    dang_q = torch.empty(b * h, chunks_q, d, device=q.device, dtype=torch.float32)
+    # without a rotation the kernels store no angle gradient: no buffers, no reductions (a placeholder pointer)
+    dang_q = torch.empty(b * h, chunks_q, d, device=q.device, dtype=torch.float32) if rotating else state
     _backward_q_kernel[(b * h, chunks_q)](
         q, state, cos, ssin, grad_out, dq, dstate_part, dang_q, nq, h, float(eps) * n, per_q,
         *q.stride(), *grad_out.stride(),
@@ -467,11 +471,13 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     dk = torch.empty(b, h, n, d, device=q.device, dtype=k.dtype)
     dvv = torch.empty(b, h, n, dv, device=q.device, dtype=v.dtype)
     chunks_k, per_k = _chunks(n, b * h, q.device, bn)
-    dang_k = torch.empty(b * h, chunks_k, d, device=q.device, dtype=torch.float32)
+    dang_k = torch.empty(b * h, chunks_k, d, device=q.device, dtype=torch.float32) if rotating else state
     _backward_kv_kernel[(b * h, chunks_k)](
         k, v, cos, ssin, dstate, dk, dvv, dang_k, n, h, per_k, *k.stride(), *v.stride(),
         D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
         num_warps=warps, num_stages=_STAGES)
+    if not rotating:
+        return dq, dk, dvv, None
     if not reduce_angle:
         return dq, dk, dvv, (dang_q, dang_k)
     return dq, dk, dvv, dang_q.sum(1) + dang_k.sum(1)
