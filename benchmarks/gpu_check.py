@@ -107,6 +107,30 @@ for delta_form, pairing, n, d, dtype in MAP_CASES[:1] if quick else MAP_CASES:
                            strict=True):
         report(f"{name} {label}", rel(a, w), 2 * tol)
 
+# the fold of the static reflections into the qkv rows: Triton kernels against the torch version, values and the
+# gradients of weight, bias and u (DeiT-T's and DeiT-B's widths; fp32 and bf16 weights)
+from mirrorla.ops.reflect import _ReflectProjectionRows  # noqa: E402
+from mirrorla.ops.triton_reflect import reflect_projection_rows_triton  # noqa: E402
+
+for c, dtype in ((192, torch.float32), (768, torch.float32), (192, torch.bfloat16)):
+    g = torch.Generator(device="cpu").manual_seed(c)
+    w, b = torch.randn(3 * c, c, generator=g), torch.randn(3 * c, generator=g)
+    w, b = (t.to(device, dtype).requires_grad_() for t in (w, b))
+    u = torch.randn(c, generator=g).to(device).requires_grad_()
+    signs = torch.tensor([-1.0, 1.0] * 32, device=device)
+    grads = [torch.randn(3 * c, c, generator=g).to(device, dtype), torch.randn(3 * c, generator=g).to(device, dtype)]
+    fold_results = []
+    for fold in (reflect_projection_rows_triton, _ReflectProjectionRows.apply):
+        outs = fold(w, b, u, signs, 2)
+        fold_results.append((outs, torch.autograd.grad(list(outs), [w, b, u], grads)))
+    (got, got_grads), (want, want_grads) = fold_results
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    name = f"fold C={c} {str(dtype).split('.')[-1]}"
+    report(f"{name} weight", rel(got[0], want[0]), tol)
+    report(f"{name} bias", rel(got[1], want[1]), tol)
+    for label, a, e in zip(("dweight", "dbias", "du"), got_grads, want_grads, strict=True):
+        report(f"{name} {label}", rel(a, e), 10 * tol)
+
 # the layer as models run it: the fused fold of the q/k rows, then the Triton op; bf16 autocast on the GPU
 from mirrorla import LinearAttention  # noqa: E402
 

@@ -247,3 +247,86 @@ def test_backward_custom_ops_fake_kernels_match_strided_inputs():
     angle = torch.randn(b, h, d // 2)
     out, state = triton_ops._fused_forward(q, k, v, angle, 2, 0, 1e-6)
     torch.library.opcheck(triton_ops._fused_backward, (q, k, v, angle, state, grad, 2, 0, 1e-6), test_utils=tests)
+
+
+# ----------------------------------------------------------------------------------- the fold (triton_reflect)
+
+FOLD_CASES = [  # (rows R, C_in, C, groups, bias, signs, weight given transposed): one and several programs over
+    # the input columns (32 each), C within one and across two row blocks (64 each), R = groups·C and more rows
+    (48, 20, 16, 3, True, 8, False),
+    (60, 7, 16, 2, True, 16, False),
+    (40, 33, 20, 1, False, None, False),
+    (288, 9, 96, 2, True, 16, False),
+    (200, 40, 96, 2, True, 96, True),
+]
+
+
+@pytest.mark.parametrize("rows, c_in, c, groups, bias, signs, transposed", FOLD_CASES)
+def test_triton_fold_matches_the_torch_fold_in_values_and_gradients(rows, c_in, c, groups, bias, signs, transposed):
+    from mirrorla.ops.reflect import _ReflectProjectionRows
+    from mirrorla.ops.triton_reflect import reflect_projection_rows_triton
+
+    w = (torch.randn(c_in, rows).t() if transposed else torch.randn(rows, c_in)).requires_grad_()
+    b = torch.randn(rows, requires_grad=True) if bias else None
+    u = torch.randn(c, requires_grad=True)
+    s = (torch.randint(0, 2, (signs,)) * 2 - 1).float() if signs else None
+    inputs = [w, u] + ([b] if bias else [])
+    grads = [torch.randn(rows, c_in)] + ([torch.randn(rows)] if bias else [])
+    got_out = reflect_projection_rows_triton(w, b, u, s, groups)
+    want_out = _ReflectProjectionRows.apply(w, b, u, s, groups)
+    for got, want in zip(got_out, want_out, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got = torch.autograd.grad([t for t in got_out if t is not None], inputs, grads)
+    want = torch.autograd.grad([t for t in want_out if t is not None], inputs, grads)
+    for name, a, e in zip(("weight", "u", "bias"), got, want, strict=False):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def test_triton_fold_partial_gradients_and_bf16():
+    """Only the bias used (the weight's gradient is None), u without a gradient, and bf16 weights (fp32 arithmetic,
+    bf16 outputs within bf16's precision)."""
+    from mirrorla.ops.reflect import _ReflectProjectionRows
+    from mirrorla.ops.triton_reflect import reflect_projection_rows_triton
+
+    w, b, u = torch.randn(48, 10, requires_grad=True), torch.randn(48, requires_grad=True), torch.randn(16)
+    signs = torch.tensor([-1.0, 1.0])
+    got = torch.autograd.grad(reflect_projection_rows_triton(w, b, u, signs, 2)[1].square().sum(), [w, b])
+    want = torch.autograd.grad(_ReflectProjectionRows.apply(w, b, u, signs, 2)[1].square().sum(), [w, b])
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    wb, bb = w.detach().bfloat16().requires_grad_(), b.detach().bfloat16().requires_grad_()
+    out = reflect_projection_rows_triton(wb, bb, u, signs, 2)
+    assert out[0].dtype == out[1].dtype == torch.bfloat16 and torch.isfinite(out[0]).all()
+    ref = _ReflectProjectionRows.apply(w, b, u, signs, 2)
+    torch.testing.assert_close(out[0].float(), ref[0].detach(), atol=5e-2, rtol=2e-2)
+    dw, db = torch.autograd.grad(out[0].float().sum() + out[1].float().sum(), [wb, bb])
+    assert dw.dtype == torch.bfloat16 and torch.isfinite(dw).all() and torch.isfinite(db).all()
+
+
+def test_mirror_layer_folds_on_triton_and_matches_the_torch_backend(backend, monkeypatch):
+    """A MirrorLA layer's training step on the Triton backend runs its fold through the Triton kernels, and every
+    parameter's gradient equals the torch backend's."""
+    from mirrorla import LinearAttention
+    from mirrorla.ops import triton_reflect
+
+    calls = []
+    original = triton_reflect.reflect_projection_rows_triton
+    monkeypatch.setattr(triton_reflect, "reflect_projection_rows_triton", lambda *a: calls.append(1) or original(*a))
+    layer = LinearAttention(48, 3, qkv_bias=True)
+    with torch.no_grad():
+        layer.feature_map.gamma.normal_(0, 0.5)
+    x = torch.randn(2, 17, 48)
+    results = {}
+    for name in ("triton", "torch"):
+        backend(name)
+        layer.zero_grad()
+        out = layer(x, grid_size=(4, 4))
+        out.square().sum().backward()
+        results[name] = (out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()})
+    assert calls == [1]  # the Triton fold ran on the Triton backend only
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
+    for n, g in results["triton"][1].items():
+        torch.testing.assert_close(g, results["torch"][1][n], atol=5e-4, rtol=5e-4, msg=f"gradient of {n}")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..backend import DELTA_FORM_CODES
+from ..backend import DELTA_FORM_CODES, select_backend
 from ._checks import check_even_last_dim, check_floating
 
 __all__ = [
@@ -279,7 +279,9 @@ def reflect_projection_rows(weight: torch.Tensor, bias: torch.Tensor | None, u: 
         groups: how many blocks of C rows to fold.
 
     Returns:
-        ``(weight' [R, C_in], bias' [R] or None)`` in the input dtypes; ``weight'`` is a transposed view.
+        ``(weight' [R, C_in], bias' [R] or None)`` in the input dtypes (on the torch backend ``weight'`` is a
+        transposed view, on the Triton backend a contiguous tensor). :mod:`mirrorla.backend` picks the
+        implementation: Triton kernels on CUDA, the torch version elsewhere and under compilers and exporters.
     """
     check_floating("weight", weight)
     check_floating("u", u)
@@ -294,6 +296,13 @@ def reflect_projection_rows(weight: torch.Tensor, bias: torch.Tensor | None, u: 
         raise ValueError(f"bias must have shape [R = {weight.shape[0]}], got {tuple(bias.shape)}")
     if signs is not None and (signs.dim() != 1 or signs.shape[0] == 0 or c % signs.shape[0]):
         raise ValueError(f"signs must have shape [C = {c}] or [d] with d dividing C, got {tuple(signs.shape)}")
+    if not _tracing() and select_backend(weight, u, *([bias] if bias is not None else [])) == "triton":
+        # one launch forward and two backward instead of a dozen and twenty small operators: on a GPU a training
+        # step pays host time per operator, and every MirrorLA layer folds once per step. Compilers and exporters
+        # trace the torch version (inductor fuses it itself).
+        from .triton_reflect import reflect_projection_rows_triton
+
+        return reflect_projection_rows_triton(weight, bias, u, signs, groups)
     return _ReflectProjectionRows.apply(weight, bias, u, signs, groups)
 
 
