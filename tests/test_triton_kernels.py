@@ -330,3 +330,30 @@ def test_mirror_layer_folds_on_triton_and_matches_the_torch_backend(backend, mon
     torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
     for n, g in results["triton"][1].items():
         torch.testing.assert_close(g, results["torch"][1][n], atol=5e-4, rtol=5e-4, msg=f"gradient of {n}")
+
+
+def test_launchers_use_plain_integer_helpers(monkeypatch, backend):
+    """The launchers never call ``triton.cdiv``/``triton.next_power_of_2`` (constexpr functions since Triton 3.5,
+    whose host calls cost microseconds each, several per launch), and the plain helpers agree with them."""
+    import triton
+
+    from mirrorla.ops._launch import cdiv, next_power_of_2
+    from mirrorla.ops.triton_reflect import reflect_projection_rows_triton
+
+    for n in range(1, 300):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for b in (1, 7, 64):
+            assert cdiv(n, b) == triton.cdiv(n, b)
+
+    def forbidden(*_):
+        raise AssertionError("a host-side call of a Triton constexpr function")
+
+    monkeypatch.setattr(triton, "cdiv", forbidden)
+    monkeypatch.setattr(triton, "next_power_of_2", forbidden)
+    q, k, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
+    theta, gamma = torch.rand(2, 8, requires_grad=True), torch.rand(2, 8, requires_grad=True)
+    triton_ops.mirror_linear_attention(q, k, v, theta, gamma).sum().backward()
+    triton_ops.fused_linear_attention(q, k, v, feature="relu").sum().backward()
+    w, u = torch.randn(48, 5, requires_grad=True), torch.randn(16, requires_grad=True)
+    reflect_projection_rows_triton(w, None, u, None, 2)[0].sum().backward()
+    assert u.grad is not None and theta.grad is not None

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..backend import DELTA_FORM_CODES
+from ._launch import cdiv, next_power_of_2
 
 __all__ = ["FEATURES", "fused_linear_attention", "mirror_linear_attention", "token_sums_triton"]
 
@@ -365,8 +366,8 @@ def _token_sums_kernel(X, PART, N, H, TILES, s_xb, s_xh, s_xn, s_xd,
 
 def _blocks(d: int, dv: int) -> tuple[int, int, int, int]:
     """(BD, BDV, BN, warps): wide heads take shorter token tiles, so the backward's tiles fit shared memory."""
-    bd = max(16, triton.next_power_of_2(d))
-    bdv = max(16, triton.next_power_of_2(dv))
+    bd = max(16, next_power_of_2(d))
+    bdv = max(16, next_power_of_2(dv))
     wide = max(bd, bdv) >= 128
     return bd, bdv, (32 if wide else _BLOCK_N), (8 if wide else 4)
 
@@ -378,7 +379,7 @@ def _swap(d: int, bd: int, pairing: int) -> bool:
 
 def _chunks(n: int, bh: int, device: torch.device, block_n: int = _BLOCK_N) -> tuple[int, int]:
     """(programs per (b, h) row, tiles per program): enough programs to fill the GPU, each looping over tiles."""
-    tiles = triton.cdiv(n, block_n)
+    tiles = cdiv(n, block_n)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _SM_COUNT:
@@ -386,9 +387,9 @@ def _chunks(n: int, bh: int, device: torch.device, block_n: int = _BLOCK_N) -> t
         target = 4 * _SM_COUNT[index]
     else:
         target = 4  # the interpreter: few, long programs are fastest
-    chunks = max(1, min(tiles, triton.cdiv(target, bh)))
-    per = triton.cdiv(tiles, chunks)
-    return triton.cdiv(tiles, per), per
+    chunks = max(1, min(tiles, cdiv(target, bh)))
+    per = cdiv(tiles, chunks)
+    return cdiv(tiles, per), per
 
 
 def _rotation(angle: torch.Tensor | None, b: int, h: int, d: int, pairing: str, device) -> tuple[torch.Tensor, ...]:
@@ -437,7 +438,7 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
         num_warps=warps, num_stages=_STAGES)
     state = part.sum(1) if chunks > 1 else part[:, 0]
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
-    _output_kernel[(b * h, triton.cdiv(nq, bn))](
+    _output_kernel[(b * h, cdiv(nq, bn))](
         q, state, cos, ssin, out, nq, h, float(eps) * n, *q.stride(), *out.stride(),
         D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
         num_warps=warps, num_stages=_STAGES)
@@ -740,7 +741,7 @@ def _token_sums_impl(x: torch.Tensor) -> torch.Tensor:
 def _token_sum_parts(x: torch.Tensor) -> torch.Tensor:
     """Per-channel ``[Σx, Σx²]`` of each chunk of tokens, ``[B·H, chunks, 2, d]`` fp32 (one launch)."""
     b, h, n, d = x.shape
-    bd = max(16, triton.next_power_of_2(d))
+    bd = max(16, next_power_of_2(d))
     chunks, per = _chunks(n, b * h, x.device)
     part = torch.empty(b * h, chunks, 2, d, device=x.device, dtype=torch.float32)
     _token_sums_kernel[(b * h, chunks)](x, part, n, h, per, *x.stride(), D=d, BD=bd, BN=_BLOCK_N)
@@ -766,8 +767,8 @@ def _mirror_backward_impl(q, k, v, theta, gamma, state, sums, cos, ssin, grad_ou
     dq, dk, dv, (dang_q, dang_k) = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps,
                                                   reduce_angle=False)
     dtg = torch.empty(2, b * h, d // 2, device=k.device, dtype=torch.float32)  # dθ and dγ per sample
-    bd = max(16, triton.next_power_of_2(d))
-    _sums_grad_kernel[(b * h, triton.cdiv(n, _BLOCK_N))](
+    bd = max(16, next_power_of_2(d))
+    _sums_grad_kernel[(b * h, cdiv(n, _BLOCK_N))](
         dk, k, dang_q, dang_k, sums, gamma, dtg, n, h, dang_q.shape[1], dang_k.shape[1], float(n), float(map_eps),
         *k.stride(), D=d, BD=bd, BN=_BLOCK_N, PAIRING=pairing, FORM=form)
     return dq, dk, dv, dtg.view(2, b, h, d // 2).sum(1)  # [dθ; dγ] over the batch: one launch for both

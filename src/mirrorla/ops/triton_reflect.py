@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv
+
 __all__ = ["reflect_projection_rows_triton"]
 
 _BLOCK_C = 64  # rows (output channels) per step of a program's loops over C
@@ -181,7 +183,7 @@ def _fold_forward(weight, bias, u, signs, groups: int):
     c = u.shape[0]
     out_w = torch.empty(rows, c_in, device=weight.device, dtype=weight.dtype)
     out_b = torch.empty(rows, device=weight.device, dtype=bias.dtype) if bias is not None else None
-    _fold_rows_kernel[(triton.cdiv(c_in, _BLOCK_J),)](
+    _fold_rows_kernel[(cdiv(c_in, _BLOCK_J),)](
         weight, bias if bias is not None else weight, u, signs if signs is not None else u, out_w,
         out_b if out_b is not None else out_w, rows, c_in, c, groups, signs.shape[0] if signs is not None else 1,
         *weight.stride(), bias.stride(0) if bias is not None else 0,
@@ -197,7 +199,7 @@ def _fold_backward(d_w, d_b, weight, bias, u, signs, groups: int, need_u: bool):
     with_bias = bias is not None and d_b is not None
     d_weight = torch.empty(rows, c_in, device=weight.device, dtype=weight.dtype)
     d_bias = torch.empty(rows, device=weight.device, dtype=bias.dtype) if with_bias else None
-    programs = triton.cdiv(c_in, _BLOCK_J)
+    programs = cdiv(c_in, _BLOCK_J)
     part = torch.empty(programs, c, device=weight.device, dtype=torch.float32)
     _fold_rows_backward_kernel[(programs,)](
         d_w, d_b if with_bias else d_w, weight, bias if with_bias else weight, u, signs if signs is not None else u,
