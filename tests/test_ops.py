@@ -136,6 +136,42 @@ def test_linear_attention_low_precision_long_sequence_stays_finite(dtype):
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_core_makes_no_whole_fp32_copy_of_half_inputs(dtype, monkeypatch):
+    """Without autograd the torch core converts half-precision q, k, v a chunk of tokens at a time (the same fp32
+    state and normaliser): no fp32 tensor the size of a whole input is made, and the output matches the fp32
+    computation on the same values."""
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    la_module = importlib.import_module("mirrorla.ops.linear_attention")  # the module, not the function
+
+    monkeypatch.setattr(la_module, "_CHUNK_TOKENS", 7)  # several chunks, the last one partial
+    b, h, n, nq, d, dv = 2, 3, 30, 25, 8, 6
+    q, k = (torch.rand(b, h, m, d).to(dtype) for m in (nq, n))
+    v = torch.randn(b, h, n, dv).to(dtype)
+
+    class LargestFp32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32:
+                LargestFp32.largest = max(LargestFp32.largest, out.numel())
+            return out
+
+    with torch.no_grad(), LargestFp32():
+        out = linear_attention(q, k, v)
+    assert out.dtype == dtype
+    assert 0 < LargestFp32.largest <= b * h * 7 * d  # chunks only, never [B, H, N, d]
+    ref = linear_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    # with autograd the plain path runs and gives the same values
+    q.requires_grad_()
+    torch.testing.assert_close(linear_attention(q, k, v), out, rtol=1e-2, atol=1e-2)
+
+
 def test_linear_attention_under_autocast_reduces_in_fp32():
     n = 16_384
     q, k, v = (torch.rand(1, 1, n, 8) * 30 for _ in range(3))

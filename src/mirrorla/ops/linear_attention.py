@@ -53,7 +53,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
     Returns:
         ``[B, H, Nq, dv]`` in v's dtype. The reduction and the normaliser always run in fp32, also under
         autocast, because the KV state of thousands of tokens overflows fp16. On CUDA the Triton kernels run it
-        (:mod:`mirrorla.backend` decides).
+        (:mod:`mirrorla.backend` decides), reading q, k, v in their own dtype; the torch version converts half
+        precision inputs a chunk of tokens at a time where no gradient is needed (no whole fp32 copies).
     """
     _check_qkv(q, k, v)
     if select_backend(q, k, v) == "triton":
@@ -63,9 +64,17 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
     return _linear_attention_torch(q, k, v, eps=eps)
 
 
+_CHUNK_TOKENS = 4096  # tokens converted to fp32 at a time where the inputs are half precision and no gradient is needed
+
+
 def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float) -> torch.Tensor:
-    out_dtype = v.dtype
     acc = _accumulation_dtype(q, k, v)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    converts = q.dtype != acc or k.dtype != acc or v.dtype != acc
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if converts and not needs_grad and not tracing:
+        return _linear_attention_chunked(q, k, v, eps=eps, acc=acc)
+    out_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
         qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
         inv_n = 1.0 / k.shape[2]
@@ -76,6 +85,27 @@ def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         dv = v.shape[-1]
         out = num_den[..., :dv] / num_den[..., dv:].add_(eps)
     return out.to(out_dtype)
+
+
+def _linear_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float,
+                              acc: torch.dtype) -> torch.Tensor:
+    """The reference core for half-precision inputs without autograd: the same fp32 state and normaliser, built
+    from chunks of ``_CHUNK_TOKENS`` tokens converted at a time, so no fp32 copy of a whole q, k or v is made
+    (with autograd the converted inputs are saved for the backward anyway, and the plain path runs)."""
+    b, h, n, d = k.shape
+    nq, dv = q.shape[2], v.shape[3]
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        state = torch.zeros(b, h, d, dv + 1, device=q.device, dtype=acc)  # [S | z], sums over tokens
+        for start in range(0, n, _CHUNK_TOKENS):
+            kc = k[:, :, start:start + _CHUNK_TOKENS].to(acc)
+            state[..., :dv].add_(torch.matmul(kc.transpose(-2, -1), v[:, :, start:start + _CHUNK_TOKENS].to(acc)))
+            state[..., dv].add_(kc.sum(dim=2))
+        state.mul_(1.0 / n)
+        out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
+        for start in range(0, nq, _CHUNK_TOKENS):
+            num_den = torch.matmul(q[:, :, start:start + _CHUNK_TOKENS].to(acc), state)
+            out[:, :, start:start + _CHUNK_TOKENS] = num_den[..., :dv] / num_den[..., dv:].add_(eps)
+    return out
 
 
 def linear_attention_reference(
