@@ -115,3 +115,38 @@ def test_compare_writes_results_with_ablation(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "+cross_head" in md and "±" in md
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_compiled_training_matches_eager_and_resumes_eager(tmp_path, monkeypatch):
+    """``compile="default"`` compiles the repeated blocks once per run (after the EMA copy, so the EMA model stays
+    eager), trains to the losses of the eager run on the same seed, writes checkpoints with the plain parameter
+    names, and a compiled run resumes eagerly (``compile`` may change on resume)."""
+    from mirrorla.tools import train as train_module
+
+    calls = []
+    real = train_module.compile_model
+
+    def traced(model, **kwargs):
+        calls.append(kwargs)
+        # dynamo's tracing with fullgraph=True, without code generation: the CPU suite stays fast (inductor itself is
+        # exercised by tests/test_compile.py and on GPUs by benchmarks/gpu_check.py)
+        return real(model, **kwargs, backend="eager")
+
+    monkeypatch.setattr(train_module, "compile_model", traced)
+    config = dict(QUICK, model="mirrorla_vit_nano_patch4", img_size=16, epochs=2, train_subset=128, model_ema=True,
+                  seed=1)
+    train(TrainConfig(**config, out=str(tmp_path / "eager")))
+    train(TrainConfig(**config, compile="default", out=str(tmp_path / "compiled")), stop_after=1)
+    assert calls == [dict(scope="blocks", mode="default")]
+    train(TrainConfig(), resume=tmp_path / "compiled", overrides={"compile": "none"})
+    assert len(calls) == 1  # the resumed run was eager
+    rows = [(tmp_path / name / "log.csv").read_text().splitlines()[1:] for name in ("eager", "compiled")]
+    for eager_row, compiled_row in zip(*rows, strict=True):
+        eager_loss, compiled_loss = float(eager_row.split(",")[1]), float(compiled_row.split(",")[1])
+        assert abs(eager_loss - compiled_loss) < 1e-3, (eager_row, compiled_row)
+    a = load_file(tmp_path / "eager" / "last.safetensors")
+    b = load_file(tmp_path / "compiled" / "last.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-3
+    with pytest.raises(ValueError, match="compile must be one of none, default, reduce-overhead"):
+        TrainConfig(compile="fast")

@@ -57,3 +57,6 @@ def add_train_arguments(p: argparse.ArgumentParser, *, with_attn: bool = True) -
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--tensorboard", action="store_true", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--compile", choices=["none", "default", "reduce-overhead"], default=None,
+                   help="torch.compile the repeated blocks: default (inductor fuses the small ops; on GPUs an eager "
+                   "step is bound by their launches) or reduce-overhead (also CUDA graphs, on CUDA); none (default)")

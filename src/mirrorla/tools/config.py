@@ -12,7 +12,11 @@ from ..feature_maps import check_feature_map_options
 from ..models import list_models
 from ..models._helpers import check_attn
 
-__all__ = ["TrainConfig"]
+__all__ = ["TRAIN_COMPILE_MODES", "TrainConfig"]
+
+TRAIN_COMPILE_MODES = ("none", "default", "reduce-overhead")
+"""``TrainConfig.compile``: eager; the repeated blocks compiled by torch.compile (inductor fuses the small ops that
+bound an eager GPU step's host time); or compiled and replayed as CUDA graphs (on CUDA)."""
 
 
 @dataclass
@@ -46,6 +50,7 @@ class TrainConfig:
     workers: int = 0
     tensorboard: bool = False
     progress: bool = True
+    compile: str = "none"  # "none", "default" or "reduce-overhead": torch.compile the repeated blocks (see train)
 
     def __post_init__(self) -> None:
         """Every value is checked here, before any work starts; errors name the option and what it accepts."""
@@ -53,6 +58,8 @@ class TrainConfig:
             raise ValueError(f"unknown model {self.model!r}; this package's models: {', '.join(list_models())}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        if self.compile not in TRAIN_COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(TRAIN_COMPILE_MODES)}, got {self.compile!r}")
         check_attn(self.attn)
         if self.attn == "softmax":
             if self.attn_kwargs:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
+from ..models.compile import compile_model
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_state, save_checkpoint
 from .config import TrainConfig
 from .data import load_data
@@ -157,7 +158,7 @@ RUN_MARKERS = ("last.json", "best.json", "metrics.json", "log.csv")
 RUN_FILES = (*RUN_MARKERS, "last.safetensors", "best.safetensors", "config.json", "tensorboard")
 
 # options that may differ when a run is resumed: they change neither the model nor the data it sees
-RESUME_FREE = ("progress", "workers", "tensorboard")
+RESUME_FREE = ("progress", "workers", "tensorboard", "compile")  # how a run executes, not what it trains
 
 
 def holds_run(path: Path) -> bool:
@@ -480,8 +481,11 @@ def _train_epoch(ddp_model, model, loader, recipe: _Recipe, config: TrainConfig,
     loss_sum = correct = seen = 0.0
     bar = tqdm(loader, desc=f"{config.attn} epoch {epoch + 1}/{config.epochs}", leave=False,
                disable=not (config.progress and info.is_main), dynamic_ncols=True)
+    cuda_graphs = config.compile == "reduce-overhead" and info.device.type == "cuda"
     for step, (x, y) in enumerate(bar):
         x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+        if cuda_graphs:  # a new training step: the graphs' output buffers of the last one may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         target = y
         if recipe.mixup is not None:
             x, target = recipe.mixup(x, y)
@@ -551,6 +555,10 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
             recipe.ema.module.load_state_dict(parts["ema"])
         start_epoch, best_top1 = state["epoch"], state["best_top1"]
         history, train_seconds = state["history"], state["train_seconds"]
+    if config.compile != "none":
+        # block by block: one block's code serves all (fast to compile); after the EMA copy and the resumed weights,
+        # so the EMA model stays eager and nothing is traced twice. Parameter names are unchanged (checkpoints).
+        compile_model(model, scope="blocks", mode=config.compile)
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type
                  == "cuda" else None) if info.enabled else model)
     if info.is_main:
