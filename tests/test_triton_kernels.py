@@ -357,3 +357,22 @@ def test_launchers_use_plain_integer_helpers(monkeypatch, backend):
     w, u = torch.randn(48, 5, requires_grad=True), torch.randn(16, requires_grad=True)
     reflect_projection_rows_triton(w, None, u, None, 2)[0].sum().backward()
     assert u.grad is not None and theta.grad is not None
+
+
+def test_second_derivatives_through_the_triton_ops_are_an_error_not_zero():
+    """The kernels' backward is not itself differentiable: differentiating it (a gradient penalty, create_graph)
+    raises instead of silently treating the attention's and the fold's gradients as constants."""
+    from mirrorla.ops.triton_reflect import reflect_projection_rows_triton
+
+    q, k, v = (torch.randn(1, 2, 9, 16, requires_grad=True) for _ in range(3))
+    theta, gamma = torch.rand(2, 8, requires_grad=True), torch.rand(2, 8, requires_grad=True)
+    w, u = torch.randn(48, 5, requires_grad=True), torch.randn(16, requires_grad=True)
+    outputs = [
+        (triton_ops.fused_linear_attention(q, k, v, feature="relu"), q),
+        (triton_ops.mirror_linear_attention(q, k, v, theta, gamma), q),
+        (reflect_projection_rows_triton(w, None, u, None, 2)[0], w),
+    ]
+    for out, x in outputs:
+        (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            grad.square().sum().backward()

@@ -31,6 +31,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ..backend import DELTA_FORM_CODES
 from ._launch import cdiv, next_power_of_2
@@ -568,6 +569,7 @@ class _FusedLinearAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable: a second derivative is an error, not zero
     def backward(ctx, grad_out):
         q, k, v, angle, state = ctx.saved_tensors
         dq, dk, dv, dangle = _fused_backward_impl(q, k, v, angle, state, grad_out, ctx.feature, ctx.pairing,
@@ -834,6 +836,7 @@ class _MirrorLinearAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         dq, dk, dv, dtg = _mirror_backward_impl(*ctx.saved_tensors, grad_out, *ctx.args)
         return dq, dk, dv, dtg[0], dtg[1], None, None, None, None

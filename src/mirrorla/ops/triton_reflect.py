@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._launch import cdiv
 
@@ -223,6 +224,7 @@ class _FoldRowsTriton(torch.autograd.Function):
         return _fold_forward(weight, bias, u, signs, groups)
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable: a second derivative is an error, not zero
     def backward(ctx, d_w, d_b):
         weight, bias, u, signs = ctx.saved_tensors
         if d_w is None and d_b is None:
