@@ -208,3 +208,23 @@ def test_reflection_ops_reject_bad_input():
         cross_head_reflect(torch.rand(1, 2, 3, 4), torch.rand(4))
     with pytest.raises(TypeError, match="floating-point"):
         block_reflect(torch.ones(3, 6, dtype=torch.long), torch.rand(3))
+
+
+def test_tracing_is_seen_by_both_onnx_exporters(tmp_path):
+    """The ops switch to their traceable forms when a compiler, tracer or exporter records them; both ONNX
+    exporters are recognised (TorchScript traces, the dynamo exporter exports) and eager calls are not."""
+    import io
+
+    from mirrorla.ops.reflect import _tracing
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(_tracing())
+            return x * 2
+
+    assert not _tracing()
+    torch.onnx.export(Probe(), (torch.randn(2),), io.BytesIO(), dynamo=False)
+    torch.onnx.export(Probe(), (torch.randn(2),), str(tmp_path / "probe.onnx"), dynamo=True)
+    assert seen and all(seen), seen

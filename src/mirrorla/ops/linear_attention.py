@@ -71,7 +71,7 @@ def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     acc = _accumulation_dtype(q, k, v)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     converts = q.dtype != acc or k.dtype != acc or v.dtype != acc
-    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()  # both ONNX exporters included
     if converts and not needs_grad and not tracing:
         return _linear_attention_chunked(q, k, v, eps=eps, acc=acc)
     out_dtype = v.dtype
