@@ -286,13 +286,14 @@ def test_triton_fold_matches_the_torch_fold_in_values_and_gradients(rows, c_in, 
 
 
 def test_triton_fold_partial_gradients_and_bf16():
-    """Only the bias used (the weight's gradient is None), u without a gradient, and bf16 weights (fp32 arithmetic,
-    bf16 outputs within bf16's precision)."""
+    """Only the bias used (the weight's gradient is None), u without a gradient, strided u and signs, and bf16
+    weights (fp32 arithmetic, bf16 outputs within bf16's precision)."""
     from mirrorla.ops.reflect import _ReflectProjectionRows
     from mirrorla.ops.triton_reflect import reflect_projection_rows_triton
 
-    w, b, u = torch.randn(48, 10, requires_grad=True), torch.randn(48, requires_grad=True), torch.randn(16)
-    signs = torch.tensor([-1.0, 1.0])
+    w, b = torch.randn(48, 10, requires_grad=True), torch.randn(48, requires_grad=True)
+    u = torch.randn(32)[::2]  # a strided view
+    signs = torch.tensor([-1.0, 0.0, 1.0, 0.0])[::2]
     got = torch.autograd.grad(reflect_projection_rows_triton(w, b, u, signs, 2)[1].square().sum(), [w, b])
     want = torch.autograd.grad(_ReflectProjectionRows.apply(w, b, u, signs, 2)[1].square().sum(), [w, b])
     for a, e in zip(got, want, strict=True):

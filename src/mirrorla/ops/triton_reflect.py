@@ -239,4 +239,7 @@ def reflect_projection_rows_triton(weight: torch.Tensor, bias: torch.Tensor | No
     """:func:`mirrorla.ops.reflect_projection_rows` on the Triton kernels (arguments checked by it): weight
     ``[R, C_in]``, bias ``[R]`` or None, u ``[C]``, signs ``[C]`` or ``[d]`` (d divides C) or None →
     ``(weight' [R, C_in] contiguous, bias' [R] or None)``. One launch forward, two backward."""
+    # weight and bias are read through their strides; u and signs are short vectors read as contiguous ones
+    u = u if u.is_contiguous() else u.contiguous()
+    signs = signs if signs is None or signs.is_contiguous() else signs.contiguous()
     return _FoldRowsTriton.apply(weight, bias, u, signs, groups)
