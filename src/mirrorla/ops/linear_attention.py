@@ -7,7 +7,7 @@ import torch
 from ..backend import select_backend
 from ._checks import check_floating, check_rank
 from .fused import rotate_relu
-from .reflect import check_pairing
+from .reflect import _tracing, check_pairing
 
 __all__ = ["MAPPED_FEATURES", "linear_attention", "linear_attention_reference", "mapped_linear_attention"]
 
@@ -71,8 +71,7 @@ def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     acc = _accumulation_dtype(q, k, v)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     converts = q.dtype != acc or k.dtype != acc or v.dtype != acc
-    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()  # both ONNX exporters included
-    if converts and not needs_grad and not tracing:
+    if converts and not needs_grad and not _tracing():
         return _linear_attention_chunked(q, k, v, eps=eps, acc=acc)
     out_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):

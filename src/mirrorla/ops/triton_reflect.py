@@ -54,6 +54,22 @@ def _unit_and_sign(U, S, offs_c, cmask, scale, NS, HAS_SIGNS: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(X, rows, offs_j, s_r, s_c, mask):
+    """``X[rows, offs_j]`` as fp32 (0 where masked)."""
+    return tl.load(X + rows[:, None] * s_r + offs_j[None, :] * s_c, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _copy_rows(SRC, DST, offs_j, jmask, s_r, s_c, d_r, d_c, first, R, BC: tl.constexpr):
+    """``DST[first:R, offs_j] = SRC[first:R, offs_j]``: the rows after the folded groups pass unchanged."""
+    for r0 in range(first, R, BC):
+        rows = r0 + tl.arange(0, BC)
+        mask = (rows < R)[:, None] & jmask[None, :]
+        tl.store(DST + rows[:, None] * d_r + offs_j[None, :] * d_c,
+                 _load_tile(SRC, rows, offs_j, s_r, s_c, mask).to(DST.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _fold_columns(SRC, DST, U, S, offs_j, jmask, s_r, s_c, d_r, d_c, R, C, GROUPS, NS, scale,
                   HAS_SIGNS: tl.constexpr, BC: tl.constexpr):
     """DST[:, j] = T·SRC[:, j] per group of C rows for the columns ``offs_j``; later rows copied."""
@@ -63,9 +79,7 @@ def _fold_columns(SRC, DST, U, S, offs_j, jmask, s_r, s_c, d_r, d_c, R, C, GROUP
             offs_c = c0 + tl.arange(0, BC)
             cmask = offs_c < C
             unit, _ = _unit_and_sign(U, S, offs_c, cmask, scale, NS, HAS_SIGNS)
-            rows = g * C + offs_c
-            w = tl.load(SRC + rows[:, None] * s_r + offs_j[None, :] * s_c, mask=cmask[:, None] & jmask[None, :],
-                        other=0.0).to(tl.float32)
+            w = _load_tile(SRC, g * C + offs_c, offs_j, s_r, s_c, cmask[:, None] & jmask[None, :])
             a += tl.sum(unit[:, None] * w, axis=0)
         for c0 in range(0, C, BC):
             offs_c = c0 + tl.arange(0, BC)
@@ -73,14 +87,10 @@ def _fold_columns(SRC, DST, U, S, offs_j, jmask, s_r, s_c, d_r, d_c, R, C, GROUP
             unit, sign = _unit_and_sign(U, S, offs_c, cmask, scale, NS, HAS_SIGNS)
             rows = g * C + offs_c
             mask = cmask[:, None] & jmask[None, :]
-            w = tl.load(SRC + rows[:, None] * s_r + offs_j[None, :] * s_c, mask=mask, other=0.0).to(tl.float32)
+            w = _load_tile(SRC, rows, offs_j, s_r, s_c, mask)
             out = (w - unit[:, None] * a[None, :]) * sign[:, None]
             tl.store(DST + rows[:, None] * d_r + offs_j[None, :] * d_c, out.to(DST.dtype.element_ty), mask=mask)
-    for r0 in range(GROUPS * C, R, BC):
-        rows = r0 + tl.arange(0, BC)
-        mask = (rows < R)[:, None] & jmask[None, :]
-        w = tl.load(SRC + rows[:, None] * s_r + offs_j[None, :] * s_c, mask=mask, other=0.0)
-        tl.store(DST + rows[:, None] * d_r + offs_j[None, :] * d_c, w.to(DST.dtype.element_ty), mask=mask)
+    _copy_rows(SRC, DST, offs_j, jmask, s_r, s_c, d_r, d_c, GROUPS * C, R, BC)
 
 
 @triton.jit
@@ -113,8 +123,8 @@ def _fold_columns_backward(G, W, U, S, DST, PART, offs_j, jmask, s_gr, s_gc, s_w
             unit, sign = _unit_and_sign(U, S, offs_c, cmask, scale, NS, HAS_SIGNS)
             rows = g * C + offs_c
             mask = cmask[:, None] & jmask[None, :]
-            w = tl.load(W + rows[:, None] * s_wr + offs_j[None, :] * s_wc, mask=mask, other=0.0).to(tl.float32)
-            gs = tl.load(G + rows[:, None] * s_gr + offs_j[None, :] * s_gc, mask=mask, other=0.0).to(tl.float32)
+            w = _load_tile(W, rows, offs_j, s_wr, s_wc, mask)
+            gs = _load_tile(G, rows, offs_j, s_gr, s_gc, mask)
             a += tl.sum(unit[:, None] * w, axis=0)
             r += tl.sum(unit[:, None] * (gs * sign[:, None]), axis=0)
         for c0 in range(0, C, BC):
@@ -123,19 +133,15 @@ def _fold_columns_backward(G, W, U, S, DST, PART, offs_j, jmask, s_gr, s_gc, s_w
             unit, sign = _unit_and_sign(U, S, offs_c, cmask, scale, NS, HAS_SIGNS)
             rows = g * C + offs_c
             mask = cmask[:, None] & jmask[None, :]
-            w = tl.load(W + rows[:, None] * s_wr + offs_j[None, :] * s_wc, mask=mask, other=0.0).to(tl.float32)
-            gs = tl.load(G + rows[:, None] * s_gr + offs_j[None, :] * s_gc, mask=mask, other=0.0).to(tl.float32)
+            w = _load_tile(W, rows, offs_j, s_wr, s_wc, mask)
+            gs = _load_tile(G, rows, offs_j, s_gr, s_gc, mask)
             gs = gs * sign[:, None]  # diag(s) is its own transpose
             tl.store(DST + rows[:, None] * d_r + offs_j[None, :] * d_c,
                      (gs - unit[:, None] * r[None, :]).to(DST.dtype.element_ty), mask=mask)
             share = -(tl.sum(gs * a[None, :], axis=1) + tl.sum(w * r[None, :], axis=1))
             prev = tl.load(PART + offs_c, mask=cmask & (g >= ADD_FROM), other=0.0)
             tl.store(PART + offs_c, prev + share, mask=cmask)
-    for r0 in range(GROUPS * C, R, BC):
-        rows = r0 + tl.arange(0, BC)
-        mask = (rows < R)[:, None] & jmask[None, :]
-        gg = tl.load(G + rows[:, None] * s_gr + offs_j[None, :] * s_gc, mask=mask, other=0.0)
-        tl.store(DST + rows[:, None] * d_r + offs_j[None, :] * d_c, gg.to(DST.dtype.element_ty), mask=mask)
+    _copy_rows(G, DST, offs_j, jmask, s_gr, s_gc, d_r, d_c, GROUPS * C, R, BC)
 
 
 @triton.jit
@@ -156,6 +162,15 @@ def _fold_rows_backward_kernel(GW, GB, W, BIAS, U, S, DW, DB, PART, R, C_IN, C, 
 
 
 @triton.jit
+def _shares_sum(PART, offs, cmask, P, C):
+    """d unit on the channels ``offs``: the programs' shares ``PART [P, C]`` added in a fixed order."""
+    d_unit = tl.zeros(offs.shape, dtype=tl.float32)
+    for p in range(0, P):
+        d_unit += tl.load(PART + p * C + offs, mask=cmask, other=0.0)
+    return d_unit
+
+
+@triton.jit
 def _unit_grad_kernel(PART, U, DU, P, C, BC: tl.constexpr):
     """du from the programs' shares of d unit ``PART [P, C]``: unit = √2·u/‖u‖, so
     du = (√2/‖u‖)·(d unit − unit·(unitᵀ d unit)/2). One program; the shares are added in a fixed order."""
@@ -164,18 +179,14 @@ def _unit_grad_kernel(PART, U, DU, P, C, BC: tl.constexpr):
     for c0 in range(0, C, BC):
         offs = c0 + tl.arange(0, BC)
         cmask = offs < C
-        d_unit = tl.zeros([BC], dtype=tl.float32)
-        for p in range(0, P):
-            d_unit += tl.load(PART + p * C + offs, mask=cmask, other=0.0)
-        dot += tl.load(U + offs, mask=cmask, other=0.0).to(tl.float32) * scale * d_unit
+        unit = tl.load(U + offs, mask=cmask, other=0.0).to(tl.float32) * scale
+        dot += unit * _shares_sum(PART, offs, cmask, P, C)
     half_dot = 0.5 * tl.sum(dot, axis=0)
     for c0 in range(0, C, BC):
         offs = c0 + tl.arange(0, BC)
         cmask = offs < C
-        d_unit = tl.zeros([BC], dtype=tl.float32)
-        for p in range(0, P):
-            d_unit += tl.load(PART + p * C + offs, mask=cmask, other=0.0)
         unit = tl.load(U + offs, mask=cmask, other=0.0).to(tl.float32) * scale
+        d_unit = _shares_sum(PART, offs, cmask, P, C)
         tl.store(DU + offs, ((d_unit - unit * half_dot) * scale).to(DU.dtype.element_ty), mask=cmask)
 
 
