@@ -3,7 +3,8 @@
 # backend on this GPU (gpu_check.py --kernels-only --quick, ~110 s on an H100), the host cost of the attention's
 # pieces and of eager DeiT-T training steps (gpu_profile.py --host --mode train, ~50 s), then the snapshot
 # (run_gpu.sh, ~270 s). About 7 minutes on one H100, start-up excluded; each step has its own time limit, so a
-# failing step costs only its own results. Every step's exit code and duration go to $OUT/session.log.
+# failing step costs only its own results. Every step's exit code and duration go to $OUT/session.log, its console
+# output to its log, which stays LOG.partial where the step failed or was killed.
 # Usage: bash benchmarks/gpu_session.sh [PYTHON]     (OUT defaults to benchmarks/results/gpu)
 set -uo pipefail
 PY=${1:-python}
@@ -11,13 +12,17 @@ OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-src} PYTHONUNBUFFERED=1
 t0=$(date +%s)
-step() {  # step NAME LIMIT_S COMMAND...: run it, log its exit code and when it finished
-    local name=$1 limit=$2
-    shift 2
-    timeout "$limit" "$@"
-    echo "$name: exit $? at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/session.log"
+: > "$OUT/session.log"  # this session's steps only
+step() {  # step NAME LIMIT_S LOG COMMAND...: run it with its console output in $OUT/LOG, log its exit code and time
+    local name=$1 limit=$2 log=$3
+    shift 3
+    timeout "$limit" "$@" > "$OUT/$log.partial" 2>&1
+    local code=$?
+    # a finished step's log takes its name; a failed or killed one stays LOG.partial, never passing as complete
+    if [ "$code" -eq 0 ]; then mv "$OUT/$log.partial" "$OUT/$log"; fi
+    echo "$name: exit $code at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/session.log"
 }
-step gpu_check 150 bash -c "$PY benchmarks/gpu_check.py --kernels-only --quick > '$OUT/gpu_check.txt' 2>&1"
-step gpu_profile 120 bash -c "$PY benchmarks/gpu_profile.py --host --mode train --attn relu,mirror \
-    --out '$OUT/profile_host.txt' > '$OUT/gpu_profile.log' 2>&1"
-step run_gpu 420 bash -c "OUT='$OUT' bash benchmarks/run_gpu.sh $PY > '$OUT/run_gpu.log' 2>&1"
+step gpu_check 150 gpu_check.txt $PY benchmarks/gpu_check.py --kernels-only --quick
+step gpu_profile 120 gpu_profile.log $PY benchmarks/gpu_profile.py --host --mode train --attn relu,mirror \
+    --out "$OUT/profile_host.txt"
+step run_gpu 420 run_gpu.log env OUT="$OUT" bash benchmarks/run_gpu.sh $PY
