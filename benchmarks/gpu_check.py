@@ -54,9 +54,11 @@ def reference(q, k, v, angle, feature, pairing):
 
 
 # the interpreter (device cpu) is slow: smaller sizes there
-CASE_SIZES = ((4097, 128), (1, 16), (197, 48), (1000, 64)) if device.type == "cuda" else ((1, 16), (97, 48))
+# sequences of up to 512 tokens run on the row kernels (one program per row), longer ones on the chunked kernels
+CASE_SIZES = ((4097, 128), (1, 16), (197, 48), (197, 64), (1000, 64)) if device.type == "cuda" else \
+    ((1, 16), (97, 48))
 if quick:
-    CASE_SIZES = ((1000, 64),) if device.type == "cuda" else ((97, 64),)
+    CASE_SIZES = ((1000, 64), (197, 64)) if device.type == "cuda" else ((97, 64),)
 cases = [(feature, pairing, n, d, dtype)
          for feature, pairing in (("rotate_relu", "adjacent"), ("rotate_relu", "half"), ("relu", "adjacent"))
          for n, d in CASE_SIZES
@@ -85,9 +87,10 @@ for feature, pairing, n, d, dtype in cases:
 # the whole folded MirrorLA step on the Triton backend (σ², Θ, rotation, attention: one op) against the reference
 from mirrorla.feature_maps import create_feature_map  # noqa: E402
 
-MAP_CASES = (("tanh_log", "adjacent", 4096, 64, torch.bfloat16), ("rsqrt", "half", 1000, 48, torch.float32),
-             ("log", "adjacent", 999, 128, torch.bfloat16))
-for delta_form, pairing, n, d, dtype in MAP_CASES[:1] if quick else MAP_CASES:
+MAP_CASES = (("tanh_log", "adjacent", 4096, 64, torch.bfloat16), ("tanh_log", "half", 197, 64, torch.bfloat16),
+             ("rsqrt", "half", 1000, 48, torch.float32), ("log", "adjacent", 999, 128, torch.bfloat16),
+             ("log", "adjacent", 250, 128, torch.float32))
+for delta_form, pairing, n, d, dtype in MAP_CASES[:2] if quick else MAP_CASES:
     fmap = create_feature_map("mirror", 3, d, delta_form=delta_form, pairing=pairing).to(device)
     with torch.no_grad():
         fmap.gamma.normal_(0, 0.5)

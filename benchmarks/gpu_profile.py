@@ -210,6 +210,16 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
                     layer(x)
         return step
 
+    def chunked(fn):
+        """fn on the chunked kernels (N = 197 takes the row kernels by default): the two paths side by side."""
+        def call():
+            saved, tla._ROW_MAX_TILES = tla._ROW_MAX_TILES, 0
+            try:
+                return fn()
+            finally:
+                tla._ROW_MAX_TILES = saved
+        return call
+
     state_args = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)
     cases = [
         ("torch: one tiny add", lambda: tiny.add_(1.0)),
@@ -224,6 +234,11 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
         ("relu op fwd+bwd (autograd)", fwd_bwd(lambda: tla.fused_linear_attention(qg, kg, vg, feature="relu"))),
         ("mirror op fwd+bwd (autograd)", fwd_bwd(lambda: tla.mirror_linear_attention(qg, kg, vg, theta_g,
                                                                                      gamma_g))),
+        ("relu op fwd+bwd, chunked kernels", chunked(fwd_bwd(lambda: tla.fused_linear_attention(qg, kg, vg,
+                                                                                                feature="relu")))),
+        ("mirror op fwd+bwd, chunked kernels", chunked(fwd_bwd(lambda: tla.mirror_linear_attention(qg, kg, vg,
+                                                                                                   theta_g,
+                                                                                                   gamma_g)))),
         ("fold forward (no grad)", lambda: reflect_projection_rows(w.detach(), bias.detach(), u.detach(), signs,
                                                                    groups=2)),
         ("fold fwd+bwd (autograd)", fwd_bwd(lambda: reflect_projection_rows(w, bias, u, signs, groups=2))),
@@ -231,6 +246,8 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
         ("layer mirror inference (bf16 autocast)", layer_step("mirror", False)),
         ("layer relu training step", layer_step("relu", True)),
         ("layer mirror training step", layer_step("mirror", True)),
+        ("layer relu training step, chunked kernels", chunked(layer_step("relu", True))),
+        ("layer mirror training step, chunked kernels", chunked(layer_step("mirror", True))),
     ]
     rows = []
     lines += ["", f"## Host cost per call, one DeiT-T layer's shape (batch {batch}, H = 3, N = 197, d = 64), "

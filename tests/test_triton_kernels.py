@@ -7,6 +7,7 @@ reference on the same bf16 values computed in fp32, within 3e-2 (bf16 keeps 8 bi
 
 import pytest
 import torch
+import triton
 
 from mirrorla.backend import select_backend
 from mirrorla.feature_maps import create_feature_map
@@ -22,6 +23,14 @@ def backend(monkeypatch):
         monkeypatch.setenv("MIRRORLA_BACKEND", name)
 
     return use
+
+
+@pytest.fixture(params=["row", "chunked"])
+def kernel_path(request, monkeypatch):
+    """Each op on both of its kernel paths: the row kernels (one program per (b, h) row, one launch each way; the
+    default for short rows) and the chunked kernels (many programs per row, partials added afterwards)."""
+    monkeypatch.setattr(triton_ops, "_ROW_MAX_TILES", 10**9 if request.param == "row" else 0)
+    return request.param
 
 
 def _reference(q, k, v, angle, feature, pairing):
@@ -52,7 +61,7 @@ CASES = [  # (feature, pairing, N, d): every N and head dim of the issue, each m
 
 
 @pytest.mark.parametrize("feature, pairing, n, d", CASES)
-def test_fused_op_matches_reference_values_and_gradients_fp32(feature, pairing, n, d, backend):
+def test_fused_op_matches_reference_values_and_gradients_fp32(feature, pairing, n, d, backend, kernel_path):
     b, h = 2, 2
     q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
     angle = torch.randn(b, h, d // 2, requires_grad=True) if feature == "rotate_relu" else None
@@ -71,7 +80,7 @@ def test_fused_op_matches_reference_values_and_gradients_fp32(feature, pairing, 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_op_half_precision_strided_inputs(dtype, backend):
+def test_fused_op_half_precision_strided_inputs(dtype, backend, kernel_path):
     b, h, n, d = 2, 3, 197, 32
     q, k, v = _strided_qkv(b, h, n, d, dtype)
     assert not q.is_contiguous()
@@ -100,7 +109,7 @@ def test_token_sums_kernel_and_its_gradient():
 
 
 @pytest.mark.parametrize("delta_form, pairing", [("tanh_log", "adjacent"), ("log", "half"), ("rsqrt", "adjacent")])
-def test_mirror_map_on_triton_matches_torch_in_values_and_every_gradient(delta_form, pairing, backend):
+def test_mirror_map_on_triton_matches_torch_in_values_and_every_gradient(delta_form, pairing, backend, kernel_path):
     """The whole folded MirrorLA step (σ² → Θ → rotation → ReLU → attention) through the Triton backend: outputs
     and the gradients of q, k, v, θ and γ equal the reference's (the σ² path reaches k and γ)."""
     h, d, n = 2, 16, 197
@@ -118,6 +127,78 @@ def test_mirror_map_on_triton_matches_torch_in_values_and_every_gradient(delta_f
     torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
     for name, a, w in zip(("q", "k", "v", "theta", "gamma"), results["triton"][1], results["torch"][1], strict=True):
         torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mirror_op_half_precision_strided_inputs(dtype, kernel_path):
+    """MirrorLA's op on bf16/fp16 views of one qkv tensor: finite, and equal to the fp32 op on the same rounded
+    values (within 3e-2; σ² and the rotation are computed in fp32 either way)."""
+    b, h, n, d = 2, 2, 40, 32
+    q, k, v = _strided_qkv(b, h, n, d, dtype)
+    theta, gamma = torch.randn(h, d // 2, requires_grad=True), (0.5 * torch.randn(h, d // 2)).requires_grad_()
+    out = triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v, theta, gamma], grad)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = triton_ops.mirror_linear_attention(q32, k32, v32, theta, gamma)
+    want = torch.autograd.grad(ref, [q32, k32, v32, theta, gamma], grad.float())
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    for name, a, w in zip(("q", "k", "v", "theta", "gamma"), got, want, strict=True):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.float(), w, atol=3e-2 * max(1.0, w.abs().max().item()), rtol=3e-2, msg=name)
+
+
+def _count_launches(monkeypatch):
+    """Count the Triton kernel launches of both kernel modules, per kernel name."""
+    from collections import Counter
+
+    from mirrorla.ops import triton_reflect
+
+    launches = Counter()
+
+    class Counting:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launches[self.name] += 1
+            return self.kernel[grid]
+
+    for module in (triton_ops, triton_reflect):
+        for name, value in list(vars(module).items()):
+            if name.endswith("_kernel") and isinstance(value, triton.runtime.KernelInterface):  # not jit helpers
+                monkeypatch.setattr(module, name, Counting(value, name))
+    return launches
+
+
+def test_a_short_sequence_layer_step_launches_few_kernels(backend, monkeypatch):
+    """At DeiT-T's sequence length (197 tokens) a layer's training step is bound by host time per launch on a GPU:
+    ReLU's takes one launch forward and one backward; MirrorLA's adds only its fold (one forward, two backward)."""
+    from mirrorla import LinearAttention
+
+    backend("triton")
+    launches = _count_launches(monkeypatch)
+    x = torch.randn(1, 197, 32)
+    for attn, want in (("relu", {"_row_forward_kernel": 1, "_row_backward_kernel": 1}),
+                       ("mirror", {"_row_forward_kernel": 1, "_row_backward_kernel": 1, "_fold_rows_kernel": 1,
+                                   "_fold_rows_backward_kernel": 1, "_unit_grad_kernel": 1})):
+        launches.clear()
+        LinearAttention(32, 2, attn=attn)(x, grid_size=(14, 14)).sum().backward()
+        assert dict(launches) == want, attn
+
+
+def test_rows_that_need_partner_loads_take_the_chunked_kernels(monkeypatch):
+    """Half pairs in a head dim that is not a power of two cannot be shuffled in registers: such rotations take the
+    chunked kernels even when short (and still match the reference, see the fp32 cases)."""
+    launches = _count_launches(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 17, 48, requires_grad=True) for _ in range(3))
+    theta, gamma = torch.randn(2, 24), torch.randn(2, 24)
+    triton_ops.mirror_linear_attention(q, k, v, theta, gamma, pairing="half").sum().backward()
+    assert "_row_forward_kernel" not in launches and launches["_state_kernel"] == 1
+    launches.clear()
+    triton_ops.mirror_linear_attention(q, k, v, theta, gamma, pairing="adjacent").sum().backward()
+    assert dict(launches) == {"_row_forward_kernel": 1, "_row_backward_kernel": 1}
 
 
 def test_relu_and_elu_maps_use_the_fused_core(backend):
@@ -377,3 +458,22 @@ def test_second_derivatives_through_the_triton_ops_are_an_error_not_zero():
         (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="once_differentiable"):
             grad.square().sum().backward()
+
+
+def test_row_kernels_compile_for_an_h100():
+    """The interpreter runs the kernels' Python, not Triton's compiler: the row kernels (bf16, d = 64, every map and
+    pairing the dispatch launches) must also compile for sm_90 within its shared memory, which
+    ``benchmarks/compile_check.py`` checks without a GPU (Triton's bundled ptxas, no driver)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    root = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root / "src")
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_check.py"), "--quick",
+                             "--kernels", "_row_"], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "10 configurations, 0 failed" in result.stdout, result.stdout[-3000:]

@@ -9,13 +9,20 @@ the kernels and never written to memory:
 - ``rotate_relu``: φ(x) = ReLU(R(angle)·x), each channel pair rotated by its per-(sample, head) angle:
   MirrorLA's per-sample step once its static reflections are folded into the projections.
 
-Kernels: a state pass over k and v (each program reduces a chunk of tokens into fp32 partial states, summed in
-torch: deterministic, no atomics), an output pass over q, and in the backward one pass over q (dq, dS, dz and the
-q part of d angle) and one over k and v (dk, dv and the k part of d angle). MirrorLA's op adds a pass of token
-sums over k before the state pass (whose programs turn them into the angles) and, in the backward, one over k
-that takes the σ² path to dk, θ and γ. q, k and v are read in their own
-dtype (and may be strided views of a qkv tensor); states, normalisers and gradients of the angle are fp32; the
-matmuls run on tensor cores (bf16/fp16 inputs with fp32 accumulation, tf32 for the fp32 states).
+Passes: a state pass over k and v, an output pass over q, and in the backward one pass over q (dq, dS, dz and
+the q part of d angle) and one over k and v (dk, dv and the k part of d angle). MirrorLA's op adds a pass of token
+sums over k before the state pass (which turns them into the angles) and, in the backward, one over k that takes
+the σ² path to dk, θ and γ. Two sets of kernels run these passes:
+
+- chunked kernels (long rows): one kernel per pass, each with many programs per (b, h) row, every program
+  reducing a chunk of tokens into fp32 partials that are added in a fixed order (deterministic, no atomics);
+- row kernels (rows of at most ``_ROW_MAX_TILES`` token tiles): one program per row runs every pass of the
+  forward, another every pass of the backward, with the state and dS kept in registers between passes: one
+  launch each way, where short rows cost more host time per launch than GPU time (DeiT-T at 224²).
+
+q, k and v are read in their own dtype (and may be strided views of a qkv tensor); states, normalisers and
+gradients of the angle are fp32; the matmuls run on tensor cores (bf16/fp16 inputs with fp32 accumulation, tf32
+for the fp32 states). ``benchmarks/compile_check.py`` compiles every configuration for a GPU without one.
 
 The ops are registered with :mod:`torch.library` (``mirrorla::fused_linear_attention``), with fake kernels and
 autograd, so ``torch.compile(fullgraph=True)`` and CUDA graphs see one op; eager calls run the same
@@ -181,7 +188,131 @@ def _map_backward(dphi, left, state_p, bias_p, y, y_p, cos, ssin, sign, nmask, M
     return dx, d_angle
 
 
-# ----------------------------------------------------------------------------------------------------- forward
+# ------------------------------------------------------------------------------------------ token loops (shared)
+# Each loop below is one pass over a range of token tiles. The chunked kernels run it over their chunk (many
+# programs per (b, h) row, partials added afterwards); the row kernels run every pass of an op over a whole row in
+# one program, so a short sequence costs one launch forward and one backward (see _row_path).
+
+
+@triton.jit
+def _state_tiles(k_ptr, v_ptr, first, TILES, N, s_kn, s_kd, s_vn, s_vd, offs_d, offs_v, partner, dmask, vmask,
+                 cos, ssin, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr,
+                 PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
+    """``[Σ φ(k) vᵀ, Σ φ(k)]`` (fp32 ``[BD, BDV]``, ``[BD]``) over the tiles ``first .. first + TILES``."""
+    acc = tl.zeros([BD, BDV], dtype=tl.float32)
+    zacc = tl.zeros([BD], dtype=tl.float32)
+    for t in range(0, TILES):
+        offs_n = (first + t) * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
+                                MAP, SWAP, PAIRING, BN, BD)
+        v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
+                    other=0.0)
+        acc += _dot(tl.trans(phi.to(v.dtype)), v, IEEE, UPCAST)
+        zacc += tl.sum(phi, axis=0)
+    return acc, zacc
+
+
+@triton.jit
+def _store_state(base, acc, zacc, offs_d, offs_v, dmask, vmask, DV: tl.constexpr):
+    """A ``[D, DV + 1]`` fp32 state (or partial, or gradient) from its ``[BD, BDV]`` and ``[BD]`` parts."""
+    tl.store(base + offs_d[:, None] * (DV + 1) + offs_v[None, :], acc, mask=dmask[:, None] & vmask[None, :])
+    tl.store(base + offs_d * (DV + 1) + DV, zacc, mask=dmask)
+
+
+@triton.jit
+def _output_tiles(q_ptr, o_ptr, first, TILES, NQ, s_qn, s_qd, s_on, s_od, s, z, eps_n, offs_d, offs_v, partner,
+                  dmask, vmask, cos, ssin, BD: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr,
+                  PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
+    """o = φ(q) S / (φ(q)·z + ε·N) for the query tiles ``first .. first + TILES`` (state ``s``, ``z`` fp32)."""
+    for t in range(0, TILES):
+        offs_n = (first + t) * BN + tl.arange(0, BN)
+        nmask = offs_n < NQ
+        phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
+                                MAP, SWAP, PAIRING, BN, BD)
+        num = _dot(phi, s, IEEE, UPCAST)
+        den = tl.sum(phi * z[None, :], axis=1) + eps_n
+        o = num / den[:, None]
+        tl.store(o_ptr + offs_n[:, None] * s_on + offs_v[None, :] * s_od, o.to(o_ptr.dtype.element_ty),
+                 mask=nmask[:, None] & vmask[None, :])
+
+
+@triton.jit
+def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s, z, s_p, z_p, eps_n, offs_d,
+              offs_v, partner, sign, dmask, vmask, cos, ssin, D: tl.constexpr, BD: tl.constexpr,
+              BDV: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr,
+              UPCAST: tl.constexpr, SWAP: tl.constexpr):
+    """The q pass of the backward over the tiles ``first .. first + TILES``: stores dq (contiguous ``[NQ, D]`` at
+    ``dq_ptr``) and returns this range's dS, dz and d angle (q part), fp32."""
+    ds_acc = tl.zeros([BD, BDV], dtype=tl.float32)
+    dz_acc = tl.zeros([BD], dtype=tl.float32)
+    dang = tl.zeros([BD], dtype=tl.float32)
+    for t in range(0, TILES):
+        offs_n = (first + t) * BN + tl.arange(0, BN)
+        nmask = offs_n < NQ
+        phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
+                                MAP, SWAP, PAIRING, BN, BD)
+        do = tl.load(do_ptr + offs_n[:, None] * s_dn + offs_v[None, :] * s_dd, mask=nmask[:, None] & vmask[None, :],
+                     other=0.0).to(tl.float32)
+        num = _dot(phi, s, IEEE, UPCAST)
+        den = tl.sum(phi * z[None, :], axis=1) + eps_n
+        dnum = do / den[:, None]
+        dden = -tl.sum(do * num, axis=1) / (den * den)
+        dden = tl.where(nmask, dden, 0.0)
+        dphi = _dot(dnum, tl.trans(s), IEEE, UPCAST) + dden[:, None] * z[None, :]
+        dq, d_angle = _map_backward(dphi, dnum, s_p, dden[:, None] * z_p[None, :], y, y_p, cos, ssin, sign, nmask,
+                                    MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST)
+        dang += d_angle
+        tl.store(dq_ptr + offs_n[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+                 mask=nmask[:, None] & dmask[None, :])
+        ds_acc += _dot(tl.trans(phi), dnum, IEEE, UPCAST)
+        dz_acc += tl.sum(phi * dden[:, None], axis=0)
+    return ds_acc, dz_acc, dang
+
+
+@triton.jit
+def _dkv_tiles(k_ptr, v_ptr, dk_ptr, dv_ptr, first, TILES, N, s_kn, s_kd, s_vn, s_vd, ds, dz, ds_p, dz_p, offs_d,
+               offs_v, partner, sign, dmask, vmask, cos, ssin, D: tl.constexpr, DV: tl.constexpr,
+               BD: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr,
+               UPCAST: tl.constexpr, SWAP: tl.constexpr):
+    """The k/v pass of the backward over the tiles ``first .. first + TILES``, from the total dS and dz: stores dk
+    and dv (contiguous) and returns this range's d angle (k part), fp32."""
+    dang = tl.zeros([BD], dtype=tl.float32)
+    for t in range(0, TILES):
+        offs_n = (first + t) * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
+                                MAP, SWAP, PAIRING, BN, BD)
+        v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
+                    other=0.0).to(tl.float32)
+        dv = _dot(phi, ds, IEEE, UPCAST)
+        tl.store(dv_ptr + offs_n[:, None] * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=nmask[:, None] & vmask[None, :])
+        dphi = _dot(v, tl.trans(ds), IEEE, UPCAST) + dz[None, :]
+        dk, d_angle = _map_backward(dphi, v, ds_p, dz_p[None, :], y, y_p, cos, ssin, sign, nmask,
+                                    MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST)
+        dang += d_angle
+        tl.store(dk_ptr + offs_n[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+                 mask=nmask[:, None] & dmask[None, :])
+    return dang
+
+
+@triton.jit
+def _token_sum_tiles(x_ptr, first, TILES, N, s_xn, s_xd, offs_d, dmask, BD: tl.constexpr, BN: tl.constexpr):
+    """Per-channel ``Σ x`` and ``Σ x²`` (fp32 ``[BD]``) over the tiles ``first .. first + TILES``."""
+    s1 = tl.zeros([BD], dtype=tl.float32)
+    s2 = tl.zeros([BD], dtype=tl.float32)
+    for t in range(0, TILES):
+        offs_n = (first + t) * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        x = tl.load(x_ptr + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd, mask=nmask[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32)
+        s1 += tl.sum(x, axis=0)
+        s2 += tl.sum(x * x, axis=0)
+    return s1, s2
+
+
+# ------------------------------------------------------------------------------------------- chunked kernels
 
 
 @triton.jit
@@ -203,26 +334,12 @@ def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
         cos, ssin, s1, s2 = _mirror_angles(SPART, THETA, GAMMA, bh, h, S_CHUNKS, n_tokens, eps_map, offs_d, partner,
                                            sign, dmask, D, BD, PAIRING, FORM)
         if chunk == 0:
-            tl.store(COS + bh * D + offs_d, cos, mask=dmask)
-            tl.store(SSIN + bh * D + offs_d, ssin, mask=dmask)
-            tl.store(SUMS + bh * 2 * D + offs_d, s1, mask=dmask)
-            tl.store(SUMS + bh * 2 * D + D + offs_d, s2, mask=dmask)
-    k_ptr = K + b * s_kb + h * s_kh
-    v_ptr = V + b * s_vb + h * s_vh
-    acc = tl.zeros([BD, BDV], dtype=tl.float32)
-    zacc = tl.zeros([BD], dtype=tl.float32)
-    for t in range(0, TILES):
-        offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
-        nmask = offs_n < N
-        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
-                                MAP, SWAP, PAIRING, BN, BD)
-        v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
-                    other=0.0)
-        acc += _dot(tl.trans(phi.to(v.dtype)), v, IEEE, UPCAST)
-        zacc += tl.sum(phi, axis=0)
-    base = PART + (bh * tl.num_programs(1) + chunk) * D * (DV + 1)
-    tl.store(base + offs_d[:, None] * (DV + 1) + offs_v[None, :], acc, mask=dmask[:, None] & vmask[None, :])
-    tl.store(base + offs_d * (DV + 1) + DV, zacc, mask=dmask)
+            _store_rotation(COS, SSIN, SUMS, bh, cos, ssin, s1, s2, offs_d, dmask, D)
+    acc, zacc = _state_tiles(K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh, chunk * TILES, TILES, N,
+                             s_kn, s_kd, s_vn, s_vd, offs_d, offs_v, partner, dmask, vmask, cos, ssin,
+                             BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
+    _store_state(PART + (bh * tl.num_programs(1) + chunk) * D * (DV + 1), acc, zacc, offs_d, offs_v, dmask, vmask,
+                 DV)
 
 
 @triton.jit
@@ -230,33 +347,13 @@ def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n,
                    s_qb, s_qh, s_qn, s_qd, s_ob, s_oh, s_on, s_od,
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                    MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  SWAP: tl.constexpr):
-    """o = φ(q) S / (φ(q)·z + ε·N) for one tile of queries."""
-    bh = tl.program_id(0)
-    tile = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, BD)
-    offs_v = tl.arange(0, BDV)
-    offs_n = tile * BN + tl.arange(0, BN)
-    dmask = offs_d < D
-    vmask = offs_v < DV
-    nmask = offs_n < NQ
-    partner, sign = _partner(offs_d, D, PAIRING)
-    cos, ssin = _rotation_row(COS, SSIN, bh, offs_d, dmask, D, BD, MAP)
-    st = STATE + bh * D * (DV + 1)
-    s = tl.load(st + offs_d[:, None] * (DV + 1) + offs_v[None, :], mask=dmask[:, None] & vmask[None, :], other=0.0)
-    z = tl.load(st + offs_d * (DV + 1) + DV, mask=dmask, other=0.0)
-    phi, y, y_p = _features(Q + b * s_qb + h * s_qh, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
-                            MAP, SWAP, PAIRING, BN, BD)
-    num = _dot(phi, s, IEEE, UPCAST)
-    den = tl.sum(phi * z[None, :], axis=1) + eps_n
-    o = num / den[:, None]
-    tl.store(O + b * s_ob + h * s_oh + offs_n[:, None] * s_on + offs_v[None, :] * s_od, o.to(O.dtype.element_ty),
-             mask=nmask[:, None] & vmask[None, :])
-
-
-# ---------------------------------------------------------------------------------------------------- backward
+                   SWAP: tl.constexpr):
+    """o = φ(q) S / (φ(q)·z + ε·N) for one tile of queries (the grid's second axis)."""
+    bh, tile, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
+        COS, SSIN, H, D, DV, BD, BDV, PAIRING, MAP)
+    s, z, s_p, z_p = _load_state(STATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
+    _output_tiles(Q + b * s_qb + h * s_qh, O + b * s_ob + h * s_oh, tile, 1, NQ, s_qn, s_qd, s_on, s_od, s, z,
+                  eps_n, offs_d, offs_v, partner, dmask, vmask, cos, ssin, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
 
 
 @triton.jit
@@ -264,41 +361,17 @@ def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, 
                        s_qb, s_qh, s_qn, s_qd, s_db, s_dh, s_dn, s_dd,
                        D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                        MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  SWAP: tl.constexpr):
+                       SWAP: tl.constexpr):
     """dq, and the chunk's partial dS, dz and d angle (q part)."""
     bh, chunk, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
         COS, SSIN, H, D, DV, BD, BDV, PAIRING, MAP)
     s, z, s_p, z_p = _load_state(STATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
-    smask = dmask[:, None] & vmask[None, :]
-    q_ptr = Q + b * s_qb + h * s_qh
-    do_ptr = DO + b * s_db + h * s_dh
-    dq_ptr = DQ + bh * NQ * D
-    ds_acc = tl.zeros([BD, BDV], dtype=tl.float32)
-    dz_acc = tl.zeros([BD], dtype=tl.float32)
-    dang = tl.zeros([BD], dtype=tl.float32)
-    for t in range(0, TILES):
-        offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
-        nmask = offs_n < NQ
-        phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
-                                MAP, SWAP, PAIRING, BN, BD)
-        do = tl.load(do_ptr + offs_n[:, None] * s_dn + offs_v[None, :] * s_dd, mask=nmask[:, None] & vmask[None, :],
-                     other=0.0).to(tl.float32)
-        num = _dot(phi, s, IEEE, UPCAST)
-        den = tl.sum(phi * z[None, :], axis=1) + eps_n
-        dnum = do / den[:, None]
-        dden = -tl.sum(do * num, axis=1) / (den * den)
-        dden = tl.where(nmask, dden, 0.0)
-        dphi = _dot(dnum, tl.trans(s), IEEE, UPCAST) + dden[:, None] * z[None, :]
-        dq, d_angle = _map_backward(dphi, dnum, s_p, dden[:, None] * z_p[None, :], y, y_p, cos, ssin, sign, nmask,
-                                    MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST)
-        dang += d_angle
-        tl.store(dq_ptr + offs_n[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                 mask=nmask[:, None] & dmask[None, :])
-        ds_acc += _dot(tl.trans(phi), dnum, IEEE, UPCAST)
-        dz_acc += tl.sum(phi * dden[:, None], axis=0)
-    base = DSTATE_PART + (bh * tl.num_programs(1) + chunk) * D * (DV + 1)
-    tl.store(base + offs_d[:, None] * (DV + 1) + offs_v[None, :], ds_acc, mask=smask)
-    tl.store(base + offs_d * (DV + 1) + DV, dz_acc, mask=dmask)
+    ds_acc, dz_acc, dang = _dq_tiles(Q + b * s_qb + h * s_qh, DO + b * s_db + h * s_dh, DQ + bh * NQ * D,
+                                     chunk * TILES, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s, z, s_p, z_p, eps_n,
+                                     offs_d, offs_v, partner, sign, dmask, vmask, cos, ssin,
+                                     D, BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
+    _store_state(DSTATE_PART + (bh * tl.num_programs(1) + chunk) * D * (DV + 1), ds_acc, dz_acc, offs_d, offs_v,
+                 dmask, vmask, DV)
     if MAP == 2:  # only a rotation has an angle to differentiate (DANG_PART is a placeholder otherwise)
         tl.store(DANG_PART + (bh * tl.num_programs(1) + chunk) * D + offs_d, dang, mask=dmask)
 
@@ -308,32 +381,14 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, DANG_PART, N, H, TI
                         s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                         D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                         MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  SWAP: tl.constexpr):
+                        SWAP: tl.constexpr):
     """dk, dv and the chunk's partial d angle (k part), from the total dS and dz."""
     bh, chunk, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
         COS, SSIN, H, D, DV, BD, BDV, PAIRING, MAP)
     ds, dz, ds_p, dz_p = _load_state(DSTATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
-    k_ptr = K + b * s_kb + h * s_kh
-    v_ptr = V + b * s_vb + h * s_vh
-    dk_ptr = DK + bh * N * D
-    dv_ptr = DV_OUT + bh * N * DV
-    dang = tl.zeros([BD], dtype=tl.float32)
-    for t in range(0, TILES):
-        offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
-        nmask = offs_n < N
-        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
-                                MAP, SWAP, PAIRING, BN, BD)
-        v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
-                    other=0.0).to(tl.float32)
-        dv = _dot(phi, ds, IEEE, UPCAST)
-        tl.store(dv_ptr + offs_n[:, None] * DV + offs_v[None, :], dv.to(DV_OUT.dtype.element_ty),
-                 mask=nmask[:, None] & vmask[None, :])
-        dphi = _dot(v, tl.trans(ds), IEEE, UPCAST) + dz[None, :]
-        dk, d_angle = _map_backward(dphi, v, ds_p, dz_p[None, :], y, y_p, cos, ssin, sign, nmask,
-                                    MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST)
-        dang += d_angle
-        tl.store(dk_ptr + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
-                 mask=nmask[:, None] & dmask[None, :])
+    dang = _dkv_tiles(K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh, DK + bh * N * D, DV_OUT + bh * N * DV,
+                      chunk * TILES, TILES, N, s_kn, s_kd, s_vn, s_vd, ds, dz, ds_p, dz_p, offs_d, offs_v, partner,
+                      sign, dmask, vmask, cos, ssin, D, DV, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
     if MAP == 2:
         tl.store(DANG_PART + (bh * tl.num_programs(1) + chunk) * D + offs_d, dang, mask=dmask)
 
@@ -344,22 +399,82 @@ def _token_sums_kernel(X, PART, N, H, TILES, s_xb, s_xh, s_xn, s_xd,
     """PART[bh, chunk] = [Σ x, Σ x²] per channel over the chunk's tokens (fp32)."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     offs_d = tl.arange(0, BD)
     dmask = offs_d < D
-    s1 = tl.zeros([BD], dtype=tl.float32)
-    s2 = tl.zeros([BD], dtype=tl.float32)
-    for t in range(0, TILES):
-        offs_n = (chunk * TILES + t) * BN + tl.arange(0, BN)
-        nmask = offs_n < N
-        x = tl.load(X + b * s_xb + h * s_xh + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd,
-                    mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        s1 += tl.sum(x, axis=0)
-        s2 += tl.sum(x * x, axis=0)
+    s1, s2 = _token_sum_tiles(X + (bh // H) * s_xb + (bh % H) * s_xh, chunk * TILES, TILES, N, s_xn, s_xd, offs_d,
+                              dmask, BD, BN)
     base = PART + (bh * tl.num_programs(1) + chunk) * 2 * D
     tl.store(base + offs_d, s1, mask=dmask)
     tl.store(base + D + offs_d, s2, mask=dmask)
+
+
+# ----------------------------------------------------------------------------------------------- row kernels
+
+
+@triton.jit
+def _row_forward_kernel(Q, K, V, COS, SSIN, STATE, O, NQ, N, H, eps_n,
+                        s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                        s_ob, s_oh, s_on, s_od, THETA, GAMMA, SUMS, n_tokens, eps_map,
+                        D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                        MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                        SWAP: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr, LOAD_MAP: tl.constexpr):
+    """The whole forward of one (b, h) row in one program: (with ``ANGLES``, MirrorLA: the keys' token sums, the
+    rotation, stored with the sums for the backward), the state ``STATE[bh]`` (stored for the backward) and o.
+    The state stays in registers between its pass and the output pass. Needs ``SWAP`` when rotating."""
+    bh, _, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
+        COS, SSIN, H, D, DV, BD, BDV, PAIRING, LOAD_MAP)
+    k_ptr = K + b * s_kb + h * s_kh
+    tiles_k = tl.cdiv(N, BN)
+    if ANGLES:
+        s1, s2 = _token_sum_tiles(k_ptr, 0, tiles_k, N, s_kn, s_kd, offs_d, dmask, BD, BN)
+        cos, ssin = _angles_from_sums(s1, _swap_vector(s1, BD, PAIRING), s2, _swap_vector(s2, BD, PAIRING), THETA,
+                                      GAMMA, h, sign, offs_d, dmask, n_tokens, eps_map, D, PAIRING, FORM)
+        _store_rotation(COS, SSIN, SUMS, bh, cos, ssin, s1, s2, offs_d, dmask, D)
+    acc, zacc = _state_tiles(k_ptr, V + b * s_vb + h * s_vh, 0, tiles_k, N, s_kn, s_kd, s_vn, s_vd, offs_d, offs_v,
+                             partner, dmask, vmask, cos, ssin, BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
+    _store_state(STATE + bh * D * (DV + 1), acc, zacc, offs_d, offs_v, dmask, vmask, DV)
+    _output_tiles(Q + b * s_qb + h * s_qh, O + b * s_ob + h * s_oh, 0, tl.cdiv(NQ, BN), NQ, s_qn, s_qd, s_on, s_od,
+                  acc, zacc, eps_n, offs_d, offs_v, partner, dmask, vmask, cos, ssin, BD, BN, MAP, PAIRING, IEEE,
+                  UPCAST, SWAP)
+
+
+@triton.jit
+def _row_backward_kernel(Q, K, V, COS, SSIN, STATE, DO, DQ, DK, DV_OUT, DANG, NQ, N, H, eps_n,
+                         s_qb, s_qh, s_qn, s_qd, s_db, s_dh, s_dn, s_dd, s_kb, s_kh, s_kn, s_kd,
+                         s_vb, s_vh, s_vn, s_vd, SUMS, GAMMA, n_tokens, eps_map,
+                         D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                         MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                         SWAP: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr):
+    """The whole backward of one (b, h) row in one program: the q pass (dq, dS, dz; dS stays in registers), the k/v
+    pass (dk, dv), and with a rotation the row's d angle per channel ``DANG [B·H, D]``; with ``ANGLES`` (MirrorLA)
+    instead the σ² path: dθ and dγ of the row ``DANG [2, B·H, D/2]`` and a last pass dk += dS₁ + 2·dS₂·k.
+    Needs ``SWAP`` when rotating (the partner rows of dS are shuffled in registers, never reloaded)."""
+    bh, _, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
+        COS, SSIN, H, D, DV, BD, BDV, PAIRING, MAP)
+    s, z, s_p, z_p = _load_state(STATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
+    ds, dz, dang_q = _dq_tiles(Q + b * s_qb + h * s_qh, DO + b * s_db + h * s_dh, DQ + bh * NQ * D, 0,
+                               tl.cdiv(NQ, BN), NQ, s_qn, s_qd, s_dn, s_dd, s, z, s_p, z_p, eps_n, offs_d, offs_v,
+                               partner, sign, dmask, vmask, cos, ssin, D, BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST,
+                               SWAP)
+    k_ptr = K + b * s_kb + h * s_kh
+    dk_ptr = DK + bh * N * D
+    # with SWAP (or no rotation) the partner rows of dS are never read: ds and dz stand in for them
+    dang_k = _dkv_tiles(k_ptr, V + b * s_vb + h * s_vh, dk_ptr, DV_OUT + bh * N * DV, 0, tl.cdiv(N, BN), N,
+                        s_kn, s_kd, s_vn, s_vd, ds, dz, ds, dz, offs_d, offs_v, partner, sign, dmask, vmask, cos,
+                        ssin, D, DV, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
+    if MAP == 2:
+        dang = dang_q + dang_k
+        if ANGLES:
+            ds1, ds2 = _sigma_path(dang + _swap_vector(dang, BD, PAIRING), SUMS, GAMMA, DANG, bh, h,
+                                   tl.num_programs(0), sign, partner, offs_d, dmask, n_tokens, eps_map, True, D,
+                                   PAIRING, FORM)
+            # dk was stored by other threads of this program in the pass above: wait for every store first
+            tl.debug_barrier()
+            for t in range(0, tl.cdiv(N, BN)):
+                _add_sigma_grad(dk_ptr, k_ptr, t * BN + tl.arange(0, BN), N, s_kn, s_kd, ds1, ds2, offs_d, dmask,
+                                D)
+        else:
+            tl.store(DANG + bh * D + offs_d, dang, mask=dmask)
 
 
 # ------------------------------------------------------------------------------------------------- launching
@@ -417,40 +532,60 @@ def _pair_sum(per_channel: torch.Tensor, pairing: str) -> torch.Tensor:
     return per_channel.unflatten(-1, (2, d // 2)).sum(-2)
 
 
+_ROW_MAX_TILES = 8
+"""Sequences of at most this many token tiles (512 tokens at d ≤ 64) run on the row kernels: one program per
+(b, h) row does every pass of the op, one launch forward and one backward, instead of the chunked kernels' three
+to four launches and torch reductions in each direction. Such rows are short enough that a launch costs the host
+more than the row's work costs the GPU (a DeiT-T step at 224², N = 197, is bound by host time per launch); longer
+rows take the chunked kernels, which spread a row over many programs."""
+
+
+def _row_path(nq: int, n: int, bn: int, feature: int, swap: bool) -> bool:
+    # a rotation on the row kernels shuffles pair partners in registers (swap): the partner rows of dS are never
+    # reloaded from memory, which a single program could not do without a barrier
+    return max(nq, n) <= _ROW_MAX_TILES * bn and (swap or feature != 2)
+
+
 def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mirror=None):
     """o and the fp32 state ``[B·H, d, dv + 1]``, with per-channel ``cos``/``ssin`` ``[B·H, d]`` of the rotation
-    (None without one). ``mirror = (token-sum partials, θ, γ, sums, Δα form, ε of Δα)``: the state kernel computes
-    the rotation from the keys' statistics and fills ``cos``, ``ssin`` and ``sums`` (allocated by the caller)."""
+    (None without one). ``mirror = (θ, γ, sums, Δα form, ε of Δα)``: the kernels compute the rotation from the
+    keys' token sums and fill ``cos``, ``ssin`` (``[B·H, d]``) and ``sums`` (``[B·H, 2, d]``), allocated by the
+    caller."""
     if cos is None:
         cos = ssin = q  # never read: the kernels load them only when they rotate
-    spart, theta, gamma, sums, form, map_eps = mirror if mirror is not None else (q, q, q, q, 0, 0.0)
+    theta, gamma, sums, form, map_eps = mirror if mirror is not None else (q, q, q, 0, 0.0)
     b, h, nq, d = q.shape
     n, dv = k.shape[2], v.shape[3]
     bd, bdv, bn, warps = _blocks(d, dv)
     swap = _swap(d, bd, pairing)
     ieee = q.dtype == torch.float32 or q.dtype == torch.float64
+    blocks = dict(D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(),
+                  SWAP=swap, num_warps=warps, num_stages=_STAGES)
+    angles = dict(ANGLES=mirror is not None, FORM=form, LOAD_MAP=0 if mirror is not None else feature)
+    out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
+    if _row_path(nq, n, bn, feature, swap):
+        state = torch.empty(b * h, d, dv + 1, device=q.device, dtype=torch.float32)
+        _row_forward_kernel[(b * h,)](
+            q, k, v, cos, ssin, state, out, nq, n, h, float(eps) * n, *q.stride(), *k.stride(), *v.stride(),
+            *out.stride(), theta, gamma, sums, float(n), float(map_eps), **blocks, **angles)
+        return out, state
+    spart = _token_sum_parts(k) if mirror is not None else q
     chunks, per = _chunks(n, b * h, q.device, bn)
     part = torch.empty(b * h, chunks, d, dv + 1, device=q.device, dtype=torch.float32)
     _state_kernel[(b * h, chunks)](
         k, v, cos, ssin, part, n, h, per, *k.stride(), *v.stride(),
         spart, theta, gamma, sums, spart.shape[1] if mirror is not None else 1, float(n), float(map_eps),
-        D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
-        ANGLES=mirror is not None, FORM=form, LOAD_MAP=0 if mirror is not None else feature,
-        num_warps=warps, num_stages=_STAGES)
+        **blocks, **angles)
     state = part.sum(1) if chunks > 1 else part[:, 0]
-    out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
     _output_kernel[(b * h, cdiv(nq, bn))](
-        q, state, cos, ssin, out, nq, h, float(eps) * n, *q.stride(), *out.stride(),
-        D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
-        num_warps=warps, num_stages=_STAGES)
+        q, state, cos, ssin, out, nq, h, float(eps) * n, *q.stride(), *out.stride(), **blocks)
     return out, state
 
 
-def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: int, eps: float,
-                   reduce_angle: bool = True):
-    """dq, dk, dv and the per-channel gradient of the rotation angle ``[B·H, d]`` (fp32; None unless rotating);
-    with ``reduce_angle=False`` that gradient as its two sets of chunk partials ``[B·H, chunks, d]`` (q pass,
-    k/v pass), for a kernel that adds them itself."""
+def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: int, eps: float, mirror=None):
+    """dq, dk, dv and, when rotating, the rotation angle's gradient per channel ``[B·H, d]`` (fp32; None without a
+    rotation). ``mirror = (θ, γ, sums, Δα form, ε of Δα)``: the σ² path too (to dk), and instead of the angle's
+    gradient ``[dθ; dγ]`` per row ``[2, B·H, d/2]``."""
     rotating = feature == 2
     if cos is None:
         cos = ssin = q  # never read without a rotation
@@ -459,30 +594,45 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     bd, bdv, bn, warps = _blocks(d, dv)
     swap = _swap(d, bd, pairing)
     ieee = q.dtype == torch.float32 or q.dtype == torch.float64
+    blocks = dict(D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(),
+                  SWAP=swap, num_warps=warps, num_stages=_STAGES)
+    theta, gamma, sums, form, map_eps = mirror if mirror is not None else (q, q, q, 0, 0.0)
     dq = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)
+    dk = torch.empty(b, h, n, d, device=q.device, dtype=k.dtype)
+    dvv = torch.empty(b, h, n, dv, device=q.device, dtype=v.dtype)
+    # the σ² path's output: dθ and dγ per row
+    dtg = torch.empty(2, b * h, d // 2, device=q.device, dtype=torch.float32) if mirror is not None else None
+    if _row_path(nq, n, bn, feature, swap):
+        dang = dtg if mirror is not None else (
+            torch.empty(b * h, d, device=q.device, dtype=torch.float32) if rotating else state)
+        # both passes in one program hold more live tiles: eight warps halve the registers per thread (ptxas for
+        # sm_90 at d = 64, bf16: spills of 1.7 KB per thread with four warps, 1.0 KB with eight)
+        blocks["num_warps"] = max(warps, 8)
+        _row_backward_kernel[(b * h,)](
+            q, k, v, cos, ssin, state, grad_out, dq, dk, dvv, dang, nq, n, h, float(eps) * n,
+            *q.stride(), *grad_out.stride(), *k.stride(), *v.stride(), sums, gamma, float(n), float(map_eps),
+            ANGLES=mirror is not None, FORM=form, **blocks)
+        return dq, dk, dvv, dang if rotating else None
     chunks_q, per_q = _chunks(nq, b * h, q.device, bn)
     dstate_part = torch.empty(b * h, chunks_q, d, dv + 1, device=q.device, dtype=torch.float32)
     # without a rotation the kernels store no angle gradient: no buffers, no reductions (a placeholder pointer)
     dang_q = torch.empty(b * h, chunks_q, d, device=q.device, dtype=torch.float32) if rotating else state
     _backward_q_kernel[(b * h, chunks_q)](
         q, state, cos, ssin, grad_out, dq, dstate_part, dang_q, nq, h, float(eps) * n, per_q,
-        *q.stride(), *grad_out.stride(),
-        D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
-        num_warps=warps, num_stages=_STAGES)
+        *q.stride(), *grad_out.stride(), **blocks)
     dstate = dstate_part.sum(1)
-    dk = torch.empty(b, h, n, d, device=q.device, dtype=k.dtype)
-    dvv = torch.empty(b, h, n, dv, device=q.device, dtype=v.dtype)
     chunks_k, per_k = _chunks(n, b * h, q.device, bn)
     dang_k = torch.empty(b * h, chunks_k, d, device=q.device, dtype=torch.float32) if rotating else state
     _backward_kv_kernel[(b * h, chunks_k)](
-        k, v, cos, ssin, dstate, dk, dvv, dang_k, n, h, per_k, *k.stride(), *v.stride(),
-        D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_interpreting(), SWAP=swap,
-        num_warps=warps, num_stages=_STAGES)
+        k, v, cos, ssin, dstate, dk, dvv, dang_k, n, h, per_k, *k.stride(), *v.stride(), **blocks)
     if not rotating:
         return dq, dk, dvv, None
-    if not reduce_angle:
-        return dq, dk, dvv, (dang_q, dang_k)
-    return dq, dk, dvv, dang_q.sum(1) + dang_k.sum(1)
+    if mirror is None:
+        return dq, dk, dvv, dang_q.sum(1) + dang_k.sum(1)
+    _sums_grad_kernel[(b * h, cdiv(n, _BLOCK_N))](
+        dk, k, dang_q, dang_k, sums, gamma, dtg, n, h, chunks_q, chunks_k, float(n), float(map_eps),
+        *k.stride(), D=d, BD=bd, BN=_BLOCK_N, PAIRING=pairing, FORM=form)
+    return dq, dk, dvv, dtg
 
 
 # --------------------------------------------------------------------------------------- torch.library ops
@@ -665,10 +815,30 @@ def _pair_index(offs_d, D: tl.constexpr, PAIRING: tl.constexpr):
 
 
 @triton.jit
+def _swap_vector(x, BD: tl.constexpr, PAIRING: tl.constexpr):
+    """``x [BD]`` with every channel replaced by its pair partner's value (see :func:`_swap_pairs`)."""
+    return tl.reshape(_swap_pairs(tl.reshape(x, [1, BD]), 1, BD, PAIRING), [BD])
+
+
+@triton.jit
+def _angles_from_sums(s1, s1p, s2, s2p, THETA, GAMMA, h, sign, offs_d, dmask, n_tokens, eps_map,
+                      D: tl.constexpr, PAIRING: tl.constexpr, FORM: tl.constexpr):
+    """The row's per-channel cos(2Θ) and signed sin(2Θ), Θ = θ + γ·f(σ²), from the keys' token sums on each
+    channel (``s1``, ``s2``) and on its pair partner (``s1p``, ``s2p``)."""
+    var, _, _ = _pair_stats(s1, s1p, s2, s2p, sign, n_tokens)
+    pair = _pair_index(offs_d, D, PAIRING)
+    theta = tl.load(THETA + h * (D // 2) + pair, mask=dmask, other=0.0)
+    gamma = tl.load(GAMMA + h * (D // 2) + pair, mask=dmask, other=0.0)
+    f, _ = _delta(var, eps_map, FORM)
+    angle = 2.0 * (theta + gamma * f)
+    return tl.cos(angle), sign * tl.sin(angle)
+
+
+@triton.jit
 def _mirror_angles(SPART, THETA, GAMMA, bh, h, S_CHUNKS, n_tokens, eps_map, offs_d, partner, sign, dmask,
                    D: tl.constexpr, BD: tl.constexpr, PAIRING: tl.constexpr, FORM: tl.constexpr):
-    """The row's per-channel cos(2Θ) and signed sin(2Θ), Θ = θ + γ·f(σ²), and its token sums (Σx, Σx² per channel),
-    from the chunk partials ``SPART [B·H, S_CHUNKS, 2, D]`` added in a fixed order (deterministic)."""
+    """cos, signed sin and the token sums (Σx, Σx² per channel) of the row, from the chunk partials
+    ``SPART [B·H, S_CHUNKS, 2, D]`` added in a fixed order (deterministic)."""
     s1 = tl.zeros([BD], dtype=tl.float32)
     s1p = tl.zeros([BD], dtype=tl.float32)
     s2 = tl.zeros([BD], dtype=tl.float32)
@@ -679,26 +849,64 @@ def _mirror_angles(SPART, THETA, GAMMA, bh, h, S_CHUNKS, n_tokens, eps_map, offs
         s1p += tl.load(row + partner, mask=dmask, other=0.0)
         s2 += tl.load(row + D + offs_d, mask=dmask, other=0.0)
         s2p += tl.load(row + D + partner, mask=dmask, other=0.0)
-    var, _, _ = _pair_stats(s1, s1p, s2, s2p, sign, n_tokens)
+    cos, ssin = _angles_from_sums(s1, s1p, s2, s2p, THETA, GAMMA, h, sign, offs_d, dmask, n_tokens, eps_map, D,
+                                  PAIRING, FORM)
+    return cos, ssin, s1, s2
+
+
+@triton.jit
+def _store_rotation(COS, SSIN, SUMS, bh, cos, ssin, s1, s2, offs_d, dmask, D: tl.constexpr):
+    """The row's cos, signed sin and token sums, for the output pass and the backward."""
+    tl.store(COS + bh * D + offs_d, cos, mask=dmask)
+    tl.store(SSIN + bh * D + offs_d, ssin, mask=dmask)
+    tl.store(SUMS + bh * 2 * D + offs_d, s1, mask=dmask)
+    tl.store(SUMS + bh * 2 * D + D + offs_d, s2, mask=dmask)
+
+
+@triton.jit
+def _sigma_path(dang, SUMS, GAMMA, DTG, bh, h, BH, sign, partner, offs_d, dmask, n_tokens, eps_map, store,
+                D: tl.constexpr, PAIRING: tl.constexpr, FORM: tl.constexpr):
+    """From the row's d angle per channel, both channels of a pair added (``dang [BD]``): where ``store``, dθ and
+    dγ of the row into ``DTG [2, BH, D/2]``; returns the gradients of the keys' token sums per channel (dS₁, dS₂)
+    through σ², for dk += dS₁ + 2·dS₂·k."""
+    row = SUMS + bh * 2 * D
+    var, raw, diff = _pair_stats(tl.load(row + offs_d, mask=dmask, other=0.0),
+                                 tl.load(row + partner, mask=dmask, other=0.0),
+                                 tl.load(row + D + offs_d, mask=dmask, other=0.0),
+                                 tl.load(row + D + partner, mask=dmask, other=0.0), sign, n_tokens)
     pair = _pair_index(offs_d, D, PAIRING)
-    theta = tl.load(THETA + h * (D // 2) + pair, mask=dmask, other=0.0)
     gamma = tl.load(GAMMA + h * (D // 2) + pair, mask=dmask, other=0.0)
-    f, _ = _delta(var, eps_map, FORM)
-    angle = 2.0 * (theta + gamma * f)
-    return tl.cos(angle), sign * tl.sin(angle), s1, s2
+    f, df = _delta(var, eps_map, FORM)
+    dtheta = 2.0 * dang
+    if store:  # one value per pair: the first channel of each pair stores it
+        first = dmask & (sign < 0)
+        tl.store(DTG + bh * (D // 2) + pair, dtheta, mask=first)
+        tl.store(DTG + (BH + bh) * (D // 2) + pair, dtheta * f, mask=first)
+    dvar = tl.where(raw > 0, dtheta * gamma * df, 0.0)
+    ds2 = 0.5 * dvar / n_tokens  # ∂σ²/∂S₂ of either channel
+    ds1 = -0.5 * sign * diff * dvar / n_tokens  # ∂σ²/∂S₁: opposite signs on the pair's two channels
+    return ds1, ds2
+
+
+@triton.jit
+def _add_sigma_grad(dk_ptr, k_ptr, offs_n, N, s_kn, s_kd, ds1, ds2, offs_d, dmask, D: tl.constexpr):
+    """dk += dS₁ + 2·dS₂·k on one tile of tokens, in place on the contiguous dk."""
+    mask = (offs_n < N)[:, None] & dmask[None, :]
+    k = tl.load(k_ptr + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=mask, other=0.0).to(tl.float32)
+    ptr = dk_ptr + offs_n[:, None] * D + offs_d[None, :]
+    dk = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr, (dk + ds1[None, :] + 2.0 * ds2[None, :] * k).to(dk_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _sums_grad_kernel(DK, K, DANG_Q, DANG_K, SUMS, GAMMA, DTG, N, H, CHUNKS_Q, CHUNKS_K, n_tokens, eps_map,
                       s_kb, s_kh, s_kn, s_kd, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
                       PAIRING: tl.constexpr, FORM: tl.constexpr):
-    """The σ² path of the backward, one tile of keys per program: from the chunk partials of d angle per channel
-    (``DANG_Q [B·H, CHUNKS_Q, D]`` of the q pass, ``DANG_K`` of the k/v pass) the gradients of θ and γ of this row
-    (stored by the first tile's program into ``DTG [2, B·H, D/2]``) and of the token sums, and with them
-    dk += dS₁ + 2·dS₂·k, in place on the contiguous dk."""
+    """The σ² path of the chunked backward, one tile of keys per program: from the chunk partials of d angle per
+    channel (``DANG_Q [B·H, CHUNKS_Q, D]`` of the q pass, ``DANG_K`` of the k/v pass) the gradients of θ and γ of
+    this row (stored by the first tile's program into ``DTG [2, B·H, D/2]``) and dk += dS₁ + 2·dS₂·k."""
     bh = tl.program_id(0)
     tile = tl.program_id(1)
-    b = bh // H
     h = bh % H
     offs_d = tl.arange(0, BD)
     dmask = offs_d < D
@@ -710,29 +918,10 @@ def _sums_grad_kernel(DK, K, DANG_Q, DANG_K, SUMS, GAMMA, DTG, N, H, CHUNKS_Q, C
     for c in range(0, CHUNKS_K):
         row = DANG_K + (bh * CHUNKS_K + c) * D
         dang += tl.load(row + offs_d, mask=dmask, other=0.0) + tl.load(row + partner, mask=dmask, other=0.0)
-    row = SUMS + bh * 2 * D
-    var, raw, diff = _pair_stats(tl.load(row + offs_d, mask=dmask, other=0.0),
-                                 tl.load(row + partner, mask=dmask, other=0.0),
-                                 tl.load(row + D + offs_d, mask=dmask, other=0.0),
-                                 tl.load(row + D + partner, mask=dmask, other=0.0), sign, n_tokens)
-    pair = _pair_index(offs_d, D, PAIRING)
-    gamma = tl.load(GAMMA + h * (D // 2) + pair, mask=dmask, other=0.0)
-    f, df = _delta(var, eps_map, FORM)
-    dtheta = 2.0 * dang
-    if tile == 0:  # one value per pair: the first channel of each pair stores it
-        first = dmask & (sign < 0)
-        tl.store(DTG + bh * (D // 2) + pair, dtheta, mask=first)
-        tl.store(DTG + (tl.num_programs(0) + bh) * (D // 2) + pair, dtheta * f, mask=first)
-    dvar = tl.where(raw > 0, dtheta * gamma * df, 0.0)
-    ds2 = 0.5 * dvar / n_tokens  # ∂σ²/∂S₂ of either channel
-    ds1 = -0.5 * sign * diff * dvar / n_tokens  # ∂σ²/∂S₁: opposite signs on the pair's two channels
-    offs_n = tile * BN + tl.arange(0, BN)
-    mask = (offs_n < N)[:, None] & dmask[None, :]
-    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=mask,
-                other=0.0).to(tl.float32)
-    ptr = DK + bh * N * D + offs_n[:, None] * D + offs_d[None, :]
-    dk = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr, (dk + ds1[None, :] + 2.0 * ds2[None, :] * k).to(DK.dtype.element_ty), mask=mask)
+    ds1, ds2 = _sigma_path(dang, SUMS, GAMMA, DTG, bh, h, tl.num_programs(0), sign, partner, offs_d, dmask,
+                           n_tokens, eps_map, tile == 0, D, PAIRING, FORM)
+    _add_sigma_grad(DK + bh * N * D, K + (bh // H) * s_kb + h * s_kh, tile * BN + tl.arange(0, BN), N, s_kn, s_kd,
+                    ds1, ds2, offs_d, dmask, D)
 
 
 def _token_sums_impl(x: torch.Tensor) -> torch.Tensor:
@@ -751,28 +940,22 @@ def _token_sum_parts(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mirror_forward_impl(q, k, v, theta, gamma, pairing: int, form: int, map_eps: float, eps: float):
-    """Two launches before the output pass: the keys' token-sum partials, then the state pass, whose programs
-    derive the rotation from them (and store cos, signed sin and the token sums for the output and backward)."""
+    """Short rows: one launch (the row kernel). Longer ones: the keys' token-sum partials, then the state pass,
+    whose programs derive the rotation from them (and store cos, signed sin and the token sums for the output and
+    backward), then the output pass."""
     b, h, n, d = k.shape
-    spart = _token_sum_parts(k)
     sums = torch.empty(b * h, 2, d, device=k.device, dtype=torch.float32)
     cos = torch.empty(b * h, d, device=k.device, dtype=torch.float32)
     ssin = torch.empty_like(cos)
-    out, state = _forward_impl(q, k, v, cos, ssin, 2, pairing, eps,
-                               mirror=(spart, theta, gamma, sums, form, map_eps))
+    out, state = _forward_impl(q, k, v, cos, ssin, 2, pairing, eps, mirror=(theta, gamma, sums, form, map_eps))
     return out, state, sums, cos, ssin
 
 
 def _mirror_backward_impl(q, k, v, theta, gamma, state, sums, cos, ssin, grad_out, pairing: int, form: int,
                           map_eps: float, eps: float):
     b, h, n, d = k.shape
-    dq, dk, dv, (dang_q, dang_k) = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps,
-                                                  reduce_angle=False)
-    dtg = torch.empty(2, b * h, d // 2, device=k.device, dtype=torch.float32)  # dθ and dγ per sample
-    bd = max(16, next_power_of_2(d))
-    _sums_grad_kernel[(b * h, cdiv(n, _BLOCK_N))](
-        dk, k, dang_q, dang_k, sums, gamma, dtg, n, h, dang_q.shape[1], dang_k.shape[1], float(n), float(map_eps),
-        *k.stride(), D=d, BD=bd, BN=_BLOCK_N, PAIRING=pairing, FORM=form)
+    dq, dk, dv, dtg = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps,
+                                     mirror=(theta, gamma, sums, form, map_eps))
     return dq, dk, dv, dtg.view(2, b, h, d // 2).sum(1)  # [dθ; dγ] over the batch: one launch for both
 
 
@@ -872,8 +1055,8 @@ def mirror_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
                             map_eps: float = 1e-6, eps: float = 1e-6) -> torch.Tensor:
     """MirrorLA's folded per-sample step and linear attention in one op (Triton): σ² of the folded keys
     ``k [B, H, N, d]``, ``Θ = θ + Δα(σ²)`` (θ, γ ``[H, d/2]``), ``φ = ReLU(R(2Θ)·)`` of q and k inside the
-    attention kernels. Differentiable in q, k (also through σ²), v, θ and γ. Four kernel launches forward, five
-    backward."""
+    attention kernels. Differentiable in q, k (also through σ²), v, θ and γ. One kernel launch each way for
+    rows of up to 512 tokens (d ≤ 64), four forward and three backward for longer rows."""
     if q.dtype == torch.float64:
         raise ValueError("the Triton kernels take fp32, bf16 or fp16 inputs, got float64 (use the torch backend)")
     theta32 = theta.to(torch.float32).contiguous()

@@ -1,0 +1,192 @@
+"""Compile every Triton kernel configuration the ops launch for a GPU architecture, without a GPU.
+
+Triton's interpreter (how the tests run the kernels on a CPU) executes the kernels' Python, not the compiler: a
+kernel can pass every interpreter test and still fail to compile, need more shared memory than a GPU has, or
+spill registers. This tool runs the ops' real launchers on CPU tensors with every kernel replaced by a recorder,
+so it sees exactly the argument types and constants the dispatch produces, then compiles each distinct
+configuration for the target (Triton's bundled ptxas, no driver) and reports its shared memory, registers and
+spills. It fails (exit 1) when a configuration does not compile or needs more shared memory than the target's
+limit.
+
+usage: python benchmarks/compile_check.py [--arch 90] [--quick] [--kernels NAME,...] [--out FILE]
+
+Run it without ``TRITON_INTERPRET=1`` (the interpreter replaces the compiler). ``--quick``: bf16 and d = 64
+only; ``--kernels``: only the kernels whose name contains one of these parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# largest dynamic shared memory per block (bytes) of the architectures this project meets
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+                torch.int32: "i32"}
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the call instead of launching it."""
+
+    def __init__(self, name: str, kernel, calls: list):
+        self.name, self.kernel, self.calls = name, kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.name, self.kernel, args, kwargs))
+        return launch
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPE_NAMES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for an argument of type {type(value).__name__}")
+
+
+def record_launches(quick: bool) -> list:
+    """Run the ops' launchers (forward and backward of every op and path) with recording kernels."""
+    from mirrorla.ops import triton_linear_attention as tla
+    from mirrorla.ops import triton_reflect
+
+    calls: list = []
+    for module in (tla, triton_reflect):
+        for name, value in list(vars(module).items()):
+            if name.endswith("_kernel"):
+                setattr(module, name, _Recorder(name, value, calls))
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
+    dims = [64] if quick else [16, 48, 64, 128]
+    lengths = [197, 4096]  # the row kernels (short rows) and the chunked ones
+    for dtype in dtypes:
+        for d in dims:
+            for n in lengths:
+                b, h = 2, 3
+                qkv = torch.randn(b, n, 3, h, d).to(dtype).permute(2, 0, 3, 1, 4)
+                q, k, v = qkv.unbind(0)  # strided views, as the layers make them
+                grad = torch.randn(b, h, n, d).to(dtype)
+                theta, gamma = torch.randn(h, d // 2), torch.randn(h, d // 2)
+                for pairing in (0, 1):
+                    out, state, sums, cos, ssin = tla._mirror_forward_impl(q, k, v, theta, gamma, pairing, 0, 1e-6,
+                                                                           1e-6)
+                    tla._mirror_backward_impl(q, k, v, theta, gamma, state, sums, cos, ssin, grad, pairing, 0, 1e-6,
+                                              1e-6)
+                angle = torch.randn(b, h, d // 2)
+                for feature, a in ((0, None), (1, None), (2, angle)):
+                    _, state = tla._fused_forward_impl(q, k, v, a, feature, 0, 1e-6)
+                    tla._fused_backward_impl(q, k, v, a, state, grad, feature, 0, 1e-6)
+        for c in (192, 768):
+            w, bias, u = torch.randn(3 * c, c).to(dtype), torch.randn(3 * c).to(dtype), torch.randn(c)
+            signs = torch.ones(64)
+            triton_reflect._fold_forward(w, bias, u, signs, 2)
+            triton_reflect._fold_backward(w, bias, w, bias, u, signs, 2, True)
+    return calls
+
+
+def distinct_configurations(calls: list) -> dict:
+    """{(kernel name, signature, constants, warps, stages): kernel}: one entry per compiled variant."""
+    configs = {}
+    for name, kernel, args, kwargs in calls:
+        params = [p.name for p in kernel.params]
+        constexpr = {p.name for p in kernel.params if p.is_constexpr}
+        options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
+        constants = {key: value for key, value in kwargs.items() if key not in options}
+        signature = {}
+        runtime = iter(args)
+        for pname in params:
+            if pname in constexpr:
+                signature[pname] = "constexpr"
+            else:
+                signature[pname] = _arg_type(next(runtime))
+        key = (name, tuple(signature.items()), tuple(sorted(constants.items())), options.get("num_warps", 4),
+               options.get("num_stages", 3))
+        configs[key] = kernel
+    return configs
+
+
+def compile_one(kernel, signature: dict, constants: dict, warps: int, stages: int, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(kernel, signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    registers = spills = None
+    if ptxas.exists():
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(compiled.asm["ptx"])
+        try:
+            report = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", f.name,
+                                     "-o", os.devnull], capture_output=True, text=True).stderr
+        finally:
+            os.unlink(f.name)
+        found = re.search(r"Used (\d+) registers", report)
+        registers = int(found.group(1)) if found else None
+        spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", report))
+    return {"shared": compiled.metadata.shared, "registers": registers, "spill_stores": spills}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability × 10 (default 90: H100)")
+    p.add_argument("--quick", action="store_true", help="bf16 and d = 64 only")
+    p.add_argument("--kernels", default="", help="comma-separated parts of kernel names to compile (default: all)")
+    p.add_argument("--out", help="also write the table to this file")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
+        return 2
+    limit = SHARED_LIMIT.get(args.arch)
+    wanted = [part for part in args.kernels.split(",") if part]
+    configs = {key: kernel for key, kernel in distinct_configurations(record_launches(args.quick)).items()
+               if not wanted or any(part in key[0] for part in wanted)}
+    if not configs:
+        print(f"compile_check: no kernel matches --kernels {args.kernels!r}", file=sys.stderr)
+        return 2
+    lines = [f"# Triton kernels compiled for sm_{args.arch} (no GPU), Triton {__import__('triton').__version__}",
+             "", f"shared-memory limit per block: {limit if limit else 'unknown'} bytes", "",
+             "| kernel | dtype | constants | warps | shared B | registers | spill stores B | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    failures = 0
+    for (name, signature, constants, warps, stages), kernel in sorted(configs.items(), key=lambda kv: kv[0][:1]):
+        sig = dict(signature)
+        dtype = next((t[1:] for t in sig.values() if t.startswith("*") and t != "*fp32"), "fp32")
+        shown = ",".join(f"{k}={v}" for k, v in constants if k in ("D", "MAP", "PAIRING", "SWAP", "ANGLES", "BN"))
+        start = time.perf_counter()
+        try:
+            info = compile_one(kernel, sig, dict(constants), warps, stages, args.arch)
+        except Exception as error:  # report every failing configuration, not only the first
+            failures += 1
+            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            lines.append(f"| {name} | {dtype} | {shown} | {warps} | FAILED: {first} | | | |")
+            print(lines[-1], flush=True)
+            continue
+        over = limit is not None and info["shared"] > limit
+        failures += over
+        lines.append(f"| {name} | {dtype} | {shown} | {warps} | {info['shared']}{' OVER LIMIT' if over else ''} | "
+                     f"{info['registers']} | {info['spill_stores']} | {time.perf_counter() - start:.1f} |")
+        print(lines[-1], flush=True)
+    lines += ["", f"{len(configs)} configurations, {failures} failed"]
+    print(lines[-1])
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
