@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     for (name, signature, constants, warps, stages), kernel in sorted(configs.items(), key=lambda kv: kv[0][:1]):
         sig = dict(signature)
         dtype = next((t[1:] for t in sig.values() if t.startswith("*") and t != "*fp32"), "fp32")
-        shown = ",".join(f"{k}={v}" for k, v in constants if k in ("D", "MAP", "PAIRING", "SWAP", "ANGLES", "BN"))
+        shown = ",".join(f"{k}={v}" for k, v in constants if k in ("D", "MAP", "PAIRING", "SWAP", "ANGLES", "BN",
+                                                                   "ONE_PROGRAM", "HAS_BIAS"))
         start = time.perf_counter()
         try:
             info = compile_one(kernel, sig, dict(constants), warps, stages, args.arch)

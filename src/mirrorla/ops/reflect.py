@@ -297,7 +297,7 @@ def reflect_projection_rows(weight: torch.Tensor, bias: torch.Tensor | None, u: 
     if signs is not None and (signs.dim() != 1 or signs.shape[0] == 0 or c % signs.shape[0]):
         raise ValueError(f"signs must have shape [C = {c}] or [d] with d dividing C, got {tuple(signs.shape)}")
     if not _tracing() and select_backend(weight, u, *([bias] if bias is not None else [])) == "triton":
-        # one launch forward and two backward instead of a dozen and twenty small operators: on a GPU a training
+        # one launch forward and one or two backward instead of a dozen and twenty small operators: on a GPU a training
         # step pays host time per operator, and every MirrorLA layer folds once per step. Compilers and exporters
         # trace the torch version (inductor fuses it itself).
         from .triton_reflect import reflect_projection_rows_triton

@@ -5,13 +5,14 @@ Every training forward of a MirrorLA layer folds its static reflections into the
 maps the weights' gradient back through the fold. The arithmetic is negligible (O(C·C_in)), but the torch
 reference dispatches about a dozen small operators forward and twenty backward, and a DeiT-T training step on a GPU
 is bound by such host time (measured on an H100: 0.39 ms forward, 1.7 ms forward+backward per layer). Here the
-forward is one launch and the backward two:
+forward is one launch and the backward one (C_in ≤ 256) or two:
 
 - forward: each program owns a block of input columns (program 0 also the bias), computes ``a = unitᵀ w`` per
   column and row group in a first pass over the C rows and writes ``s ⊙ (w − unit·a)`` in a second; the rows after
   ``groups·C`` are copied;
 - backward: the same per column for the gradient (``Hᵀ = H``), plus each program's share of the gradient of the
-  unit vector, ``−Σ (g·a + w·r)`` over its columns; a one-program kernel adds the shares and maps them to ``du``.
+  unit vector, ``−Σ (g·a + w·r)`` over its columns; the shares are added and mapped to ``du`` by a one-program
+  kernel, or for narrow projections by the backward's single program itself after the column blocks.
 
 ``unit = √2·u/‖u‖`` is recomputed by every program (C loads). Arithmetic in fp32, outputs in the inputs' dtypes.
 Fixed block sizes, so the kernels also run in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
@@ -30,6 +31,11 @@ __all__ = ["reflect_projection_rows_triton"]
 
 _BLOCK_C = 64  # rows (output channels) per step of a program's loops over C
 _BLOCK_J = 32  # input columns per program
+_ONE_PROGRAM_MAX_BLOCKS = 8
+"""Projections with at most this many column blocks (C_in ≤ 256, DeiT-T's 192) run the backward in one program,
+block after block, and add the shares of du in the same program: one launch instead of two. The work is
+O(C·C_in), microseconds on one SM, against tens of microseconds of host time per launch; wider projections spread
+the blocks over programs and add the shares in a second launch."""
 
 
 @triton.jit
@@ -145,20 +151,38 @@ def _fold_columns_backward(G, W, U, S, DST, PART, offs_j, jmask, s_gr, s_gc, s_w
 
 
 @triton.jit
-def _fold_rows_backward_kernel(GW, GB, W, BIAS, U, S, DW, DB, PART, R, C_IN, C, GROUPS, NS, s_gr, s_gc, s_gb,
-                               s_wr, s_wc, s_b, HAS_BIAS: tl.constexpr, HAS_SIGNS: tl.constexpr, BC: tl.constexpr,
-                               BJ: tl.constexpr):
-    pid = tl.program_id(0)
-    scale = _unit_scale(U, C, BC)
-    offs_j = pid * BJ + tl.arange(0, BJ)
-    part = PART + pid * C
+def _fold_backward_block(block, GW, GB, W, BIAS, U, S, DW, DB, PART, R, C_IN, C, GROUPS, NS, s_gr, s_gc, s_gb,
+                         s_wr, s_wc, s_b, scale, HAS_BIAS: tl.constexpr, HAS_SIGNS: tl.constexpr, BC: tl.constexpr,
+                         BJ: tl.constexpr):
+    """Column block ``block`` of the backward (block 0 also the bias), its share of d unit into ``PART[block]``."""
+    offs_j = block * BJ + tl.arange(0, BJ)
+    part = PART + block * C
     _fold_columns_backward(GW, W, U, S, DW, part, offs_j, offs_j < C_IN, s_gr, s_gc, s_wr, s_wc, C_IN, 1, R, C,
                            GROUPS, NS, scale, 1, HAS_SIGNS, BC)
     if HAS_BIAS:
-        if pid == 0:
+        if block == 0:
             lane = tl.arange(0, BJ)
             _fold_columns_backward(GB, BIAS, U, S, DB, part, lane, lane < 1, s_gb, 0, s_b, 0, 1, 0, R, C, GROUPS,
                                    NS, scale, 0, HAS_SIGNS, BC)
+
+
+@triton.jit
+def _fold_rows_backward_kernel(GW, GB, W, BIAS, U, S, DW, DB, PART, DU, R, C_IN, C, GROUPS, NS, s_gr, s_gc, s_gb,
+                               s_wr, s_wc, s_b, HAS_BIAS: tl.constexpr, HAS_SIGNS: tl.constexpr, BC: tl.constexpr,
+                               BJ: tl.constexpr, ONE_PROGRAM: tl.constexpr, NEED_U: tl.constexpr):
+    """One column block per program; or with ``ONE_PROGRAM`` every block in turn and then du (one launch)."""
+    scale = _unit_scale(U, C, BC)
+    if ONE_PROGRAM:
+        blocks = tl.cdiv(C_IN, BJ)
+        for block in range(0, blocks):
+            _fold_backward_block(block, GW, GB, W, BIAS, U, S, DW, DB, PART, R, C_IN, C, GROUPS, NS, s_gr, s_gc,
+                                 s_gb, s_wr, s_wc, s_b, scale, HAS_BIAS, HAS_SIGNS, BC, BJ)
+        if NEED_U:
+            tl.debug_barrier()  # the shares were stored by other threads of this program: wait for every store
+            _unit_grad(PART, U, DU, blocks, C, scale, BC)
+    else:
+        _fold_backward_block(tl.program_id(0), GW, GB, W, BIAS, U, S, DW, DB, PART, R, C_IN, C, GROUPS, NS, s_gr,
+                             s_gc, s_gb, s_wr, s_wc, s_b, scale, HAS_BIAS, HAS_SIGNS, BC, BJ)
 
 
 @triton.jit
@@ -171,10 +195,9 @@ def _shares_sum(PART, offs, cmask, P, C):
 
 
 @triton.jit
-def _unit_grad_kernel(PART, U, DU, P, C, BC: tl.constexpr):
-    """du from the programs' shares of d unit ``PART [P, C]``: unit = √2·u/‖u‖, so
-    du = (√2/‖u‖)·(d unit − unit·(unitᵀ d unit)/2). One program; the shares are added in a fixed order."""
-    scale = _unit_scale(U, C, BC)
+def _unit_grad(PART, U, DU, P, C, scale, BC: tl.constexpr):
+    """du from the programs' shares of d unit ``PART [P, C]``: unit = √2·u/‖u‖ (``scale`` = √2/‖u‖), so
+    du = (√2/‖u‖)·(d unit − unit·(unitᵀ d unit)/2). The shares are added in a fixed order."""
     dot = tl.zeros([BC], dtype=tl.float32)
     for c0 in range(0, C, BC):
         offs = c0 + tl.arange(0, BC)
@@ -188,6 +211,12 @@ def _unit_grad_kernel(PART, U, DU, P, C, BC: tl.constexpr):
         unit = tl.load(U + offs, mask=cmask, other=0.0).to(tl.float32) * scale
         d_unit = _shares_sum(PART, offs, cmask, P, C)
         tl.store(DU + offs, ((d_unit - unit * half_dot) * scale).to(DU.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _unit_grad_kernel(PART, U, DU, P, C, BC: tl.constexpr):
+    """du from the shares of the column-block programs (one program)."""
+    _unit_grad(PART, U, DU, P, C, _unit_scale(U, C, BC), BC)
 
 
 def _fold_forward(weight, bias, u, signs, groups: int):
@@ -211,18 +240,19 @@ def _fold_backward(d_w, d_b, weight, bias, u, signs, groups: int, need_u: bool):
     with_bias = bias is not None and d_b is not None
     d_weight = torch.empty(rows, c_in, device=weight.device, dtype=weight.dtype)
     d_bias = torch.empty(rows, device=weight.device, dtype=bias.dtype) if with_bias else None
-    programs = cdiv(c_in, _BLOCK_J)
-    part = torch.empty(programs, c, device=weight.device, dtype=torch.float32)
-    _fold_rows_backward_kernel[(programs,)](
+    blocks = cdiv(c_in, _BLOCK_J)
+    one_program = blocks <= _ONE_PROGRAM_MAX_BLOCKS
+    part = torch.empty(blocks, c, device=weight.device, dtype=torch.float32)
+    d_u = torch.empty_like(u) if need_u else None
+    _fold_rows_backward_kernel[(1 if one_program else blocks,)](
         d_w, d_b if with_bias else d_w, weight, bias if with_bias else weight, u, signs if signs is not None else u,
-        d_weight, d_bias if with_bias else d_weight, part, rows, c_in, c, groups,
+        d_weight, d_bias if with_bias else d_weight, part, d_u if need_u else part, rows, c_in, c, groups,
         signs.shape[0] if signs is not None else 1, *d_w.stride(), d_b.stride(0) if with_bias else 0,
         *weight.stride(), bias.stride(0) if with_bias else 0,
-        HAS_BIAS=with_bias, HAS_SIGNS=signs is not None, BC=_BLOCK_C, BJ=_BLOCK_J)
-    d_u = None
-    if need_u:
-        d_u = torch.empty_like(u)
-        _unit_grad_kernel[(1,)](part, u, d_u, programs, c, BC=_BLOCK_C)
+        HAS_BIAS=with_bias, HAS_SIGNS=signs is not None, BC=_BLOCK_C, BJ=_BLOCK_J, ONE_PROGRAM=one_program,
+        NEED_U=need_u)
+    if need_u and not one_program:
+        _unit_grad_kernel[(1,)](part, u, d_u, blocks, c, BC=_BLOCK_C)
     return d_weight, d_bias, d_u
 
 
@@ -249,7 +279,7 @@ def reflect_projection_rows_triton(weight: torch.Tensor, bias: torch.Tensor | No
                                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`mirrorla.ops.reflect_projection_rows` on the Triton kernels (arguments checked by it): weight
     ``[R, C_in]``, bias ``[R]`` or None, u ``[C]``, signs ``[C]`` or ``[d]`` (d divides C) or None →
-    ``(weight' [R, C_in] contiguous, bias' [R] or None)``. One launch forward, two backward."""
+    ``(weight' [R, C_in] contiguous, bias' [R] or None)``. One launch forward, one or two backward."""
     # weight and bias are read through their strides; u and signs are short vectors read as contiguous ones
     u = u if u.is_contiguous() else u.contiguous()
     signs = signs if signs is None or signs.is_contiguous() else signs.contiguous()
