@@ -15,7 +15,9 @@ launch, the ops forward and forward+backward, the fold, and whole layers. At thi
 host, so these are the host's costs per call; they say which piece a host-bound step spends its time in.
 
 Usage: PYTHONPATH=src python benchmarks/gpu_profile.py [--device cuda] [--img-size 224] [--batch 128]
-       [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--host] [--top 10] [--out FILE]
+       [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--host] [--paths] [--top 10] [--out FILE]
+
+With ``--paths`` it first times the op on its two kernel paths (row and chunked kernels) at N = 197 … 16,384.
 """
 
 from __future__ import annotations
@@ -273,6 +275,58 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
     return rows
 
 
+def kernel_paths(device: torch.device, lines: list[str], lengths=(197, 1024, 4096, 16384), batch: int = 8,
+                 calls: int = 50) -> list[dict]:
+    """The op on its two kernel paths at the issue's op shape (B = 8, H = 3, d = 64, bf16 on CUDA): the row kernels
+    (one program per (b, h) row, one launch each way) against the chunked kernels, forward and forward+backward,
+    ``calls`` calls back to back, wall time per call (host clock, device finished). The row kernels leave most of
+    the GPU idle for few rows and long sequences but save launches: where they win sets ``_ROW_MAX_TILES``."""
+    from mirrorla.ops import triton_linear_attention as tla
+
+    h, d = 3, 64
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    theta, gamma = torch.rand(h, d // 2, device=device), 0.1 * torch.randn(h, d // 2, device=device)
+    theta.requires_grad_(), gamma.requires_grad_()
+    lines += ["", f"## Row against chunked kernels, B = {batch}, H = 3, d = 64, {calls} calls back to back "
+                  "(wall µs per call)", "",
+              "| N | attention | mode | row kernels | chunked kernels | row / chunked |", "|---|---|---|---|---|---|"]
+    rows = []
+    for n in lengths:
+        qkv = torch.randn(batch, n, 3, h, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.detach().requires_grad_() for t in qkv.unbind(0))
+        grad = torch.randn(batch, h, n, d, device=device, dtype=dtype)
+        ops = {"relu": lambda q=q, k=k, v=v: tla.fused_linear_attention(q, k, v, feature="relu"),
+               "mirror": lambda q=q, k=k, v=v: tla.mirror_linear_attention(q, k, v, theta, gamma)}
+        for attn, op in ops.items():
+            for mode in ("fwd", "fwd+bwd"):
+                def call(op=op, mode=mode, grad=grad):
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            op()
+                    else:
+                        op().backward(grad)
+                times = {}
+                for path, tiles in (("row", 10**9), ("chunked", 0)):
+                    saved, tla._ROW_MAX_TILES = tla._ROW_MAX_TILES, tiles
+                    try:
+                        for _ in range(3):
+                            call()
+                        sync(device)
+                        t0 = time.perf_counter()
+                        for _ in range(calls):
+                            call()
+                        sync(device)
+                        times[path] = (time.perf_counter() - t0) * 1e6 / calls
+                    finally:
+                        tla._ROW_MAX_TILES = saved
+                row = dict(n=n, attn=attn, mode=mode, row_us=times["row"], chunked_us=times["chunked"])
+                rows.append(row)
+                lines.append(f"| {n} | {attn} | {mode} | {row['row_us']:.1f} | {row['chunked_us']:.1f} | "
+                             f"{row['row_us'] / row['chunked_us']:.2f} |")
+                print(lines[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -282,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="infer,train")
     p.add_argument("--op", type=int, default=0, help="also profile the op alone at this many tokens (B=8, H=3, d=64)")
     p.add_argument("--host", action="store_true", help="first time the attention's pieces one by one (host cost)")
+    p.add_argument("--paths", action="store_true",
+                   help="first time the op on its row and its chunked kernels (B=8, H=3, d=64, N = 197 … 16,384)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--out", default=None)
@@ -290,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     lines: list[str] = [f"# Profile on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
                         f"torch {torch.__version__}"]
     rows = []
+    if args.paths:
+        kernel_paths(device, lines)
     if args.host:
         host_costs(device, args.batch, lines)
     for mode in args.mode.split(","):
