@@ -79,6 +79,30 @@ def test_fused_op_matches_reference_values_and_gradients_fp32(feature, pairing, 
         torch.testing.assert_close(a, w, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
 
 
+def test_queries_and_keys_of_different_lengths(backend, kernel_path):
+    """Spatial reduction (PVT) gives k and v fewer tokens than q: both ops, on both kernel paths, match the torch
+    backend in values and every gradient."""
+    h, d = 2, 16
+    q = torch.randn(2, h, 40, d, requires_grad=True)
+    k, v = (torch.randn(2, h, 9, d, requires_grad=True) for _ in range(2))
+    fmap = create_feature_map("mirror", h, d)
+    with torch.no_grad():
+        fmap.gamma.normal_(0, 0.5)
+    calls = [("relu", lambda: triton_ops.fused_linear_attention(q, k, v, feature="relu"), [q, k, v],
+              lambda: _reference(q, k, v, None, "relu", "adjacent")),
+             ("mirror", lambda: fmap.attend(q, k, v, folded=True), [q, k, v, fmap.theta, fmap.gamma], None)]
+    for name, call, inputs, reference in calls:
+        backend("triton")
+        out = call()
+        got = torch.autograd.grad(out.square().sum(), inputs)
+        backend("torch")
+        ref = reference() if reference is not None else call()
+        want = torch.autograd.grad(ref.square().sum(), inputs)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=name)
+        for a, w in zip(got, want, strict=True):
+            torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_op_half_precision_strided_inputs(dtype, backend, kernel_path):
     b, h, n, d = 2, 3, 197, 32
