@@ -210,6 +210,8 @@ def test_reflection_ops_reject_bad_input():
         block_reflect(torch.ones(3, 6, dtype=torch.long), torch.rand(3))
 
 
+# the legacy exporter is exercised on purpose: its deprecation and constant-folding warnings are expected here
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 def test_tracing_is_seen_by_both_onnx_exporters(tmp_path):
     """The ops switch to their traceable forms when a compiler, tracer or exporter records them; both ONNX
     exporters are recognised (TorchScript traces, the dynamo exporter exports) and eager calls are not."""
