@@ -58,8 +58,9 @@ def _arg_type(value) -> str:
     raise TypeError(f"no Triton type for an argument of type {type(value).__name__}")
 
 
-def record_launches(quick: bool) -> list:
-    """Run the ops' launchers (forward and backward of every op and path) with recording kernels."""
+def record_launches(quick: bool, dims=None, dtypes=None) -> list:
+    """Run the ops' launchers (forward and backward of every op and path) with recording kernels; ``dims`` and
+    ``dtypes`` override the head widths and input dtypes."""
     from mirrorla.ops import triton_linear_attention as tla
     from mirrorla.ops import triton_reflect
 
@@ -68,8 +69,8 @@ def record_launches(quick: bool) -> list:
         for name, value in list(vars(module).items()):
             if name.endswith("_kernel"):
                 setattr(module, name, _Recorder(name, value, calls))
-    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
-    dims = [64] if quick else [16, 48, 64, 128]
+    dtypes = dtypes or ([torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32])
+    dims = dims or ([64] if quick else [16, 48, 64, 128])
     lengths = [197, 4096]  # the row kernels (short rows) and the chunked ones
     for dtype in dtypes:
         for d in dims:
