@@ -534,9 +534,10 @@ def _pair_sum(per_channel: torch.Tensor, pairing: str) -> torch.Tensor:
 _ROW_MAX_TILES = 8
 """Sequences of at most this many token tiles (512 tokens at d ≤ 64) run on the row kernels: one program per
 (b, h) row does every pass of the op, one launch forward and one backward, instead of the chunked kernels' three
-to four launches and torch reductions in each direction. Such rows are short enough that a launch costs the host
-more than the row's work costs the GPU (a DeiT-T step at 224², N = 197, is bound by host time per launch); longer
-rows take the chunked kernels, which spread a row over many programs."""
+to four launches and torch reductions in each direction. For such rows a launch should cost the host more than
+the row's work costs the GPU (a DeiT-T step at 224², N = 197, is bound by host time per launch); longer rows take
+the chunked kernels, which spread a row over many programs. The value was set without a GPU measurement:
+``benchmarks/gpu_profile.py --paths`` times both paths at N = 197 … 16,384, which is where to set it from."""
 
 
 def _row_path(nq: int, n: int, bn: int, feature: int, swap: bool) -> bool:
