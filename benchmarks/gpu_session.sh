@@ -7,6 +7,7 @@
 # costs only its own results. Every step's exit code and duration go to $OUT/session.log, its console output to its
 # log, which stays LOG.partial where the step failed or was killed.
 # Usage: bash benchmarks/gpu_session.sh [PYTHON]     (OUT defaults to benchmarks/results/gpu)
+#        PACK=FILE.tgz also packs $OUT into one archive at the end, for machines that return only a few files.
 set -uo pipefail
 PY=${1:-python}
 OUT=${OUT:-benchmarks/results/gpu}
@@ -27,3 +28,6 @@ step gpu_check 180 gpu_check.txt $PY benchmarks/gpu_check.py --kernels-only --qu
 step gpu_profile 150 gpu_profile.log $PY benchmarks/gpu_profile.py --paths --host --mode train --attn relu,mirror \
     --out "$OUT/profile_host.txt"
 step run_gpu 420 run_gpu.log env OUT="$OUT" bash benchmarks/run_gpu.sh $PY
+if [ -n "${PACK:-}" ]; then
+    tar czf "$PACK" -C "$OUT" . && echo "packed $OUT into $PACK" | tee -a "$OUT/session.log"
+fi
