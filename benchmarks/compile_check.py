@@ -185,8 +185,10 @@ def main(argv=None) -> int:
         print(lines[-1], flush=True)
     lines += ["", f"{len(configs)} configurations, {failures} failed"]
     print(lines[-1])
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    if args.out:  # written whole or not at all
+        from mirrorla.tools.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     return 1 if failures else 0
 
 

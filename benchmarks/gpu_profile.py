@@ -23,6 +23,7 @@ With ``--paths`` it first times the op on its two kernel paths (row and chunked 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections import Counter
@@ -152,6 +153,33 @@ def profile_case(name: str, step, device: torch.device, steps: int, top: int, li
     return row
 
 
+def time_calls(fn, device: torch.device, calls: int, warmup: int) -> tuple[float, float]:
+    """(host µs, wall µs) per call of ``fn`` called ``calls`` times back to back after ``warmup`` calls: host until
+    the last call returns, wall until the device has finished too."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    sync(device)
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e6 / calls, (t2 - t0) * 1e6 / calls
+
+
+@contextlib.contextmanager
+def kernel_path(path: str):
+    """Run the Triton ops on the row kernels (``"row"``, wherever they apply) or on the chunked ones only."""
+    from mirrorla.ops import triton_linear_attention as tla
+
+    saved, tla._ROW_MAX_TILES = tla._ROW_MAX_TILES, 10**9 if path == "row" else 0
+    try:
+        yield
+    finally:
+        tla._ROW_MAX_TILES = saved
+
+
 def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 200) -> list[dict]:
     """Per-call times (µs) of the attention's pieces at one DeiT-T layer's shape, called ``calls`` times back to
     back: ``host`` until the last call returns, ``wall`` until the device has finished too."""
@@ -215,11 +243,8 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
     def chunked(fn):
         """fn on the chunked kernels (N = 197 takes the row kernels by default): the two paths side by side."""
         def call():
-            saved, tla._ROW_MAX_TILES = tla._ROW_MAX_TILES, 0
-            try:
+            with kernel_path("chunked"):
                 return fn()
-            finally:
-                tla._ROW_MAX_TILES = saved
         return call
 
     state_args = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)
@@ -256,17 +281,9 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
                   f"{calls} calls back to back", "", "| piece | host µs/call | wall µs/call | host syncs |",
               "|---|---|---|---|"]
     for name, fn in cases:
-        for _ in range(5):
-            fn()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        t1 = time.perf_counter()
-        sync(device)
-        t2 = time.perf_counter()
+        host_us, wall_us = time_calls(fn, device, calls, warmup=5)
         syncs = host_syncs(fn, device)
-        row = dict(piece=name, host_us=(t1 - t0) * 1e6 / calls, wall_us=(t2 - t0) * 1e6 / calls, syncs=syncs)
+        row = dict(piece=name, host_us=host_us, wall_us=wall_us, syncs=syncs)
         rows.append(row)
         lines.append(f"| {name} | {row['host_us']:.1f} | {row['wall_us']:.1f} | {len(syncs)} |")
         print(lines[-1], flush=True)
@@ -306,19 +323,9 @@ def kernel_paths(device: torch.device, lines: list[str], lengths=(197, 1024, 409
                     else:
                         op().backward(grad)
                 times = {}
-                for path, tiles in (("row", 10**9), ("chunked", 0)):
-                    saved, tla._ROW_MAX_TILES = tla._ROW_MAX_TILES, tiles
-                    try:
-                        for _ in range(3):
-                            call()
-                        sync(device)
-                        t0 = time.perf_counter()
-                        for _ in range(calls):
-                            call()
-                        sync(device)
-                        times[path] = (time.perf_counter() - t0) * 1e6 / calls
-                    finally:
-                        tla._ROW_MAX_TILES = saved
+                for path in ("row", "chunked"):
+                    with kernel_path(path):
+                        times[path] = time_calls(call, device, calls, warmup=3)[1]
                 row = dict(n=n, attn=attn, mode=mode, row_us=times["row"], chunked_us=times["chunked"])
                 rows.append(row)
                 lines.append(f"| {n} | {attn} | {mode} | {row['row_us']:.1f} | {row['chunked_us']:.1f} | "

@@ -29,5 +29,7 @@ step gpu_profile 150 gpu_profile.log $PY benchmarks/gpu_profile.py --paths --hos
     --out "$OUT/profile_host.txt"
 step run_gpu 420 run_gpu.log env OUT="$OUT" bash benchmarks/run_gpu.sh $PY
 if [ -n "${PACK:-}" ]; then
-    tar czf "$PACK" -C "$OUT" . && echo "packed $OUT into $PACK" | tee -a "$OUT/session.log"
+    # written beside and renamed when complete: a killed pack never leaves a truncated archive under its name
+    tar czf "$PACK.partial" -C "$OUT" . && mv "$PACK.partial" "$PACK" && echo "packed $OUT into $PACK" \
+        | tee -a "$OUT/session.log"
 fi

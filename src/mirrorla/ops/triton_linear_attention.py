@@ -943,7 +943,7 @@ def _mirror_forward_impl(q, k, v, theta, gamma, pairing: int, form: int, map_eps
     """Short rows: one launch (the row kernel). Longer ones: the keys' token-sum partials, then the state pass,
     whose programs derive the rotation from them (and store cos, signed sin and the token sums for the output and
     backward), then the output pass."""
-    b, h, n, d = k.shape
+    b, h, _, d = k.shape
     sums = torch.empty(b * h, 2, d, device=k.device, dtype=torch.float32)
     cos = torch.empty(b * h, d, device=k.device, dtype=torch.float32)
     ssin = torch.empty_like(cos)
@@ -953,7 +953,7 @@ def _mirror_forward_impl(q, k, v, theta, gamma, pairing: int, form: int, map_eps
 
 def _mirror_backward_impl(q, k, v, theta, gamma, state, sums, cos, ssin, grad_out, pairing: int, form: int,
                           map_eps: float, eps: float):
-    b, h, n, d = k.shape
+    b, h, _, d = k.shape
     dq, dk, dv, dtg = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps,
                                      mirror=(theta, gamma, sums, form, map_eps))
     return dq, dk, dv, dtg.view(2, b, h, d // 2).sum(1)  # [dθ; dγ] over the batch: one launch for both

@@ -76,24 +76,30 @@ def _copy_rows(SRC, DST, offs_j, jmask, s_r, s_c, d_r, d_c, first, R, BC: tl.con
 
 
 @triton.jit
+def _row_block(X, U, S, g, c0, offs_j, jmask, s_r, s_c, C, NS, scale, HAS_SIGNS: tl.constexpr, BC: tl.constexpr):
+    """Rows ``c0 .. c0 + BC`` of group g: their channel offsets and mask, unit vector and signs, row indices, tile
+    mask, and the tile ``X[rows, offs_j]`` (fp32)."""
+    offs_c = c0 + tl.arange(0, BC)
+    cmask = offs_c < C
+    unit, sign = _unit_and_sign(U, S, offs_c, cmask, scale, NS, HAS_SIGNS)
+    rows = g * C + offs_c
+    mask = cmask[:, None] & jmask[None, :]
+    return offs_c, cmask, unit, sign, rows, mask, _load_tile(X, rows, offs_j, s_r, s_c, mask)
+
+
+@triton.jit
 def _fold_columns(SRC, DST, U, S, offs_j, jmask, s_r, s_c, d_r, d_c, R, C, GROUPS, NS, scale,
                   HAS_SIGNS: tl.constexpr, BC: tl.constexpr):
     """DST[:, j] = T·SRC[:, j] per group of C rows for the columns ``offs_j``; later rows copied."""
     for g in range(0, GROUPS):
         a = tl.zeros(offs_j.shape, dtype=tl.float32)
         for c0 in range(0, C, BC):
-            offs_c = c0 + tl.arange(0, BC)
-            cmask = offs_c < C
-            unit, _ = _unit_and_sign(U, S, offs_c, cmask, scale, NS, HAS_SIGNS)
-            w = _load_tile(SRC, g * C + offs_c, offs_j, s_r, s_c, cmask[:, None] & jmask[None, :])
+            _, _, unit, _, _, _, w = _row_block(SRC, U, S, g, c0, offs_j, jmask, s_r, s_c, C, NS, scale, HAS_SIGNS,
+                                                BC)
             a += tl.sum(unit[:, None] * w, axis=0)
         for c0 in range(0, C, BC):
-            offs_c = c0 + tl.arange(0, BC)
-            cmask = offs_c < C
-            unit, sign = _unit_and_sign(U, S, offs_c, cmask, scale, NS, HAS_SIGNS)
-            rows = g * C + offs_c
-            mask = cmask[:, None] & jmask[None, :]
-            w = _load_tile(SRC, rows, offs_j, s_r, s_c, mask)
+            _, _, unit, sign, rows, mask, w = _row_block(SRC, U, S, g, c0, offs_j, jmask, s_r, s_c, C, NS, scale,
+                                                         HAS_SIGNS, BC)
             out = (w - unit[:, None] * a[None, :]) * sign[:, None]
             tl.store(DST + rows[:, None] * d_r + offs_j[None, :] * d_c, out.to(DST.dtype.element_ty), mask=mask)
     _copy_rows(SRC, DST, offs_j, jmask, s_r, s_c, d_r, d_c, GROUPS * C, R, BC)
@@ -124,24 +130,15 @@ def _fold_columns_backward(G, W, U, S, DST, PART, offs_j, jmask, s_gr, s_gc, s_w
         a = tl.zeros(offs_j.shape, dtype=tl.float32)
         r = tl.zeros(offs_j.shape, dtype=tl.float32)
         for c0 in range(0, C, BC):
-            offs_c = c0 + tl.arange(0, BC)
-            cmask = offs_c < C
-            unit, sign = _unit_and_sign(U, S, offs_c, cmask, scale, NS, HAS_SIGNS)
-            rows = g * C + offs_c
-            mask = cmask[:, None] & jmask[None, :]
-            w = _load_tile(W, rows, offs_j, s_wr, s_wc, mask)
-            gs = _load_tile(G, rows, offs_j, s_gr, s_gc, mask)
+            _, _, unit, sign, rows, mask, w = _row_block(W, U, S, g, c0, offs_j, jmask, s_wr, s_wc, C, NS, scale,
+                                                         HAS_SIGNS, BC)
+            gs = _load_tile(G, rows, offs_j, s_gr, s_gc, mask) * sign[:, None]  # diag(s) is its own transpose
             a += tl.sum(unit[:, None] * w, axis=0)
-            r += tl.sum(unit[:, None] * (gs * sign[:, None]), axis=0)
+            r += tl.sum(unit[:, None] * gs, axis=0)
         for c0 in range(0, C, BC):
-            offs_c = c0 + tl.arange(0, BC)
-            cmask = offs_c < C
-            unit, sign = _unit_and_sign(U, S, offs_c, cmask, scale, NS, HAS_SIGNS)
-            rows = g * C + offs_c
-            mask = cmask[:, None] & jmask[None, :]
-            w = _load_tile(W, rows, offs_j, s_wr, s_wc, mask)
-            gs = _load_tile(G, rows, offs_j, s_gr, s_gc, mask)
-            gs = gs * sign[:, None]  # diag(s) is its own transpose
+            offs_c, cmask, unit, sign, rows, mask, w = _row_block(W, U, S, g, c0, offs_j, jmask, s_wr, s_wc, C, NS,
+                                                                  scale, HAS_SIGNS, BC)
+            gs = _load_tile(G, rows, offs_j, s_gr, s_gc, mask) * sign[:, None]
             tl.store(DST + rows[:, None] * d_r + offs_j[None, :] * d_c,
                      (gs - unit[:, None] * r[None, :]).to(DST.dtype.element_ty), mask=mask)
             share = -(tl.sum(gs * a[None, :], axis=1) + tl.sum(w * r[None, :], axis=1))
