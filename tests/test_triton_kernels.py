@@ -5,6 +5,8 @@ Tolerances: fp32 outputs and gradients within 1e-4 (absolute, on values of order
 reference on the same bf16 values computed in fp32, within 3e-2 (bf16 keeps 8 bits of mantissa).
 """
 
+import warnings
+
 import pytest
 import torch
 import triton
@@ -171,6 +173,7 @@ def test_mirror_op_half_precision_strided_inputs(dtype, kernel_path):
     for name, a, w in zip(("q", "k", "v", "theta", "gamma"), got, want, strict=True):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a.float(), w, atol=3e-2 * max(1.0, w.abs().max().item()), rtol=3e-2, msg=name)
+
 
 
 def _count_launches(monkeypatch):
@@ -353,6 +356,86 @@ def test_backward_custom_ops_fake_kernels_match_strided_inputs():
     angle = torch.randn(b, h, d // 2)
     out, state = triton_ops._fused_forward(q, k, v, angle, 2, 0, 1e-6)
     torch.library.opcheck(triton_ops._fused_backward, (q, k, v, angle, state, grad, 2, 0, 1e-6), test_utils=tests)
+
+
+
+# ------------------------------------------------------------------------ GPUs too small for a configuration
+
+
+class _TooLargeKernel:
+    """Stands in for a kernel that needs more shared memory per block than the GPU has: its launch raises Triton's
+    OutOfResources, as the first launch of such a kernel does (a d = 128 backward on an RTX 4090)."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            raise triton.runtime.OutOfResources(165_888, 101_376, "shared memory")
+
+        return launch
+
+
+FALLBACK_OPS = ["mirror", "fused rotate_relu", "fused relu"]
+
+
+@pytest.mark.parametrize("op", FALLBACK_OPS)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("custom", [False, True], ids=["function", "custom op"])
+def test_configurations_too_large_for_the_gpu_run_the_reference(op, direction, custom, kernel_path, monkeypatch):
+    """Where a kernel does not fit the GPU, the op gives the kernels' values and gradients through the torch
+    reference, warns once, and stops trying that configuration's kernels (in the backward too when the forward fell
+    back: its saved state is a placeholder). Through the custom op too, whose implementation runs where autograd
+    does not record (what torch.compile calls)."""
+    monkeypatch.setattr(triton_ops, "_TOO_LARGE", {})
+    name = {"row": "_row_{}_kernel", "chunked": "_{}_kernel"}[kernel_path]
+    name = name.format(direction if kernel_path == "row" else {"forward": "output", "backward": "backward_kv"}[
+        direction])
+    call, inputs = next((c, x) for n, c, x in _op_calls() if n == op)
+    out = call()
+    want = (out.detach(), torch.autograd.grad(out.square().sum(), inputs))
+
+    too_large = _TooLargeKernel()
+    monkeypatch.setattr(triton_ops, name, too_large)
+    monkeypatch.setattr(triton_ops, "_use_custom_ops", lambda: custom)
+    for attempt in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = call()
+            grads = torch.autograd.grad(out.square().sum(), inputs)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if attempt == 0:
+            assert len(messages) == 1 and f"Triton {direction} kernels" in messages[0], messages
+            assert "shared memory" in messages[0] and "PyTorch reference" in messages[0]
+        else:
+            assert messages == []  # one warning per configuration
+        torch.testing.assert_close(out, want[0], atol=1e-4, rtol=1e-4)
+        for x, a, w in zip(inputs, grads, want[1], strict=True):
+            assert a.dtype == x.dtype and a.shape == x.shape
+            torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4)
+    assert too_large.launches == 1  # the second call did not try that kernel again
+    assert len(triton_ops._TOO_LARGE) == 1
+
+
+def test_other_configurations_keep_their_kernels_after_one_is_too_large(monkeypatch):
+    """The fallback is per configuration: a head width the GPU cannot hold does not send other widths to the
+    reference."""
+    monkeypatch.setattr(triton_ops, "_TOO_LARGE", {})
+    launches = _count_launches(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 9, 32, requires_grad=True) for _ in range(3))
+    with pytest.warns(RuntimeWarning, match="heads of width 32"):
+        real = triton_ops._row_backward_kernel
+        monkeypatch.setattr(triton_ops, "_row_backward_kernel", _TooLargeKernel())
+        triton_ops.fused_linear_attention(q, k, v, feature="relu").sum().backward()
+        monkeypatch.setattr(triton_ops, "_row_backward_kernel", real)
+    launches.clear()
+    q16, k16, v16 = (t[..., :16].detach().requires_grad_() for t in (q, k, v))
+    triton_ops.fused_linear_attention(q16, k16, v16, feature="relu").sum().backward()
+    assert dict(launches) == {"_row_forward_kernel": 1, "_row_backward_kernel": 1}
+    launches.clear()
+    triton_ops.fused_linear_attention(q, k, v, feature="relu").sum().backward()
+    assert dict(launches) == {"_row_forward_kernel": 1}  # width 32: the forward's kernels, the reference's backward
 
 
 # ----------------------------------------------------------------------------------- the fold (triton_reflect)

@@ -34,14 +34,18 @@ how the test suite checks them.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+from triton.runtime import OutOfResources
 
 from ..backend import DELTA_FORM_CODES
 from ._launch import cdiv, next_power_of_2
+from .fused import folded_mirror_map_reference, rotate_relu_reference
+from .linear_attention import _linear_attention_torch
 
 __all__ = ["FEATURES", "fused_linear_attention", "mirror_linear_attention", "token_sums_triton"]
 
@@ -635,26 +639,117 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     return dq, dk, dvv, dtg
 
 
+# ------------------------------------------------------------------------ GPUs too small for a configuration
+
+
+_TOO_LARGE: dict[tuple, str] = {}
+"""``(configuration, "forward" or "backward")`` → Triton's message, for the kernel configurations this process
+found too large for their GPU; their calls run the torch reference instead (one warning per configuration).
+
+Triton raises ``OutOfResources`` at a kernel's first launch on a device, before anything runs, when the compiled
+kernel needs more shared memory or threads per block than the GPU has. The backward kernels of heads wider than 64
+hold two 128 × 128 fp32 tiles and need up to 165 KB of shared memory per block: GPUs of compute capability 8.6
+and 8.9 (RTX 30xx and 40xx, A10, L4, L40S) give 99 KB, 7.5 (T4) 64 KB. ``benchmarks/compile_check.py`` reports
+each configuration's needs for an architecture."""
+
+_PAIR_NAMES = {code: name for name, code in _PAIRINGS.items()}
+_FORM_NAMES = {code: name for name, code in DELTA_FORM_CODES.items()}
+
+
+def _configuration(q, k, v, feature: int, pairing: int, mirror: bool) -> tuple:
+    """What selects the compiled kernels of a call: device, dtype, widths, map, pairing, op and kernel path."""
+    nq, d = q.shape[2], q.shape[3]
+    n, dv = k.shape[2], v.shape[3]
+    bd, _, bn, _ = _blocks(d, dv)
+    return (str(q.device), q.dtype, d, dv, feature, pairing, mirror, _row_path(nq, n, bn, feature,
+                                                                                _swap(d, bd, pairing)))
+
+
+def _runs_kernels(q, k, v, feature: int, pairing: int, mirror: bool, direction: str) -> bool:
+    """False where an earlier call found this configuration's kernels too large for the GPU: always in the
+    forward's direction, and in the backward's also where the forward fell back (its saved state is a
+    placeholder then). Free while no configuration has been too large."""
+    if not _TOO_LARGE:
+        return True
+    configuration = _configuration(q, k, v, feature, pairing, mirror)
+    return ((configuration, "forward") not in _TOO_LARGE
+            and (direction == "forward" or (configuration, "backward") not in _TOO_LARGE))
+
+
+def _too_large(q, k, v, feature: int, pairing: int, mirror: bool, direction: str, error: OutOfResources) -> None:
+    configuration = _configuration(q, k, v, feature, pairing, mirror)
+    if (configuration, direction) in _TOO_LARGE:
+        return
+    _TOO_LARGE[(configuration, direction)] = str(error)
+    op = "MirrorLA" if mirror else next(name for name, code in FEATURES.items() if code == feature)
+    warnings.warn(
+        f"mirrorla: {q.device} cannot run the Triton {direction} kernels of the {op} linear attention for "
+        f"{str(q.dtype).removeprefix('torch.')} heads of width {q.shape[3]} ({error}); these calls run the "
+        "PyTorch reference instead: the same values, slower and with more memory", RuntimeWarning, stacklevel=2)
+
+
+def _fused_reference(q, k, v, angle, feature: int, pairing: int, eps: float) -> torch.Tensor:
+    """The fused op's value through the torch reference (φ in torch, then the reference core)."""
+    if feature == 1:
+        q, k = torch.relu(q), torch.relu(k)
+    elif feature == 2:
+        q = rotate_relu_reference(q, angle.unsqueeze(2), pairing=_PAIR_NAMES[pairing])
+        k = rotate_relu_reference(k, angle.unsqueeze(2), pairing=_PAIR_NAMES[pairing])
+    return _linear_attention_torch(q, k, v, eps=eps)
+
+
+def _mirror_reference(q, k, v, theta, gamma, pairing: int, form: int, map_eps: float, eps: float) -> torch.Tensor:
+    """MirrorLA's op through the torch reference (the folded map in torch, then the reference core)."""
+    phi_q, phi_k = folded_mirror_map_reference(q, k, theta, gamma, eps=map_eps, delta_form=_FORM_NAMES[form],
+                                               pairing=_PAIR_NAMES[pairing])
+    return _linear_attention_torch(phi_q, phi_k, v, eps=eps)
+
+
+def _reference_grads(reference, inputs: tuple, grad_out: torch.Tensor) -> tuple:
+    """The gradients of ``reference(*inputs)`` for ``grad_out``, by recomputing it under ``torch.func.vjp``, which
+    also differentiates inside a custom op's implementation (where autograd does not record)."""
+    _, pullback = torch.func.vjp(reference, *inputs)
+    return pullback(grad_out)
+
+
 # --------------------------------------------------------------------------------------- torch.library ops
 
 
 def _fused_forward_impl(q, k, v, angle, feature: int, pairing: int, eps: float):
     b, h, _, d = q.shape
-    cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, "half" if pairing else "adjacent", q.device)
-    return _forward_impl(q, k, v, cos, ssin, feature, pairing, eps)
+    if _runs_kernels(q, k, v, feature, pairing, False, "forward"):
+        cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, _PAIR_NAMES[pairing], q.device)
+        try:
+            return _forward_impl(q, k, v, cos, ssin, feature, pairing, eps)
+        except OutOfResources as error:
+            _too_large(q, k, v, feature, pairing, False, "forward", error)
+    out = _fused_reference(q, k, v, angle, feature, pairing, eps)
+    # the state is a placeholder: the backward of a configuration whose forward fell back recomputes
+    return out, q.new_zeros(b * h, d, v.shape[3] + 1, dtype=torch.float32)
 
 
 def _fused_backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing: int, eps: float):
     b, h, _, d = q.shape
-    pair_name = "half" if pairing else "adjacent"
-    cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, pair_name, q.device)
-    dq, dk, dv, dang = _backward_impl(q, k, v, cos, ssin, state, grad_out, feature, pairing, eps)
-    if feature != 2 or angle is None:
-        return dq, dk, dv, None
-    dangle = _pair_sum(dang.view(b, h, d), pair_name)
-    if angle.shape[0] == 1 and b > 1:
-        dangle = dangle.sum(0, keepdim=True)
-    return dq, dk, dv, dangle.to(angle.dtype)
+    rotating = feature == 2 and angle is not None
+    if _runs_kernels(q, k, v, feature, pairing, False, "backward"):
+        pair_name = _PAIR_NAMES[pairing]
+        cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, pair_name, q.device)
+        try:
+            dq, dk, dv, dang = _backward_impl(q, k, v, cos, ssin, state, grad_out, feature, pairing, eps)
+        except OutOfResources as error:
+            _too_large(q, k, v, feature, pairing, False, "backward", error)
+        else:
+            if not rotating:
+                return dq, dk, dv, None
+            dangle = _pair_sum(dang.view(b, h, d), pair_name)
+            if angle.shape[0] == 1 and b > 1:
+                dangle = dangle.sum(0, keepdim=True)
+            return dq, dk, dv, dangle.to(angle.dtype)
+    if rotating:
+        return _reference_grads(lambda q_, k_, v_, a_: _fused_reference(q_, k_, v_, a_, feature, pairing, eps),
+                                (q, k, v, angle), grad_out)
+    return (*_reference_grads(lambda q_, k_, v_: _fused_reference(q_, k_, v_, None, feature, pairing, eps),
+                              (q, k, v), grad_out), None)
 
 
 # Each op exists twice over the same implementation: a torch.library custom op (with a fake kernel and autograd)
@@ -947,16 +1042,32 @@ def _mirror_forward_impl(q, k, v, theta, gamma, pairing: int, form: int, map_eps
     sums = torch.empty(b * h, 2, d, device=k.device, dtype=torch.float32)
     cos = torch.empty(b * h, d, device=k.device, dtype=torch.float32)
     ssin = torch.empty_like(cos)
-    out, state = _forward_impl(q, k, v, cos, ssin, 2, pairing, eps, mirror=(theta, gamma, sums, form, map_eps))
-    return out, state, sums, cos, ssin
+    if _runs_kernels(q, k, v, 2, pairing, True, "forward"):
+        try:
+            out, state = _forward_impl(q, k, v, cos, ssin, 2, pairing, eps,
+                                       mirror=(theta, gamma, sums, form, map_eps))
+            return out, state, sums, cos, ssin
+        except OutOfResources as error:
+            _too_large(q, k, v, 2, pairing, True, "forward", error)
+    out = _mirror_reference(q, k, v, theta, gamma, pairing, form, map_eps, eps)
+    # placeholders: the backward of a configuration whose forward fell back recomputes
+    state = q.new_zeros(b * h, d, v.shape[3] + 1, dtype=torch.float32)
+    return out, state, sums.zero_(), cos.zero_(), ssin.zero_()
 
 
 def _mirror_backward_impl(q, k, v, theta, gamma, state, sums, cos, ssin, grad_out, pairing: int, form: int,
                           map_eps: float, eps: float):
     b, h, _, d = k.shape
-    dq, dk, dv, dtg = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps,
-                                     mirror=(theta, gamma, sums, form, map_eps))
-    return dq, dk, dv, dtg.view(2, b, h, d // 2).sum(1)  # [dθ; dγ] over the batch: one launch for both
+    if _runs_kernels(q, k, v, 2, pairing, True, "backward"):
+        try:
+            dq, dk, dv, dtg = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps,
+                                             mirror=(theta, gamma, sums, form, map_eps))
+            return dq, dk, dv, dtg.view(2, b, h, d // 2).sum(1)  # [dθ; dγ] over the batch: one launch for both
+        except OutOfResources as error:
+            _too_large(q, k, v, 2, pairing, True, "backward", error)
+    dq, dk, dv, dtheta, dgamma = _reference_grads(
+        lambda *inputs: _mirror_reference(*inputs, pairing, form, map_eps, eps), (q, k, v, theta, gamma), grad_out)
+    return dq, dk, dv, torch.stack([dtheta, dgamma]).float()
 
 
 @torch.library.custom_op("mirrorla::mirror_linear_attention", mutates_args=())
