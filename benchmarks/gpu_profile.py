@@ -15,9 +15,11 @@ launch, the ops forward and forward+backward, the fold, and whole layers. At thi
 host, so these are the host's costs per call; they say which piece a host-bound step spends its time in.
 
 Usage: PYTHONPATH=src python benchmarks/gpu_profile.py [--device cuda] [--img-size 224] [--batch 128]
-       [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--host] [--paths] [--top 10] [--out FILE]
+       [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--host] [--paths] [--backward-blocks]
+       [--top 10] [--out FILE]
 
-With ``--paths`` it first times the op on its two kernel paths (row and chunked kernels) at N = 197 … 16,384.
+With ``--paths`` it first times the op on its two kernel paths (row and chunked kernels) at N = 197 … 16,384;
+with ``--backward-blocks`` the chunked backward's (token tile, warps) options at N = 4,096 … 65,536.
 """
 
 from __future__ import annotations
@@ -334,6 +336,63 @@ def kernel_paths(device: torch.device, lines: list[str], lengths=(197, 1024, 409
     return rows
 
 
+
+@contextlib.contextmanager
+def backward_blocks(blocks):
+    """Run the chunked backward kernels with ``blocks`` = (token tile, warps), or None for the default."""
+    from mirrorla.ops import triton_linear_attention as tla
+
+    saved, tla._BACKWARD_BLOCKS = tla._BACKWARD_BLOCKS, blocks
+    try:
+        yield
+    finally:
+        tla._BACKWARD_BLOCKS = saved
+
+
+BACKWARD_BLOCK_OPTIONS = (None, (64, 8), (32, 4), (32, 8))  # None: the forward's (64, 4)
+
+
+def backward_block_options(device: torch.device, lines: list[str], lengths=(4096, 16384, 65536), batch: int = 8,
+                           calls: int = 30) -> list[dict]:
+    """The chunked backward alone (the ops' backward implementations on one saved forward) with each (token tile,
+    warps) option of ``_BACKWARD_BLOCKS``, at the issue's op shape (B = 8, H = 3, d = 64, bf16 on CUDA), ``calls``
+    calls back to back, wall µs per call. ptxas reports fewer spills for smaller tiles and more warps; this says
+    whether they are faster."""
+    from mirrorla.ops import triton_linear_attention as tla
+
+    h, d = 3, 64
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    theta, gamma = torch.rand(h, d // 2, device=device), 0.1 * torch.randn(h, d // 2, device=device)
+    names = ["(64, 4) default" if o is None else str(o) for o in BACKWARD_BLOCK_OPTIONS]
+    lines += ["", f"## Chunked backward by (token tile, warps), B = {batch}, H = 3, d = 64, {calls} calls back to "
+                  "back (wall µs per call; × default: time over the default's)", "",
+              "| N | attention | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    rows = []
+    with kernel_path("chunked"), torch.no_grad():
+        for n in lengths:
+            qkv = torch.randn(batch, n, 3, h, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            grad = torch.randn(batch, h, n, d, device=device, dtype=dtype)
+            _, state = tla._fused_forward_impl(q, k, v, None, 1, 0, 1e-6)
+            saved = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)[1:]
+            backward = {
+                "relu": lambda q=q, k=k, v=v, s=state, g=grad: tla._fused_backward_impl(q, k, v, None, s, g, 1, 0,
+                                                                                      1e-6),
+                "mirror": lambda q=q, k=k, v=v, s=saved, g=grad: tla._mirror_backward_impl(
+                    q, k, v, theta, gamma, *s, g, 0, 0, 1e-6, 1e-6)}
+            for attn, fn in backward.items():
+                times = []
+                for option in BACKWARD_BLOCK_OPTIONS:
+                    with backward_blocks(option):
+                        times.append(time_calls(fn, device, calls, warmup=3)[1])
+                rows.append(dict(n=n, attn=attn, us=dict(zip(names, times, strict=True))))
+                lines.append(f"| {n} | {attn} | " + " | ".join(
+                    f"{t:.1f}" + ("" if i == 0 else f" (× {t / times[0]:.2f})") for i, t in enumerate(times)) + " |")
+                print(lines[-1], flush=True)
+            del q, k, v, qkv, grad, state, saved
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -345,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", action="store_true", help="first time the attention's pieces one by one (host cost)")
     p.add_argument("--paths", action="store_true",
                    help="first time the op on its row and its chunked kernels (B=8, H=3, d=64, N = 197 … 16,384)")
+    p.add_argument("--backward-blocks", action="store_true",
+                   help="first time the chunked backward's (token tile, warps) options (N = 4,096 … 65,536)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--out", default=None)
@@ -355,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if args.paths:
         kernel_paths(device, lines)
+    if args.backward_blocks:
+        backward_block_options(device, lines)
     if args.host:
         host_costs(device, args.batch, lines)
     for mode in args.mode.split(","):

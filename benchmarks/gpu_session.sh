@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, ordered so that each step can trust the one before: the kernels against the torch
 # backend on this GPU (gpu_check.py --kernels-only --quick, ~110 s on an H100 before the row kernels' cases were
-# added), then the host cost of the attention's pieces, the op on its row against its chunked kernels and eager
-# DeiT-T training steps (gpu_profile.py --paths --host --mode train, ~60 s), then the snapshot (run_gpu.sh,
+# added), then the op on its row against its chunked kernels, the chunked backward's block options, the host cost
+# of the attention's pieces and eager DeiT-T training steps (gpu_profile.py --paths --backward-blocks --host
+# --mode train, ~60 s before --backward-blocks), then the snapshot (run_gpu.sh,
 # ~270 s). About 8 minutes on one H100, start-up excluded; each step has its own time limit, so a failing step
 # costs only its own results. Every step's exit code and duration go to $OUT/session.log, its console output to its
 # log, which stays LOG.partial where the step failed or was killed.
@@ -25,7 +26,8 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run it with its console output in 
     echo "$name: exit $code at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/session.log"
 }
 step gpu_check 180 gpu_check.txt $PY benchmarks/gpu_check.py --kernels-only --quick
-step gpu_profile 150 gpu_profile.log $PY benchmarks/gpu_profile.py --paths --host --mode train --attn relu,mirror \
+step gpu_profile 180 gpu_profile.log $PY benchmarks/gpu_profile.py --paths --backward-blocks --host --mode train \
+    --attn relu,mirror \
     --out "$OUT/profile_host.txt"
 step run_gpu 420 run_gpu.log env OUT="$OUT" bash benchmarks/run_gpu.sh $PY
 if [ -n "${PACK:-}" ]; then

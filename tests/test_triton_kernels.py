@@ -176,6 +176,38 @@ def test_mirror_op_half_precision_strided_inputs(dtype, kernel_path):
 
 
 
+@pytest.mark.parametrize("name", ["mirror", "fused rotate_relu", "fused relu"])
+def test_chunked_backward_block_options_give_the_same_gradients(name, monkeypatch):
+    """The chunked backward's token tile can differ from the forward's (``_BACKWARD_BLOCKS``, an option that
+    ``gpu_profile.py --backward-blocks`` times): 32-token tiles over several chunks per row give the gradients of
+    the default 64-token tiles."""
+    monkeypatch.setattr(triton_ops, "_ROW_MAX_TILES", 0)
+    q, k, v, angle, theta, gamma = _op_inputs(1, 2, 100, 16)  # 2 rows, 4 tiles of 32: 2 chunks per row
+    call, inputs = {"mirror": (lambda: triton_ops.mirror_linear_attention(q, k, v, theta, gamma),
+                               [q, k, v, theta, gamma]),
+                    "fused rotate_relu": (lambda: triton_ops.fused_linear_attention(q, k, v, angle,
+                                                                                    feature="rotate_relu"),
+                                          [q, k, v, angle]),
+                    "fused relu": (lambda: triton_ops.fused_linear_attention(q, k, v, feature="relu"),
+                                   [q, k, v])}[name]
+    tiles, real = [], triton_ops._backward_kv_kernel
+
+    class Spy:  # records the token tile each backward launch used
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tiles.append((kwargs["BN"], kwargs["num_warps"], grid[1]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_ops, "_backward_kv_kernel", Spy())
+    grads = {}
+    for blocks in (None, (32, 8)):
+        monkeypatch.setattr(triton_ops, "_BACKWARD_BLOCKS", blocks)
+        grads[blocks] = torch.autograd.grad(call().square().sum(), inputs)
+    assert tiles == [(64, 4, 2), (32, 8, 2)]  # 64-token tiles, then 32: two chunks per row either way
+    for a, w in zip(grads[(32, 8)], grads[None], strict=True):
+        torch.testing.assert_close(a, w, atol=1e-5, rtol=1e-5)
+
 def _count_launches(monkeypatch):
     """Count the Triton kernel launches of both kernel modules, per kernel name."""
     from collections import Counter

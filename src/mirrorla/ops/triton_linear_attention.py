@@ -544,6 +544,14 @@ the chunked kernels, which spread a row over many programs. The value was set wi
 ``benchmarks/gpu_profile.py --paths`` times both paths at N = 197 … 16,384, which is where to set it from."""
 
 
+_BACKWARD_BLOCKS: tuple[int, int] | None = None
+"""(token tile, warps) of the chunked backward kernels for heads up to 64 wide, or None for the forward's (64, 4).
+ptxas for sm_90 (bf16, d = 64, Triton 3.8) reports per-thread spills of the MirrorLA backward's q pass of 1,272
+bytes with (64, 4), 868 with (64, 8), 308 with (32, 4) and none with (32, 8); of its k/v pass 628, 16, 28 and 0.
+Smaller tiles spill less but make smaller matmuls and more loop steps; which is faster is a GPU measurement:
+``benchmarks/gpu_profile.py --backward-blocks`` times the options side by side."""
+
+
 def _row_path(nq: int, n: int, bn: int, feature: int, swap: bool) -> bool:
     # a rotation on the row kernels shuffles pair partners in registers (swap): the partner rows of dS are never
     # reloaded from memory, which a single program could not do without a barrier
@@ -617,6 +625,9 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
             *q.stride(), *grad_out.stride(), *k.stride(), *v.stride(), sums, gamma, float(n), float(map_eps),
             ANGLES=mirror is not None, FORM=form, **blocks)
         return dq, dk, dvv, dang if rotating else None
+    if _BACKWARD_BLOCKS is not None and max(bd, bdv) <= 64:
+        bn, blocks["num_warps"] = _BACKWARD_BLOCKS
+        blocks["BN"] = bn
     chunks_q, per_q = _chunks(nq, b * h, q.device, bn)
     dstate_part = torch.empty(b * h, chunks_q, d, dv + 1, device=q.device, dtype=torch.float32)
     # without a rotation the kernels store no angle gradient: no buffers, no reductions (a placeholder pointer)
