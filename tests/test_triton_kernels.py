@@ -208,6 +208,49 @@ def test_chunked_backward_block_options_give_the_same_gradients(name, monkeypatc
     for a, w in zip(grads[(32, 8)], grads[None], strict=True):
         torch.testing.assert_close(a, w, atol=1e-5, rtol=1e-5)
 
+
+def _qkv_far_apart(batch_stride: int, token_stride: int, b: int, n: int, h: int = 2, d: int = 16):
+    """q, k, v ``[B, H, N, d]`` (bf16): views of one qkv tensor ``[B, N, 3, H, d]`` whose batch or token strides
+    put elements more than 2³¹ elements from the start. Only the views' own elements are written: the OS commits
+    no memory for the rest of the storage (a few KB are used of the 4 GB reserved)."""
+    shape = (b, n, 3, h, d)
+    strides = (batch_stride, token_stride, h * d, d, 1)
+    storage = torch.empty(1 + sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True)),
+                          dtype=torch.bfloat16)
+    qkv = storage.as_strided(shape, strides)
+    qkv.copy_(torch.randn(shape))
+    return [t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0)]
+
+
+@pytest.mark.parametrize("layout", ["rows past 2^31 elements", "tokens past 2^31 elements"])
+@pytest.mark.parametrize("op", ["mirror", "relu"])
+def test_inputs_with_offsets_past_2_31_elements(layout, op, kernel_path):
+    """Offsets past 2³¹ elements (a qkv tensor of more than 2³¹ elements: the third row of a batch whose rows are
+    2³⁰ apart; or a row of 1,030 tokens 2²¹ apart) are computed in 64 bits: 32-bit products wrapped to addresses
+    before the tensor (a segfault in the interpreter, an illegal access or garbage on a GPU)."""
+    torch.manual_seed(0)
+    if layout == "rows past 2^31 elements":
+        q, k, v = _qkv_far_apart(batch_stride=2**30 + 2**20, token_stride=3 * 2 * 16, b=3, n=17)
+    else:
+        q, k, v = _qkv_far_apart(batch_stride=0, token_stride=2**21, b=1, n=1030)
+    theta, gamma = torch.randn(2, 8), 0.5 * torch.randn(2, 8)
+
+    def call(q, k, v):
+        if op == "mirror":
+            return triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
+        return triton_ops.fused_linear_attention(q, k, v, feature="relu")
+
+    out = call(q, k, v)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v], grad)
+    near = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]  # the same values, small offsets
+    want_out = call(*near)
+    want = torch.autograd.grad(want_out, near, grad)
+    torch.testing.assert_close(out, want_out)
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w)
+
+
 def _count_launches(monkeypatch):
     """Count the Triton kernel launches of both kernel modules, per kernel name."""
     from collections import Counter

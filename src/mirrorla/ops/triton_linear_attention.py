@@ -128,6 +128,14 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _token_offsets(tile, BN: tl.constexpr):
+    """The token indices ``[BN]`` of a tile, 64-bit. Offsets past 2³¹ elements are real: a row's base (b · stride)
+    in inputs of more than 2³¹ elements, a token's offset (n · stride) in a row of a strided qkv view longer than
+    2³¹ / 3C tokens. 32-bit products there wrap to addresses outside the tensor."""
+    return tl.cast(tile, tl.int64) * BN + tl.arange(0, BN)  # tl.cast: a Python int in the interpreter's loops
+
+
+@triton.jit
 def _rotation_row(COS, SSIN, bh, offs_d, dmask, D: tl.constexpr, BD: tl.constexpr, MAP: tl.constexpr):
     """The row's per-channel cos / signed sin; without the rotation COS and SSIN are never read (any pointer)."""
     if MAP == 2:
@@ -143,8 +151,8 @@ def _rotation_row(COS, SSIN, bh, offs_d, dmask, D: tl.constexpr, BD: tl.constexp
 def _program(COS, SSIN, H, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
              PAIRING: tl.constexpr, MAP: tl.constexpr):
     """The (b, h) row and chunk of this program, channel offsets and masks, pair partners and signs, and the row's
-    per-channel cos / signed sin."""
-    bh = tl.program_id(0)
+    per-channel cos / signed sin. The row index is 64-bit (see :func:`_token_offsets`)."""
+    bh = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
@@ -205,7 +213,7 @@ def _state_tiles(k_ptr, v_ptr, first, TILES, N, s_kn, s_kd, s_vn, s_vd, offs_d, 
     acc = tl.zeros([BD, BDV], dtype=tl.float32)
     zacc = tl.zeros([BD], dtype=tl.float32)
     for t in range(0, TILES):
-        offs_n = (first + t) * BN + tl.arange(0, BN)
+        offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < N
         phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
                                 MAP, SWAP, PAIRING, BN, BD)
@@ -229,7 +237,7 @@ def _output_tiles(q_ptr, o_ptr, first, TILES, NQ, s_qn, s_qd, s_on, s_od, s, z, 
                   PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
     """o = φ(q) S / (φ(q)·z + ε·N) for the query tiles ``first .. first + TILES`` (state ``s``, ``z`` fp32)."""
     for t in range(0, TILES):
-        offs_n = (first + t) * BN + tl.arange(0, BN)
+        offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < NQ
         phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
                                 MAP, SWAP, PAIRING, BN, BD)
@@ -251,7 +259,7 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
     dz_acc = tl.zeros([BD], dtype=tl.float32)
     dang = tl.zeros([BD], dtype=tl.float32)
     for t in range(0, TILES):
-        offs_n = (first + t) * BN + tl.arange(0, BN)
+        offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < NQ
         phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
                                 MAP, SWAP, PAIRING, BN, BD)
@@ -282,7 +290,7 @@ def _dkv_tiles(k_ptr, v_ptr, dk_ptr, dv_ptr, first, TILES, N, s_kn, s_kd, s_vn, 
     and dv (contiguous) and returns this range's d angle (k part), fp32."""
     dang = tl.zeros([BD], dtype=tl.float32)
     for t in range(0, TILES):
-        offs_n = (first + t) * BN + tl.arange(0, BN)
+        offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < N
         phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
                                 MAP, SWAP, PAIRING, BN, BD)
@@ -306,7 +314,7 @@ def _token_sum_tiles(x_ptr, first, TILES, N, s_xn, s_xd, offs_d, dmask, BD: tl.c
     s1 = tl.zeros([BD], dtype=tl.float32)
     s2 = tl.zeros([BD], dtype=tl.float32)
     for t in range(0, TILES):
-        offs_n = (first + t) * BN + tl.arange(0, BN)
+        offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < N
         x = tl.load(x_ptr + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd, mask=nmask[:, None] & dmask[None, :],
                     other=0.0).to(tl.float32)
@@ -400,7 +408,7 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, DANG_PART, N, H, TI
 def _token_sums_kernel(X, PART, N, H, TILES, s_xb, s_xh, s_xn, s_xd,
                        D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
     """PART[bh, chunk] = [Σ x, Σ x²] per channel over the chunk's tokens (fp32)."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs_d = tl.arange(0, BD)
     dmask = offs_d < D
@@ -474,7 +482,7 @@ def _row_backward_kernel(Q, K, V, COS, SSIN, STATE, DO, DQ, DK, DV_OUT, DANG, NQ
             # dk was stored by other threads of this program in the pass above: wait for every store first
             tl.debug_barrier()
             for t in range(0, tl.cdiv(N, BN)):
-                _add_sigma_grad(dk_ptr, k_ptr, t * BN + tl.arange(0, BN), N, s_kn, s_kd, ds1, ds2, offs_d, dmask,
+                _add_sigma_grad(dk_ptr, k_ptr, _token_offsets(t, BN), N, s_kn, s_kd, ds1, ds2, offs_d, dmask,
                                 D)
         else:
             tl.store(DANG + bh * D + offs_d, dang, mask=dmask)
@@ -1011,7 +1019,7 @@ def _sums_grad_kernel(DK, K, DANG_Q, DANG_K, SUMS, GAMMA, DTG, N, H, CHUNKS_Q, C
     """The σ² path of the chunked backward, one tile of keys per program: from the chunk partials of d angle per
     channel (``DANG_Q [B·H, CHUNKS_Q, D]`` of the q pass, ``DANG_K`` of the k/v pass) the gradients of θ and γ of
     this row (stored by the first tile's program into ``DTG [2, B·H, D/2]``) and dk += dS₁ + 2·dS₂·k."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     h = bh % H
     offs_d = tl.arange(0, BD)
@@ -1026,7 +1034,7 @@ def _sums_grad_kernel(DK, K, DANG_Q, DANG_K, SUMS, GAMMA, DTG, N, H, CHUNKS_Q, C
         dang += tl.load(row + offs_d, mask=dmask, other=0.0) + tl.load(row + partner, mask=dmask, other=0.0)
     ds1, ds2 = _sigma_path(dang, SUMS, GAMMA, DTG, bh, h, tl.num_programs(0), sign, partner, offs_d, dmask,
                            n_tokens, eps_map, tile == 0, D, PAIRING, FORM)
-    _add_sigma_grad(DK + bh * N * D, K + (bh // H) * s_kb + h * s_kh, tile * BN + tl.arange(0, BN), N, s_kn, s_kd,
+    _add_sigma_grad(DK + bh * N * D, K + (bh // H) * s_kb + h * s_kh, _token_offsets(tile, BN), N, s_kn, s_kd,
                     ds1, ds2, offs_d, dmask, D)
 
 
