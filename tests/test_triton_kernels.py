@@ -251,6 +251,35 @@ def test_inputs_with_offsets_past_2_31_elements(layout, op, kernel_path):
         torch.testing.assert_close(a, w)
 
 
+def test_tiles_beyond_the_grid_limit_share_programs(monkeypatch):
+    """A CUDA grid's second axis holds at most 65,535 programs: beyond that many tiles of tokens (4M tokens) the
+    output pass and the σ² path give each program several tiles. Here the limit is lowered to 2 programs: the
+    MirrorLA op's values and gradients are those of one tile per program."""
+    monkeypatch.setattr(triton_ops, "_ROW_MAX_TILES", 0)
+    q, k, v, _, theta, gamma = _op_inputs(1, 2, 300, 16)  # 5 tiles of 64 tokens
+    grids, real = [], {name: getattr(triton_ops, name) for name in ("_output_kernel", "_sums_grad_kernel")}
+
+    class Spy:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids.append((self.name, grid[1]))
+            return real[self.name][grid]
+
+    for name in real:
+        monkeypatch.setattr(triton_ops, name, Spy(name))
+    results = []
+    for limit in (65535, 2):
+        monkeypatch.setattr(triton_ops, "_MAX_GRID_Y", limit)
+        out = triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
+        results.append((out, torch.autograd.grad(out.square().sum(), [q, k, v, theta, gamma])))
+    assert grids == [("_output_kernel", 5), ("_sums_grad_kernel", 5), ("_output_kernel", 2),
+                     ("_sums_grad_kernel", 2)]
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for a, w in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(a, w, rtol=0, atol=0)
+
 def _count_launches(monkeypatch):
     """Count the Triton kernel launches of both kernel modules, per kernel name."""
     from collections import Counter

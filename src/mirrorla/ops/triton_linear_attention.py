@@ -354,16 +354,18 @@ def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
 
 
 @triton.jit
-def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n,
+def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n, TILES,
                    s_qb, s_qh, s_qn, s_qd, s_ob, s_oh, s_on, s_od,
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                    MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    SWAP: tl.constexpr):
-    """o = φ(q) S / (φ(q)·z + ε·N) for one tile of queries (the grid's second axis)."""
+    """o = φ(q) S / (φ(q)·z + ε·N) for ``TILES`` tiles of queries per program (the grid's second axis; one tile
+    below 4M tokens, see :data:`_MAX_GRID_Y`)."""
     bh, tile, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
         COS, SSIN, H, D, DV, BD, BDV, PAIRING, MAP)
     s, z, s_p, z_p = _load_state(STATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
-    _output_tiles(Q + b * s_qb + h * s_qh, O + b * s_ob + h * s_oh, tile, 1, NQ, s_qn, s_qd, s_on, s_od, s, z,
+    _output_tiles(Q + b * s_qb + h * s_qh, O + b * s_ob + h * s_oh, tile * TILES, TILES, NQ, s_qn, s_qd, s_on,
+                  s_od, s, z,
                   eps_n, offs_d, offs_v, partner, dmask, vmask, cos, ssin, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
 
 
@@ -499,6 +501,18 @@ def _blocks(d: int, dv: int) -> tuple[int, int, int, int]:
     return bd, bdv, (32 if wide else _BLOCK_N), (8 if wide else 4)
 
 
+_MAX_GRID_Y = 65535
+"""CUDA's limit on a grid's second axis. The kernels with a program per tile of tokens (the output pass, the σ²
+path's dk pass) give each program several tiles beyond ``_MAX_GRID_Y`` tiles, 4M tokens of 64."""
+
+
+def _grid_y(tiles: int) -> tuple[int, int]:
+    """(programs, tiles per program) for ``tiles`` tiles on the grid's second axis: one tile per program up to
+    :data:`_MAX_GRID_Y` (Triton specialises the 1, so those kernels compile as before)."""
+    per = cdiv(tiles, _MAX_GRID_Y)
+    return cdiv(tiles, per), per
+
+
 def _swap(d: int, bd: int, pairing: int) -> bool:
     """Whether pair partners can be shuffled in registers (see _swap_pairs) instead of loaded a second time."""
     return pairing == 0 or bd == d
@@ -597,8 +611,9 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
         spart, theta, gamma, sums, spart.shape[1] if mirror is not None else 1, float(n), float(map_eps),
         **blocks, **angles)
     state = part.sum(1) if chunks > 1 else part[:, 0]
-    _output_kernel[(b * h, cdiv(nq, bn))](
-        q, state, cos, ssin, out, nq, h, float(eps) * n, *q.stride(), *out.stride(), **blocks)
+    tiles, per = _grid_y(cdiv(nq, bn))
+    _output_kernel[(b * h, tiles)](
+        q, state, cos, ssin, out, nq, h, float(eps) * n, per, *q.stride(), *out.stride(), **blocks)
     return out, state
 
 
@@ -652,8 +667,9 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
         return dq, dk, dvv, None
     if mirror is None:
         return dq, dk, dvv, dang_q.sum(1) + dang_k.sum(1)
-    _sums_grad_kernel[(b * h, cdiv(n, _BLOCK_N))](
-        dk, k, dang_q, dang_k, sums, gamma, dtg, n, h, chunks_q, chunks_k, float(n), float(map_eps),
+    tiles, per = _grid_y(cdiv(n, _BLOCK_N))
+    _sums_grad_kernel[(b * h, tiles)](
+        dk, k, dang_q, dang_k, sums, gamma, dtg, n, h, chunks_q, chunks_k, float(n), float(map_eps), per,
         *k.stride(), D=d, BD=bd, BN=_BLOCK_N, PAIRING=pairing, FORM=form)
     return dq, dk, dvv, dtg
 
@@ -1013,10 +1029,11 @@ def _add_sigma_grad(dk_ptr, k_ptr, offs_n, N, s_kn, s_kd, ds1, ds2, offs_d, dmas
 
 
 @triton.jit
-def _sums_grad_kernel(DK, K, DANG_Q, DANG_K, SUMS, GAMMA, DTG, N, H, CHUNKS_Q, CHUNKS_K, n_tokens, eps_map,
+def _sums_grad_kernel(DK, K, DANG_Q, DANG_K, SUMS, GAMMA, DTG, N, H, CHUNKS_Q, CHUNKS_K, n_tokens, eps_map, TILES,
                       s_kb, s_kh, s_kn, s_kd, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
                       PAIRING: tl.constexpr, FORM: tl.constexpr):
-    """The σ² path of the chunked backward, one tile of keys per program: from the chunk partials of d angle per
+    """The σ² path of the chunked backward, ``TILES`` tiles of keys per program (one below 4M tokens, see
+    :data:`_MAX_GRID_Y`): from the chunk partials of d angle per
     channel (``DANG_Q [B·H, CHUNKS_Q, D]`` of the q pass, ``DANG_K`` of the k/v pass) the gradients of θ and γ of
     this row (stored by the first tile's program into ``DTG [2, B·H, D/2]``) and dk += dS₁ + 2·dS₂·k."""
     bh = tl.program_id(0).to(tl.int64)
@@ -1034,8 +1051,9 @@ def _sums_grad_kernel(DK, K, DANG_Q, DANG_K, SUMS, GAMMA, DTG, N, H, CHUNKS_Q, C
         dang += tl.load(row + offs_d, mask=dmask, other=0.0) + tl.load(row + partner, mask=dmask, other=0.0)
     ds1, ds2 = _sigma_path(dang, SUMS, GAMMA, DTG, bh, h, tl.num_programs(0), sign, partner, offs_d, dmask,
                            n_tokens, eps_map, tile == 0, D, PAIRING, FORM)
-    _add_sigma_grad(DK + bh * N * D, K + (bh // H) * s_kb + h * s_kh, _token_offsets(tile, BN), N, s_kn, s_kd,
-                    ds1, ds2, offs_d, dmask, D)
+    for t in range(0, TILES):
+        _add_sigma_grad(DK + bh * N * D, K + (bh // H) * s_kb + h * s_kh, _token_offsets(tile * TILES + t, BN), N,
+                        s_kn, s_kd, ds1, ds2, offs_d, dmask, D)
 
 
 def _token_sums_impl(x: torch.Tensor) -> torch.Tensor:
