@@ -280,6 +280,52 @@ def test_tiles_beyond_the_grid_limit_share_programs(monkeypatch):
     for a, w in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(a, w, rtol=0, atol=0)
 
+
+def test_launchers_make_their_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: a launcher whose tensors live on another GPU of the process
+    (cuda:1 while cuda:0 is current) runs with that GPU current, and with none switched when they match. Checked
+    with fake CUDA tensors and a recording stand-in for ``torch.cuda.device`` (no GPU here); the two-GPU test below
+    runs the ops themselves."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mirrorla.ops._launch import on_tensor_device
+
+    switched, seen = [], []
+
+    class Device:  # records the device the launcher switches to
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            switched.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    launcher = on_tensor_device(lambda grad, x: seen.append((grad, x.device)) or "done")
+    with FakeTensorMode():
+        on_1, on_0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
+    assert launcher(None, on_1) == "done" and switched == [torch.device("cuda:1")]  # the first tensor decides
+    assert launcher(None, on_0) == "done" and switched == [torch.device("cuda:1")]
+    assert launcher(None, torch.empty(2)) == "done" and len(seen) == 3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_cuda_ops_on_a_gpu_that_is_not_current():
+    q, k, v = (torch.randn(2, 3, 300, 32, device="cuda:1", requires_grad=True) for _ in range(3))
+    theta, gamma = torch.rand(3, 16, device="cuda:1"), torch.rand(3, 16, device="cuda:1")
+    with torch.cuda.device(0):
+        out = triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
+        grads = torch.autograd.grad(out.square().sum(), [q, k, v])
+    with torch.cuda.device(1):
+        want = triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
+        want_grads = torch.autograd.grad(want.square().sum(), [q, k, v])
+    torch.testing.assert_close(out, want)
+    for a, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, w)
+
 def _count_launches(monkeypatch):
     """Count the Triton kernel launches of both kernel modules, per kernel name."""
     from collections import Counter

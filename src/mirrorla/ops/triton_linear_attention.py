@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 from triton.runtime import OutOfResources
 
 from ..backend import DELTA_FORM_CODES
-from ._launch import cdiv, next_power_of_2
+from ._launch import cdiv, next_power_of_2, on_tensor_device
 from .fused import folded_mirror_map_reference, rotate_relu_reference
 from .linear_attention import _linear_attention_torch
 
@@ -750,6 +750,7 @@ def _reference_grads(reference, inputs: tuple, grad_out: torch.Tensor) -> tuple:
 # --------------------------------------------------------------------------------------- torch.library ops
 
 
+@on_tensor_device
 def _fused_forward_impl(q, k, v, angle, feature: int, pairing: int, eps: float):
     b, h, _, d = q.shape
     if _runs_kernels(q, k, v, feature, pairing, False, "forward"):
@@ -763,6 +764,7 @@ def _fused_forward_impl(q, k, v, angle, feature: int, pairing: int, eps: float):
     return out, q.new_zeros(b * h, d, v.shape[3] + 1, dtype=torch.float32)
 
 
+@on_tensor_device
 def _fused_backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing: int, eps: float):
     b, h, _, d = q.shape
     rotating = feature == 2 and angle is not None
@@ -1061,6 +1063,7 @@ def _token_sums_impl(x: torch.Tensor) -> torch.Tensor:
     return part.sum(1) if part.shape[1] > 1 else part[:, 0]
 
 
+@on_tensor_device
 def _token_sum_parts(x: torch.Tensor) -> torch.Tensor:
     """Per-channel ``[Σx, Σx²]`` of each chunk of tokens, ``[B·H, chunks, 2, d]`` fp32 (one launch)."""
     b, h, n, d = x.shape
@@ -1071,6 +1074,7 @@ def _token_sum_parts(x: torch.Tensor) -> torch.Tensor:
     return part
 
 
+@on_tensor_device
 def _mirror_forward_impl(q, k, v, theta, gamma, pairing: int, form: int, map_eps: float, eps: float):
     """Short rows: one launch (the row kernel). Longer ones: the keys' token-sum partials, then the state pass,
     whose programs derive the rotation from them (and store cos, signed sin and the token sums for the output and
@@ -1092,6 +1096,7 @@ def _mirror_forward_impl(q, k, v, theta, gamma, pairing: int, form: int, map_eps
     return out, state, sums.zero_(), cos.zero_(), ssin.zero_()
 
 
+@on_tensor_device
 def _mirror_backward_impl(q, k, v, theta, gamma, state, sums, cos, ssin, grad_out, pairing: int, form: int,
                           map_eps: float, eps: float):
     b, h, _, d = k.shape

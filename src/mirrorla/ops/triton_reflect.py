@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._launch import cdiv
+from ._launch import cdiv, on_tensor_device
 
 __all__ = ["reflect_projection_rows_triton"]
 
@@ -216,6 +216,7 @@ def _unit_grad_kernel(PART, U, DU, P, C, BC: tl.constexpr):
     _unit_grad(PART, U, DU, P, C, _unit_scale(U, C, BC), BC)
 
 
+@on_tensor_device
 def _fold_forward(weight, bias, u, signs, groups: int):
     rows, c_in = weight.shape
     c = u.shape[0]
@@ -229,6 +230,7 @@ def _fold_forward(weight, bias, u, signs, groups: int):
     return out_w, out_b
 
 
+@on_tensor_device
 def _fold_backward(d_w, d_b, weight, bias, u, signs, groups: int, need_u: bool):
     rows, c_in = weight.shape
     c = u.shape[0]
