@@ -326,6 +326,20 @@ def test_cuda_ops_on_a_gpu_that_is_not_current():
     for a, w in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(a, w)
 
+
+def test_an_empty_batch(kernel_path):
+    """B = 0 (an empty batch from a detection or sampling pipeline): empty outputs and gradients, zero gradients for
+    θ and γ, as the torch backend gives; the chunked launchers divided by B·H before."""
+    q, k, v = (torch.randn(0, 2, 100, 16, requires_grad=True) for _ in range(3))
+    theta, gamma = torch.rand(2, 8, requires_grad=True), torch.rand(2, 8, requires_grad=True)
+    for out, params in ((triton_ops.mirror_linear_attention(q, k, v, theta, gamma), [theta, gamma]),
+                        (triton_ops.fused_linear_attention(q, k, v, feature="relu"), [])):
+        assert out.shape == (0, 2, 100, 16)
+        grads = torch.autograd.grad(out.sum(), [q, k, v, *params])
+        assert [tuple(g.shape) for g in grads] == [(0, 2, 100, 16)] * 3 + [(2, 8)] * len(params)
+        for g in grads[3:]:
+            assert torch.equal(g, torch.zeros(2, 8))
+
 def _count_launches(monkeypatch):
     """Count the Triton kernel launches of both kernel modules, per kernel name."""
     from collections import Counter

@@ -528,7 +528,7 @@ def _chunks(n: int, bh: int, device: torch.device, block_n: int = _BLOCK_N) -> t
         target = 4 * _SM_COUNT[index]
     else:
         target = 4  # the interpreter: few, long programs are fastest
-    chunks = max(1, min(tiles, cdiv(target, bh)))
+    chunks = max(1, min(tiles, cdiv(target, max(bh, 1))))  # an empty batch (B·H = 0) launches an empty grid
     per = cdiv(tiles, chunks)
     return cdiv(tiles, per), per
 
