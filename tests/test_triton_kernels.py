@@ -340,6 +340,27 @@ def test_an_empty_batch(kernel_path):
         for g in grads[3:]:
             assert torch.equal(g, torch.zeros(2, 8))
 
+
+def test_heads_wider_than_the_kernels_take_run_the_reference(monkeypatch):
+    """Heads wider than 128 would need more shared memory than any GPU has: they run the torch reference, with one
+    warning, without compiling or launching a kernel."""
+    monkeypatch.setattr(triton_ops, "_WARNED_WIDTHS", set())
+    launches = _count_launches(monkeypatch)
+    q, k, v, _, theta, gamma = _op_inputs(1, 1, 20, 160)
+    with pytest.warns(RuntimeWarning, match="heads up to 128 wide, got d = 160"):
+        out = triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
+    grads = torch.autograd.grad(out.square().sum(), [q, k, v, theta, gamma])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per width
+        relu = triton_ops.fused_linear_attention(q, k, v, feature="relu")
+        relu.sum().backward()
+    assert not launches
+    want = triton_ops._mirror_reference(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)
+    torch.testing.assert_close(out, want)
+    for a, w in zip(grads, torch.autograd.grad(want.square().sum(), [q, k, v, theta, gamma]), strict=True):
+        torch.testing.assert_close(a, w)
+    torch.testing.assert_close(relu, _reference(q, k, v, None, "relu", "adjacent"))
+
 def _count_launches(monkeypatch):
     """Count the Triton kernel launches of both kernel modules, per kernel name."""
     from collections import Counter

@@ -700,10 +700,26 @@ def _configuration(q, k, v, feature: int, pairing: int, mirror: bool) -> tuple:
                                                                                 _swap(d, bd, pairing)))
 
 
+_MAX_WIDTH = 128
+"""The widest head (d and dv) the kernels take. Wider heads would hold ``[256, 256]`` fp32 state tiles: more
+shared memory than any GPU gives a block (ptxas for sm_90 at d = 256, bf16: 524 KB forward, 590 KB backward), so
+they run the torch reference without compiling kernels that cannot launch."""
+
+_WARNED_WIDTHS: set[tuple[int, int]] = set()
+
+
 def _runs_kernels(q, k, v, feature: int, pairing: int, mirror: bool, direction: str) -> bool:
-    """False where an earlier call found this configuration's kernels too large for the GPU: always in the
-    forward's direction, and in the backward's also where the forward fell back (its saved state is a
-    placeholder then). Free while no configuration has been too large."""
+    """False for heads wider than :data:`_MAX_WIDTH`, and where an earlier call found this configuration's kernels
+    too large for the GPU: always in the forward's direction, and in the backward's also where the forward fell
+    back (its saved state is a placeholder then). Costs two comparisons while no configuration has been too
+    large."""
+    if q.shape[3] > _MAX_WIDTH or v.shape[3] > _MAX_WIDTH:
+        if (q.shape[3], v.shape[3]) not in _WARNED_WIDTHS:
+            _WARNED_WIDTHS.add((q.shape[3], v.shape[3]))
+            warnings.warn(f"mirrorla: the Triton kernels take heads up to {_MAX_WIDTH} wide, got d = {q.shape[3]}, "
+                          f"dv = {v.shape[3]}; these calls run the PyTorch reference instead: the same values, "
+                          "slower and with more memory", RuntimeWarning, stacklevel=3)
+        return False
     if not _TOO_LARGE:
         return True
     configuration = _configuration(q, k, v, feature, pairing, mirror)
