@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 # largest dynamic shared memory per block (bytes) of the architectures this project meets
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
                 torch.int32: "i32"}

@@ -25,7 +25,7 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run it with its console output in 
     if [ "$code" -eq 0 ]; then mv "$OUT/$log.partial" "$OUT/$log"; fi
     echo "$name: exit $code at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/session.log"
 }
-step gpu_check 180 gpu_check.txt $PY benchmarks/gpu_check.py --kernels-only --quick
+step gpu_check 200 gpu_check.txt $PY benchmarks/gpu_check.py --kernels-only --quick
 step gpu_profile 180 gpu_profile.log $PY benchmarks/gpu_profile.py --paths --backward-blocks --host --mode train \
     --attn relu,mirror \
     --out "$OUT/profile_host.txt"
