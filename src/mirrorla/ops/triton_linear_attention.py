@@ -568,8 +568,8 @@ the chunked kernels, which spread a row over many programs. The value was set wi
 
 _BACKWARD_BLOCKS: tuple[int, int] | None = None
 """(token tile, warps) of the chunked backward kernels for heads up to 64 wide, or None for the forward's (64, 4).
-ptxas for sm_90 (bf16, d = 64, Triton 3.8) reports per-thread spills of the MirrorLA backward's q pass of 1,272
-bytes with (64, 4), 868 with (64, 8), 308 with (32, 4) and none with (32, 8); of its k/v pass 628, 16, 28 and 0.
+ptxas for sm_90 (bf16, d = 64, Triton 3.8) reports per-thread spills of the MirrorLA backward's q pass of 1,284
+bytes with (64, 4), 928 with (64, 8), 316 with (32, 4) and 24 with (32, 8); of its k/v pass 676, 44, 36 and 0.
 Smaller tiles spill less but make smaller matmuls and more loop steps; which is faster is a GPU measurement:
 ``benchmarks/gpu_profile.py --backward-blocks`` times the options side by side."""
 
