@@ -141,13 +141,11 @@ def test_reference_core_makes_no_whole_fp32_copy_of_half_inputs(dtype, monkeypat
     """Without autograd the torch core converts half-precision q, k, v a chunk of tokens at a time (the same fp32
     state and normaliser): no fp32 tensor the size of a whole input is made, and the output matches the fp32
     computation on the same values."""
-    import importlib
-
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    la_module = importlib.import_module("mirrorla.ops.linear_attention")  # the module, not the function
+    from mirrorla.ops import reference
 
-    monkeypatch.setattr(la_module, "_CHUNK_TOKENS", 7)  # several chunks, the last one partial
+    monkeypatch.setattr(reference, "_CHUNK_TOKENS", 7)  # several chunks, the last one partial
     b, h, n, nq, d, dv = 2, 3, 30, 25, 8, 6
     q, k = (torch.rand(b, h, m, d).to(dtype) for m in (nq, n))
     v = torch.randn(b, h, n, dv).to(dtype)

@@ -13,7 +13,14 @@ import torch
 
 from ..backend import DELTA_FORM_CODES, backend_setting, cpu_kernels_available, cpu_kernels_status, select_backend
 from ._checks import check_even_last_dim, check_floating, check_rank
-from .reflect import DELTA_FORMS, _tracing, check_delta_form, check_pairing, pair_channels, rotate_pairs, token_moments
+from .reference import (
+    angles_from_sums,
+    folded_mirror_map_reference,
+    folded_variance,
+    rotate_relu_reference,
+    token_sums_reference,
+)
+from .reflect import _tracing, check_delta_form, check_pairing
 
 __all__ = [
     "cpu_kernels_available",
@@ -41,14 +48,6 @@ def _use_kernel(*xs: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- rotate + ReLU
-
-
-def rotate_relu_reference(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacent") -> torch.Tensor:
-    """``ReLU(R(angle)·x)`` with plain PyTorch ops (see :func:`rotate_relu`); ``angle`` broadcastable to
-    ``[B, H, N, d/2]``."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    (rotated,) = rotate_pairs(x.to(acc), angle=angle.to(acc), pairing=pairing)
-    return rotated.relu_()
 
 
 def rotate_relu(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacent") -> torch.Tensor:
@@ -82,12 +81,6 @@ def rotate_relu(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacen
 # ------------------------------------------------------------------------------------------------ token sums
 
 
-def token_sums_reference(x: torch.Tensor) -> torch.Tensor:
-    """``[B, H, 2, d]``: per-channel sum and sum of squares over the tokens of ``x`` ``[B, H, N, d]``."""
-    mean, mean_sq = token_moments(x, dim=2)
-    return torch.stack([mean, mean_sq], dim=2).mul_(x.shape[2])
-
-
 def token_sums(x: torch.Tensor) -> torch.Tensor:
     """Per-channel sum and sum of squares over tokens, ``[B, H, N, d] → [B, H, 2, d]`` (fp32, or fp64 for fp64
     input); one pass over memory on CPUs. Differentiable (through the reference)."""
@@ -105,19 +98,6 @@ def token_sums(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ the folded MirrorLA step
 
 
-def folded_variance(sums: torch.Tensor, n: int, *, pairing: str = "adjacent") -> torch.Tensor:
-    """σ² ``[B, H, d/2]`` of the keys before the static reflection ``H(0)``, from the token sums
-    ``[B, H, 2, d]`` of the folded keys ``H(0)·k``.
-
-    ``H(0)`` negates the first channel of each pair: second moments are unchanged and the block mean of the
-    unfolded keys is ``(m₁ − m₀)/2``, so σ² = E[a² + b²]/2 − ((m₁ − m₀)/2)².
-    """
-    paired = pair_channels(sums, pairing)  # [B, H, 2, d/2, 2]
-    diff = (paired[:, :, 0, :, 1] - paired[:, :, 0, :, 0]).mul_(1.0 / n)
-    mean_sq = paired[:, :, 1].sum(-1).mul_(1.0 / n)
-    return torch.addcmul(mean_sq, diff, diff, value=-0.5).mul_(0.5).clamp_min_(0)
-
-
 def folded_angles(k: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor, *, eps: float = 1e-6,
                   delta_form: str = "tanh_log", pairing: str = "adjacent", sums: torch.Tensor | None = None):
     """The per-sample rotation angles ``2Θ = 2(θ + Δα(σ²))`` ``[B, H, d/2]`` (fp32) of folded keys ``[B, H, N, d]``.
@@ -127,19 +107,7 @@ def folded_angles(k: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor, *, 
     """
     if sums is None:
         sums = token_sums(k)
-    var = folded_variance(sums, k.shape[2], pairing=pairing)
-    acc = var.dtype
-    return (theta.to(acc)[None] + DELTA_FORMS[delta_form](var, gamma.to(acc), eps)).mul(2.0)
-
-
-def folded_mirror_map_reference(q, k, theta, gamma, *, eps=1e-6, delta_form="tanh_log", pairing="adjacent"):
-    """:func:`folded_mirror_map` with plain PyTorch ops (differentiable)."""
-    angle = folded_angles(k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing,
-                          sums=token_sums_reference(k))
-    acc = angle.dtype
-    acc_q, acc_k = q.to(acc), k.to(acc)
-    q, k = rotate_pairs(acc_q, acc_k, angle=angle.unsqueeze(2), pairing=pairing)
-    return q.relu_(), k.relu_()
+    return angles_from_sums(sums, k.shape[2], theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
 
 
 def folded_mirror_map(

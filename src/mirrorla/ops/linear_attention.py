@@ -7,7 +7,8 @@ import torch
 from ..backend import select_backend
 from ._checks import check_floating, check_rank
 from .fused import rotate_relu
-from .reflect import _tracing, check_pairing
+from .reference import _accumulation_dtype, _linear_attention_torch
+from .reflect import check_pairing
 
 __all__ = ["MAPPED_FEATURES", "linear_attention", "linear_attention_reference", "mapped_linear_attention"]
 
@@ -34,11 +35,6 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q and k need at least one token, got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
-def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp32, or fp64 when an input is fp64: never accumulate in half precision."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     """Mean-normalised linear attention, ``o_i = φq_iᵀ S / (φq_iᵀ z̄ + eps)``.
 
@@ -62,49 +58,6 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
 
         return fused_linear_attention(q, k, v, feature="identity", eps=eps)
     return _linear_attention_torch(q, k, v, eps=eps)
-
-
-_CHUNK_TOKENS = 4096  # tokens converted to fp32 at a time where the inputs are half precision and no gradient is needed
-
-
-def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float) -> torch.Tensor:
-    acc = _accumulation_dtype(q, k, v)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    converts = q.dtype != acc or k.dtype != acc or v.dtype != acc
-    if converts and not needs_grad and not _tracing():
-        return _linear_attention_chunked(q, k, v, eps=eps, acc=acc)
-    out_dtype = v.dtype
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-        inv_n = 1.0 / k.shape[2]
-        kv = torch.matmul(kf.transpose(-2, -1), vf).mul_(inv_n)  # [B, H, dq, dv]
-        k_mean = kf.mean(dim=2).unsqueeze(-1)  # [B, H, dq, 1]
-        # numerator and normaliser in one pass over q: q · [S | z̄]
-        num_den = torch.matmul(qf, torch.cat([kv, k_mean], dim=-1))  # [B, H, Nq, dv + 1]
-        dv = v.shape[-1]
-        out = num_den[..., :dv] / num_den[..., dv:].add_(eps)
-    return out.to(out_dtype)
-
-
-def _linear_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float,
-                              acc: torch.dtype) -> torch.Tensor:
-    """The reference core for half-precision inputs without autograd: the same fp32 state and normaliser, built
-    from chunks of ``_CHUNK_TOKENS`` tokens converted at a time, so no fp32 copy of a whole q, k or v is made
-    (with autograd the converted inputs are saved for the backward anyway, and the plain path runs)."""
-    b, h, n, d = k.shape
-    nq, dv = q.shape[2], v.shape[3]
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        state = torch.zeros(b, h, d, dv + 1, device=q.device, dtype=acc)  # [S | z], sums over tokens
-        for start in range(0, n, _CHUNK_TOKENS):
-            kc = k[:, :, start:start + _CHUNK_TOKENS].to(acc)
-            state[..., :dv].add_(torch.matmul(kc.transpose(-2, -1), v[:, :, start:start + _CHUNK_TOKENS].to(acc)))
-            state[..., dv].add_(kc.sum(dim=2))
-        state.mul_(1.0 / n)
-        out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
-        for start in range(0, nq, _CHUNK_TOKENS):
-            num_den = torch.matmul(q[:, :, start:start + _CHUNK_TOKENS].to(acc), state)
-            out[:, :, start:start + _CHUNK_TOKENS] = num_den[..., :dv] / num_den[..., dv:].add_(eps)
-    return out
 
 
 def linear_attention_reference(

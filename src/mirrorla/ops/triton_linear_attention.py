@@ -44,8 +44,7 @@ from triton.runtime import OutOfResources
 
 from ..backend import DELTA_FORM_CODES
 from ._launch import cdiv, next_power_of_2, on_tensor_device
-from .fused import folded_mirror_map_reference, rotate_relu_reference
-from .linear_attention import _linear_attention_torch
+from .reference import _linear_attention_torch, folded_mirror_map_reference, rotate_relu_reference
 
 __all__ = ["FEATURES", "fused_linear_attention", "mirror_linear_attention", "token_sums_triton"]
 
