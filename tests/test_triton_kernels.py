@@ -15,6 +15,7 @@ from mirrorla.backend import select_backend
 from mirrorla.feature_maps import create_feature_map
 from mirrorla.ops import linear_attention, token_sums_reference
 from mirrorla.ops.fused import rotate_relu_reference
+from mirrorla.ops.tuning import forced_tuning
 
 triton_ops = pytest.importorskip("mirrorla.ops.triton_linear_attention")
 
@@ -31,8 +32,8 @@ def backend(monkeypatch):
 def kernel_path(request, monkeypatch):
     """Each op on both of its kernel paths: the row kernels (one program per (b, h) row, one launch each way; the
     default for short rows) and the chunked kernels (many programs per row, partials added afterwards)."""
-    monkeypatch.setattr(triton_ops, "_ROW_MAX_TILES", 10**9 if request.param == "row" else 0)
-    return request.param
+    with forced_tuning(row_max_tiles=10**9 if request.param == "row" else 0):
+        yield request.param
 
 
 def _reference(q, k, v, angle, feature, pairing):
@@ -178,10 +179,9 @@ def test_mirror_op_half_precision_strided_inputs(dtype, kernel_path):
 
 @pytest.mark.parametrize("name", ["mirror", "fused rotate_relu", "fused relu"])
 def test_chunked_backward_block_options_give_the_same_gradients(name, monkeypatch):
-    """The chunked backward's token tile can differ from the forward's (``_BACKWARD_BLOCKS``, an option that
-    ``gpu_profile.py --backward-blocks`` times): 32-token tiles over several chunks per row give the gradients of
-    the default 64-token tiles."""
-    monkeypatch.setattr(triton_ops, "_ROW_MAX_TILES", 0)
+    """The chunked backward's token tile can differ from the forward's (``backward_blocks``, a per-GPU setting that
+    ``mirrorla tune`` measures): 32-token tiles over several chunks per row give the gradients of the default
+    64-token tiles."""
     q, k, v, angle, theta, gamma = _op_inputs(1, 2, 100, 16)  # 2 rows, 4 tiles of 32: 2 chunks per row
     call, inputs = {"mirror": (lambda: triton_ops.mirror_linear_attention(q, k, v, theta, gamma),
                                [q, k, v, theta, gamma]),
@@ -201,11 +201,11 @@ def test_chunked_backward_block_options_give_the_same_gradients(name, monkeypatc
 
     monkeypatch.setattr(triton_ops, "_backward_kv_kernel", Spy())
     grads = {}
-    for blocks in (None, (32, 8)):
-        monkeypatch.setattr(triton_ops, "_BACKWARD_BLOCKS", blocks)
-        grads[blocks] = torch.autograd.grad(call().square().sum(), inputs)
+    for blocks in ((64, 4), (32, 8)):
+        with forced_tuning(row_max_tiles=0, backward_blocks=blocks):
+            grads[blocks] = torch.autograd.grad(call().square().sum(), inputs)
     assert tiles == [(64, 4, 2), (32, 8, 2)]  # 64-token tiles, then 32: two chunks per row either way
-    for a, w in zip(grads[(32, 8)], grads[None], strict=True):
+    for a, w in zip(grads[(32, 8)], grads[(64, 4)], strict=True):
         torch.testing.assert_close(a, w, atol=1e-5, rtol=1e-5)
 
 
@@ -251,11 +251,17 @@ def test_inputs_with_offsets_past_2_31_elements(layout, op, kernel_path):
         torch.testing.assert_close(a, w)
 
 
-def test_tiles_beyond_the_grid_limit_share_programs(monkeypatch):
+@pytest.fixture
+def chunked_kernels():
+    """The ops on their chunked kernels, whatever the row length."""
+    with forced_tuning(row_max_tiles=0):
+        yield
+
+
+def test_tiles_beyond_the_grid_limit_share_programs(monkeypatch, chunked_kernels):
     """A CUDA grid's second axis holds at most 65,535 programs: beyond that many tiles of tokens (4M tokens) the
     output pass and the σ² path give each program several tiles. Here the limit is lowered to 2 programs: the
     MirrorLA op's values and gradients are those of one tile per program."""
-    monkeypatch.setattr(triton_ops, "_ROW_MAX_TILES", 0)
     q, k, v, _, theta, gamma = _op_inputs(1, 2, 300, 16)  # 5 tiles of 64 tokens
     grids, real = [], {name: getattr(triton_ops, name) for name in ("_output_kernel", "_sums_grad_kernel")}
 

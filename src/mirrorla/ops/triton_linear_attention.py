@@ -16,9 +16,10 @@ the σ² path to dk, θ and γ. Two sets of kernels run these passes:
 
 - chunked kernels (long rows): one kernel per pass, each with many programs per (b, h) row, every program
   reducing a chunk of tokens into fp32 partials that are added in a fixed order (deterministic, no atomics);
-- row kernels (rows of at most ``_ROW_MAX_TILES`` token tiles): one program per row runs every pass of the
-  forward, another every pass of the backward, with the state and dS kept in registers between passes: one
-  launch each way, where short rows cost more host time per launch than GPU time (DeiT-T at 224²).
+- row kernels (rows of at most ``row_max_tiles`` token tiles, 8 unless :mod:`mirrorla.ops.tuning` has a
+  measurement for the GPU): one program per row runs every pass of the forward, another every pass of the
+  backward, with the state and dS kept in registers between passes: one launch each way, where short rows cost
+  more host time per launch than GPU time (DeiT-T at 224²).
 
 q, k and v are read in their own dtype (and may be strided views of a qkv tensor); states, normalisers and
 gradients of the angle are fp32; the matmuls run on tensor cores (bf16/fp16 inputs with fp32 accumulation, tf32
@@ -27,8 +28,8 @@ for the fp32 states). ``benchmarks/compile_check.py`` compiles every configurati
 The ops are registered with :mod:`torch.library` (``mirrorla::fused_linear_attention``), with fake kernels and
 autograd, so ``torch.compile(fullgraph=True)`` and CUDA graphs see one op; eager calls run the same
 implementation through a ``torch.autograd.Function``, whose dispatch costs less host time than a custom op's.
-Block sizes are fixed (no autotune), so the kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is
-how the test suite checks them.
+Block sizes are fixed per GPU (no autotune: :mod:`mirrorla.ops.tuning` holds the two measured choices), so the
+kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the test suite checks them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from triton.runtime import OutOfResources
 from ..backend import DELTA_FORM_CODES
 from ._launch import cdiv, next_power_of_2, on_tensor_device
 from .reference import _linear_attention_torch, folded_mirror_map_reference, rotate_relu_reference
+from .tuning import kernel_tuning
 
 __all__ = ["FEATURES", "fused_linear_attention", "mirror_linear_attention", "token_sums_triton"]
 
@@ -556,27 +558,12 @@ def _pair_sum(per_channel: torch.Tensor, pairing: str) -> torch.Tensor:
     return per_channel.unflatten(-1, (2, d // 2)).sum(-2)
 
 
-_ROW_MAX_TILES = 8
-"""Sequences of at most this many token tiles (512 tokens at d ≤ 64) run on the row kernels: one program per
-(b, h) row does every pass of the op, one launch forward and one backward, instead of the chunked kernels' three
-to four launches and torch reductions in each direction. For such rows a launch should cost the host more than
-the row's work costs the GPU (a DeiT-T step at 224², N = 197, is bound by host time per launch); longer rows take
-the chunked kernels, which spread a row over many programs. The value was set without a GPU measurement:
-``benchmarks/gpu_profile.py --paths`` times both paths at N = 197 … 16,384, which is where to set it from."""
-
-
-_BACKWARD_BLOCKS: tuple[int, int] | None = None
-"""(token tile, warps) of the chunked backward kernels for heads up to 64 wide, or None for the forward's (64, 4).
-ptxas for sm_90 (bf16, d = 64, Triton 3.8) reports per-thread spills of the MirrorLA backward's q pass of 1,284
-bytes with (64, 4), 928 with (64, 8), 316 with (32, 4) and 24 with (32, 8); of its k/v pass 676, 44, 36 and 0.
-Smaller tiles spill less but make smaller matmuls and more loop steps; which is faster is a GPU measurement:
-``benchmarks/gpu_profile.py --backward-blocks`` times the options side by side."""
-
-
-def _row_path(nq: int, n: int, bn: int, feature: int, swap: bool) -> bool:
+def _row_path(nq: int, n: int, bn: int, feature: int, swap: bool, device: torch.device) -> bool:
+    """Whether the row kernels run the op: rows of at most ``row_max_tiles`` token tiles, a per-GPU setting
+    (:mod:`mirrorla.ops.tuning`, measured by ``mirrorla tune``)."""
     # a rotation on the row kernels shuffles pair partners in registers (swap): the partner rows of dS are never
     # reloaded from memory, which a single program could not do without a barrier
-    return max(nq, n) <= _ROW_MAX_TILES * bn and (swap or feature != 2)
+    return max(nq, n) <= kernel_tuning(device).row_max_tiles * bn and (swap or feature != 2)
 
 
 def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mirror=None):
@@ -596,7 +583,7 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
                   SWAP=swap, num_warps=warps, num_stages=_STAGES)
     angles = dict(ANGLES=mirror is not None, FORM=form, LOAD_MAP=0 if mirror is not None else feature)
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
-    if _row_path(nq, n, bn, feature, swap):
+    if _row_path(nq, n, bn, feature, swap, q.device):
         state = torch.empty(b * h, d, dv + 1, device=q.device, dtype=torch.float32)
         _row_forward_kernel[(b * h,)](
             q, k, v, cos, ssin, state, out, nq, n, h, float(eps) * n, *q.stride(), *k.stride(), *v.stride(),
@@ -636,7 +623,7 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     dvv = torch.empty(b, h, n, dv, device=q.device, dtype=v.dtype)
     # the σ² path's output: dθ and dγ per row
     dtg = torch.empty(2, b * h, d // 2, device=q.device, dtype=torch.float32) if mirror is not None else None
-    if _row_path(nq, n, bn, feature, swap):
+    if _row_path(nq, n, bn, feature, swap, q.device):
         dang = dtg if mirror is not None else (
             torch.empty(b * h, d, device=q.device, dtype=torch.float32) if rotating else state)
         # both passes in one program hold more live tiles: eight warps halve the registers per thread (ptxas for
@@ -647,8 +634,8 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
             *q.stride(), *grad_out.stride(), *k.stride(), *v.stride(), sums, gamma, float(n), float(map_eps),
             ANGLES=mirror is not None, FORM=form, **blocks)
         return dq, dk, dvv, dang if rotating else None
-    if _BACKWARD_BLOCKS is not None and max(bd, bdv) <= 64:
-        bn, blocks["num_warps"] = _BACKWARD_BLOCKS
+    if max(bd, bdv) <= 64:  # (token tile, warps): a per-GPU setting, the forward's (64, 4) by default
+        bn, blocks["num_warps"] = kernel_tuning(q.device).backward_blocks
         blocks["BN"] = bn
     chunks_q, per_q = _chunks(nq, b * h, q.device, bn)
     dstate_part = torch.empty(b * h, chunks_q, d, dv + 1, device=q.device, dtype=torch.float32)
@@ -695,8 +682,8 @@ def _configuration(q, k, v, feature: int, pairing: int, mirror: bool) -> tuple:
     nq, d = q.shape[2], q.shape[3]
     n, dv = k.shape[2], v.shape[3]
     bd, _, bn, _ = _blocks(d, dv)
-    return (str(q.device), q.dtype, d, dv, feature, pairing, mirror, _row_path(nq, n, bn, feature,
-                                                                                _swap(d, bd, pairing)))
+    return (str(q.device), q.dtype, d, dv, feature, pairing, mirror,
+            _row_path(nq, n, bn, feature, _swap(d, bd, pairing), q.device))
 
 
 _MAX_WIDTH = 128

@@ -1,0 +1,140 @@
+"""Per-GPU launch settings of the Triton kernels: measured on each GPU by ``mirrorla tune``, never guessed.
+
+Two choices of the Triton path depend on the GPU more than on the code, so they are looked up per GPU:
+
+- ``row_max_tiles``: rows of at most this many token tiles (64 tokens at d ≤ 64) run on the row kernels, one
+  program per (b, h) row and one launch each way; longer rows run on the chunked kernels, many programs per row.
+  The row kernels save launches (host time) and lose parallelism, so where they stop winning depends on the GPU's
+  size and its host.
+- ``backward_blocks``: ``(token tile, warps)`` of the chunked backward kernels for heads up to 64 wide. Smaller
+  tiles and more warps spill fewer registers (ptxas) but run smaller matmuls.
+
+Where the values come from, the first that has the GPU (by its CUDA name) wins:
+
+1. the JSON file named by the environment variable ``MIRRORLA_TUNING`` (what ``mirrorla tune --out FILE``
+   writes; read at the first launch on each GPU, :func:`clear_tuning_cache` rereads it);
+2. ``kernel_tuning.json`` beside this module: entries measured in this project's GPU sessions;
+3. :data:`DEFAULT_TUNING`.
+
+CPU tensors (Triton's interpreter) always take the defaults. Tools and tests can force values for a block of code
+with :func:`forced_tuning`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["DEFAULT_TUNING", "KernelTuning", "clear_tuning_cache", "forced_tuning", "kernel_tuning",
+           "read_tuning_file", "tuning_for_gpu"]
+
+TUNING_FORMAT = 1
+BUNDLED_TUNING = Path(__file__).with_name("kernel_tuning.json")
+TILE_CHOICES = (16, 32, 64)  # tl.dot needs at least 16 rows; the backward's tiles of 128 overflow shared memory
+WARP_CHOICES = (1, 2, 4, 8, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTuning:
+    """The Triton path's per-GPU launch settings (see the module's docstring); ``source`` says where they came from."""
+
+    row_max_tiles: int = 8
+    backward_blocks: tuple[int, int] = (64, 4)
+    source: str = "defaults"
+
+    def __post_init__(self):
+        if not isinstance(self.row_max_tiles, int) or isinstance(self.row_max_tiles, bool) or self.row_max_tiles < 0:
+            raise ValueError(f"row_max_tiles must be an int >= 0, got {self.row_max_tiles!r}")
+        blocks = self.backward_blocks
+        if (not isinstance(blocks, tuple) or len(blocks) != 2 or blocks[0] not in TILE_CHOICES
+                or blocks[1] not in WARP_CHOICES):
+            raise ValueError(f"backward_blocks must be (token tile in {TILE_CHOICES}, warps in {WARP_CHOICES}), "
+                             f"got {blocks!r}")
+
+    def settings(self) -> dict:
+        """The settings as a tuning file stores them."""
+        return {"row_max_tiles": self.row_max_tiles, "backward_blocks": list(self.backward_blocks)}
+
+
+DEFAULT_TUNING = KernelTuning()
+"""Used where no measurement names the GPU: rows of up to 8 tiles (512 tokens) on the row kernels, the chunked
+backward on the forward's (64 tokens, 4 warps)."""
+
+_CACHE: dict[int, KernelTuning] = {}
+_FORCED: dict = {}
+
+
+def read_tuning_file(path: str | os.PathLike) -> dict[str, KernelTuning]:
+    """The entries of a tuning file, ``{GPU name: KernelTuning}``. A malformed file is an error naming it and the
+    entry at fault."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tuning file {path} does not exist (MIRRORLA_TUNING names it)") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"tuning file {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict) or data.get("format") != TUNING_FORMAT or not isinstance(data.get("gpus"), dict):
+        raise ValueError(f"tuning file {path} must be a JSON object with \"format\": {TUNING_FORMAT} and a \"gpus\" "
+                         "object (what mirrorla tune writes)")
+    entries = {}
+    for name, entry in data["gpus"].items():
+        try:
+            blocks = entry["backward_blocks"]
+            entries[name] = KernelTuning(
+                row_max_tiles=entry["row_max_tiles"],
+                backward_blocks=tuple(blocks) if isinstance(blocks, list) else blocks,
+                source=f"{path.name}: {entry.get('measured', 'no provenance recorded')}")
+        except (KeyError, TypeError, ValueError) as error:
+            detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
+            raise ValueError(f"tuning file {path}, entry {name!r}: {detail}") from None
+    return entries
+
+
+def tuning_for_gpu(name: str) -> KernelTuning:
+    """The settings for the GPU called ``name`` (``torch.cuda.get_device_name``): ``MIRRORLA_TUNING``'s file, then
+    the bundled table, then the defaults."""
+    user = os.environ.get("MIRRORLA_TUNING", "").strip()
+    for path in ([user] if user else []) + [BUNDLED_TUNING]:
+        if path is BUNDLED_TUNING and not path.exists():
+            continue
+        entries = read_tuning_file(path)
+        if name in entries:
+            return entries[name]
+    return DEFAULT_TUNING
+
+
+def kernel_tuning(device: torch.device) -> KernelTuning:
+    """The launch settings for tensors on ``device`` (looked up once per GPU; forced values win)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        tuning = _CACHE.get(index)
+        if tuning is None:
+            tuning = _CACHE[index] = tuning_for_gpu(torch.cuda.get_device_name(index))
+    else:
+        tuning = DEFAULT_TUNING
+    return dataclasses.replace(tuning, **_FORCED) if _FORCED else tuning
+
+
+def clear_tuning_cache() -> None:
+    """Forget the looked-up settings: the next launch on each GPU reads ``MIRRORLA_TUNING`` and the table again."""
+    _CACHE.clear()
+
+
+@contextlib.contextmanager
+def forced_tuning(**settings):
+    """Use these settings (fields of :class:`KernelTuning`) on every device inside the block, e.g.
+    ``forced_tuning(row_max_tiles=0)`` for the chunked kernels only. Not thread-safe: for tools and tests."""
+    dataclasses.replace(DEFAULT_TUNING, **settings)  # checks the values before the block runs
+    saved = dict(_FORCED)
+    _FORCED.update(settings, source="forced")
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
