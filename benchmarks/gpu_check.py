@@ -8,7 +8,7 @@ line per check and exits 1 on a mismatch.
 
 Also checks the MirrorLA layer (fold, σ², rotation, attention) on the Triton backend against the torch backend on
 the same device, in values and in the gradients of every parameter, and the chunked backward's block options
-(``_BACKWARD_BLOCKS``) against its default.
+(``backward_blocks``, chosen per GPU by ``mirrorla tune``) against its default.
 
 Usage: PYTHONPATH=src python benchmarks/gpu_check.py [DEVICE] [--kernels-only] [--quick]  (DEVICE defaults to
 cuda; --kernels-only skips the compiled DeiT-T checks, which spend minutes compiling; --quick keeps the head width
@@ -111,27 +111,14 @@ for delta_form, pairing, n, d, dtype in MAP_CASES[:2] if quick else MAP_CASES:
                            strict=True):
         report(f"{name} {label}", rel(a, w), 2 * tol)
 
-# the chunked backward's (token tile, warps) options, which gpu_profile.py --backward-blocks times: the MirrorLA
-# op's gradients with each option against the default's (the same sums in other orders)
-from mirrorla.ops import triton_linear_attention as tla  # noqa: E402
+# the chunked backward's (token tile, warps) options that mirrorla tune may choose: the MirrorLA op's gradients with
+# each option against the default's (the same sums in other orders; tune checks them too before it picks one)
+from mirrorla.tools.tune import GRAD_TOLERANCE, check_block_options  # noqa: E402
 
-n_blocks, dtype_blocks = (4096, torch.bfloat16) if device.type == "cuda" else (300, torch.float32)
-g = torch.Generator(device="cpu").manual_seed(1)
-q, k, v = (torch.randn(2, 3, n_blocks, 64, generator=g).to(device, dtype_blocks).requires_grad_() for _ in range(3))
-theta = torch.rand(3, 32, generator=g).to(device).requires_grad_()
-gamma = (0.5 * torch.randn(3, 32, generator=g)).to(device).requires_grad_()
-saved_rows, tla._ROW_MAX_TILES = tla._ROW_MAX_TILES, 0
-block_results = {}
-for blocks in (None, (64, 8), (32, 4), (32, 8)):
-    tla._BACKWARD_BLOCKS = blocks
-    out = tla.mirror_linear_attention(q, k, v, theta, gamma)
-    block_results[blocks] = torch.autograd.grad(out.float().square().mean(), [q, k, v, theta, gamma])
-tla._BACKWARD_BLOCKS, tla._ROW_MAX_TILES = None, saved_rows
-for blocks in ((64, 8), (32, 4), (32, 8)):
-    for label, a, w in zip(("dq", "dk", "dv", "dtheta", "dgamma"), block_results[blocks], block_results[None],
-                           strict=True):
-        report(f"chunked backward blocks {blocks} vs (64, 4), N={n_blocks} {label}", rel(a, w),
-               2e-2 if dtype_blocks == torch.bfloat16 else 1e-5)
+dtype_blocks = torch.bfloat16 if device.type == "cuda" else torch.float32
+n_blocks = 4096 if device.type == "cuda" else 300
+for option, error in check_block_options(device, dtype_blocks, n=n_blocks).items():
+    report(f"chunked backward blocks {option} vs 64x4, N={n_blocks}", error, GRAD_TOLERANCE[dtype_blocks])
 
 # the fold of the static reflections into the qkv rows: Triton kernels against the torch version, values and the
 # gradients of weight, bias and u (DeiT-T's and DeiT-B's widths; fp32 and bf16 weights)

@@ -15,17 +15,16 @@ launch, the ops forward and forward+backward, the fold, and whole layers. At thi
 host, so these are the host's costs per call; they say which piece a host-bound step spends its time in.
 
 Usage: PYTHONPATH=src python benchmarks/gpu_profile.py [--device cuda] [--img-size 224] [--batch 128]
-       [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--host] [--paths] [--backward-blocks]
+       [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--host]
        [--top 10] [--out FILE]
 
-With ``--paths`` it first times the op on its two kernel paths (row and chunked kernels) at N = 197 … 16,384;
-with ``--backward-blocks`` the chunked backward's (token tile, warps) options at N = 4,096 … 65,536.
+The Triton path's per-GPU launch settings (row kernels against chunked kernels, the chunked backward's blocks) are
+measured by ``mirrorla tune``, not here.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from collections import Counter
@@ -170,16 +169,11 @@ def time_calls(fn, device: torch.device, calls: int, warmup: int) -> tuple[float
     return (t1 - t0) * 1e6 / calls, (t2 - t0) * 1e6 / calls
 
 
-@contextlib.contextmanager
 def kernel_path(path: str):
     """Run the Triton ops on the row kernels (``"row"``, wherever they apply) or on the chunked ones only."""
-    from mirrorla.ops import triton_linear_attention as tla
+    from mirrorla.ops.tuning import forced_tuning
 
-    saved, tla._ROW_MAX_TILES = tla._ROW_MAX_TILES, 10**9 if path == "row" else 0
-    try:
-        yield
-    finally:
-        tla._ROW_MAX_TILES = saved
+    return forced_tuning(row_max_tiles=10**9 if path == "row" else 0)
 
 
 def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 200) -> list[dict]:
@@ -294,105 +288,6 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
     return rows
 
 
-def kernel_paths(device: torch.device, lines: list[str], lengths=(197, 1024, 4096, 16384), batch: int = 8,
-                 calls: int = 50) -> list[dict]:
-    """The op on its two kernel paths at the issue's op shape (B = 8, H = 3, d = 64, bf16 on CUDA): the row kernels
-    (one program per (b, h) row, one launch each way) against the chunked kernels, forward and forward+backward,
-    ``calls`` calls back to back, wall time per call (host clock, device finished). The row kernels leave most of
-    the GPU idle for few rows and long sequences but save launches: where they win sets ``_ROW_MAX_TILES``."""
-    from mirrorla.ops import triton_linear_attention as tla
-
-    h, d = 3, 64
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    theta, gamma = torch.rand(h, d // 2, device=device), 0.1 * torch.randn(h, d // 2, device=device)
-    theta.requires_grad_(), gamma.requires_grad_()
-    lines += ["", f"## Row against chunked kernels, B = {batch}, H = 3, d = 64, {calls} calls back to back "
-                  "(wall µs per call)", "",
-              "| N | attention | mode | row kernels | chunked kernels | row / chunked |", "|---|---|---|---|---|---|"]
-    rows = []
-    for n in lengths:
-        qkv = torch.randn(batch, n, 3, h, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
-        q, k, v = (t.detach().requires_grad_() for t in qkv.unbind(0))
-        grad = torch.randn(batch, h, n, d, device=device, dtype=dtype)
-        ops = {"relu": lambda q=q, k=k, v=v: tla.fused_linear_attention(q, k, v, feature="relu"),
-               "mirror": lambda q=q, k=k, v=v: tla.mirror_linear_attention(q, k, v, theta, gamma)}
-        for attn, op in ops.items():
-            for mode in ("fwd", "fwd+bwd"):
-                def call(op=op, mode=mode, grad=grad):
-                    if mode == "fwd":
-                        with torch.no_grad():
-                            op()
-                    else:
-                        op().backward(grad)
-                times = {}
-                for path in ("row", "chunked"):
-                    with kernel_path(path):
-                        times[path] = time_calls(call, device, calls, warmup=3)[1]
-                row = dict(n=n, attn=attn, mode=mode, row_us=times["row"], chunked_us=times["chunked"])
-                rows.append(row)
-                lines.append(f"| {n} | {attn} | {mode} | {row['row_us']:.1f} | {row['chunked_us']:.1f} | "
-                             f"{row['row_us'] / row['chunked_us']:.2f} |")
-                print(lines[-1], flush=True)
-    return rows
-
-
-
-@contextlib.contextmanager
-def backward_blocks(blocks):
-    """Run the chunked backward kernels with ``blocks`` = (token tile, warps), or None for the default."""
-    from mirrorla.ops import triton_linear_attention as tla
-
-    saved, tla._BACKWARD_BLOCKS = tla._BACKWARD_BLOCKS, blocks
-    try:
-        yield
-    finally:
-        tla._BACKWARD_BLOCKS = saved
-
-
-BACKWARD_BLOCK_OPTIONS = (None, (64, 8), (32, 4), (32, 8))  # None: the forward's (64, 4)
-
-
-def backward_block_options(device: torch.device, lines: list[str], lengths=(4096, 16384, 65536), batch: int = 8,
-                           calls: int = 30) -> list[dict]:
-    """The chunked backward alone (the ops' backward implementations on one saved forward) with each (token tile,
-    warps) option of ``_BACKWARD_BLOCKS``, at the issue's op shape (B = 8, H = 3, d = 64, bf16 on CUDA), ``calls``
-    calls back to back, wall µs per call. ptxas reports fewer spills for smaller tiles and more warps; this says
-    whether they are faster."""
-    from mirrorla.ops import triton_linear_attention as tla
-
-    h, d = 3, 64
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    theta, gamma = torch.rand(h, d // 2, device=device), 0.1 * torch.randn(h, d // 2, device=device)
-    names = ["(64, 4) default" if o is None else str(o) for o in BACKWARD_BLOCK_OPTIONS]
-    lines += ["", f"## Chunked backward by (token tile, warps), B = {batch}, H = 3, d = 64, {calls} calls back to "
-                  "back (wall µs per call; × default: time over the default's)", "",
-              "| N | attention | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    rows = []
-    with kernel_path("chunked"), torch.no_grad():
-        for n in lengths:
-            qkv = torch.randn(batch, n, 3, h, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-            grad = torch.randn(batch, h, n, d, device=device, dtype=dtype)
-            _, state = tla._fused_forward_impl(q, k, v, None, 1, 0, 1e-6)
-            saved = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)[1:]
-            backward = {
-                "relu": lambda q=q, k=k, v=v, s=state, g=grad: tla._fused_backward_impl(q, k, v, None, s, g, 1, 0,
-                                                                                      1e-6),
-                "mirror": lambda q=q, k=k, v=v, s=saved, g=grad: tla._mirror_backward_impl(
-                    q, k, v, theta, gamma, *s, g, 0, 0, 1e-6, 1e-6)}
-            for attn, fn in backward.items():
-                times = []
-                for option in BACKWARD_BLOCK_OPTIONS:
-                    with backward_blocks(option):
-                        times.append(time_calls(fn, device, calls, warmup=3)[1])
-                rows.append(dict(n=n, attn=attn, us=dict(zip(names, times, strict=True))))
-                lines.append(f"| {n} | {attn} | " + " | ".join(
-                    f"{t:.1f}" + ("" if i == 0 else f" (× {t / times[0]:.2f})") for i, t in enumerate(times)) + " |")
-                print(lines[-1], flush=True)
-            del q, k, v, qkv, grad, state, saved
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -402,10 +297,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="infer,train")
     p.add_argument("--op", type=int, default=0, help="also profile the op alone at this many tokens (B=8, H=3, d=64)")
     p.add_argument("--host", action="store_true", help="first time the attention's pieces one by one (host cost)")
-    p.add_argument("--paths", action="store_true",
-                   help="first time the op on its row and its chunked kernels (B=8, H=3, d=64, N = 197 … 16,384)")
-    p.add_argument("--backward-blocks", action="store_true",
-                   help="first time the chunked backward's (token tile, warps) options (N = 4,096 … 65,536)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--out", default=None)
@@ -414,10 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     lines: list[str] = [f"# Profile on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
                         f"torch {torch.__version__}"]
     rows = []
-    if args.paths:
-        kernel_paths(device, lines)
-    if args.backward_blocks:
-        backward_block_options(device, lines)
     if args.host:
         host_costs(device, args.batch, lines)
     for mode in args.mode.split(","):

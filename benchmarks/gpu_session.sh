@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, ordered so that each step can trust the one before: the kernels against the torch
-# backend on this GPU (gpu_check.py --kernels-only --quick, ~110 s on an H100 before the row kernels' cases were
-# added), then the op on its row against its chunked kernels, the chunked backward's block options, the host cost
-# of the attention's pieces and eager DeiT-T training steps (gpu_profile.py --paths --backward-blocks --host
-# --mode train, ~60 s before --backward-blocks), then the snapshot (run_gpu.sh,
-# ~270 s). About 8 minutes on one H100, start-up excluded; each step has its own time limit, so a failing step
-# costs only its own results. Every step's exit code and duration go to $OUT/session.log, its console output to its
-# log, which stays LOG.partial where the step failed or was killed.
+# backend on this GPU (gpu_check.py --kernels-only --quick, ~110 s on an H100), then this GPU's launch settings
+# (mirrorla tune: the row kernels against the chunked kernels, the chunked backward's block options; ~100 s), then
+# the host cost of the attention's pieces and eager DeiT-T training steps (gpu_profile.py --host --mode train,
+# ~40 s) and the snapshot (run_gpu.sh, ~270 s), both with the settings tune chose (MIRRORLA_TUNING). About 9
+# minutes on one H100, start-up excluded; each step has its own time limit, so a failing step costs only its own
+# results. Every step's exit code and duration go to $OUT/session.log, its console output to its log, which stays
+# LOG.partial where the step failed or was killed. The tuning entry to commit is $OUT/kernel_tuning.json (copy it
+# into src/mirrorla/ops/kernel_tuning.json), its evidence $OUT/tune/.
 # Usage: bash benchmarks/gpu_session.sh [PYTHON]     (OUT defaults to benchmarks/results/gpu)
 #        PACK=FILE.tgz also packs $OUT into one archive at the end, for machines that return only a few files.
 set -uo pipefail
@@ -26,8 +27,11 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run it with its console output in 
     echo "$name: exit $code at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/session.log"
 }
 step gpu_check 200 gpu_check.txt $PY benchmarks/gpu_check.py --kernels-only --quick
-step gpu_profile 180 gpu_profile.log $PY benchmarks/gpu_profile.py --paths --backward-blocks --host --mode train \
-    --attn relu,mirror \
+rm -f "$OUT/kernel_tuning.json"  # this session's measurement only
+step tune 150 tune.log $PY -m mirrorla tune --out "$OUT/kernel_tuning.json" --report "$OUT/tune" --overwrite
+# the later steps run with the settings tune chose, where it finished
+if [ -f "$OUT/kernel_tuning.json" ]; then export MIRRORLA_TUNING="$OUT/kernel_tuning.json"; fi
+step gpu_profile 120 gpu_profile.log $PY benchmarks/gpu_profile.py --host --mode train --attn relu,mirror \
     --out "$OUT/profile_host.txt"
 step run_gpu 420 run_gpu.log env OUT="$OUT" bash benchmarks/run_gpu.sh $PY
 if [ -n "${PACK:-}" ]; then

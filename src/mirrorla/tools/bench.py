@@ -289,10 +289,16 @@ def machine_info(device: str) -> dict[str, Any]:
     backend = backend_setting()
     if backend == "auto":
         backend = "triton" if cuda and triton_available(torch.device(device)) else "cpu/torch"
+    tuning = None
+    if backend == "triton":  # the Triton path's per-GPU launch settings, and where they came from
+        from ..ops.tuning import kernel_tuning
+
+        chosen = kernel_tuning(torch.device(device))
+        tuning = {**chosen.settings(), "source": chosen.source}
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "device": device,
             "gpu": torch.cuda.get_device_name(0) if cuda else None,
-            "triton": _triton_version(), "backend": backend,
+            "triton": _triton_version(), "backend": backend, "kernel_tuning": tuning,
             "cpu_kernels": cpu_kernels_status()}
 
 
@@ -441,13 +447,21 @@ def _key(r: dict[str, Any]) -> tuple:
     return (r["kind"], r.get("model"), r["mode"], r["dtype"], r.get("n", r.get("img_size")))
 
 
+def _tuning_text(tuning: dict[str, Any] | None) -> str:
+    if not tuning:
+        return ""
+    return (f", row kernels up to {tuning['row_max_tiles']} tiles, chunked backward "
+            f"{tuple(tuning['backward_blocks'])} ({tuning['source']})")
+
+
 def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, Any]) -> None:
     """``bench.json``, ``bench.md`` (ratios against softmax and ReLU of the same size) and ``bench.png``."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench.json", json.dumps({"machine": machine, "records": records}, indent=2))
     lines = [f"# Benchmark ({machine['device']}{', ' + machine['gpu'] if machine.get('gpu') else ''}; "
              f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}; "
-             f"backend: {machine.get('backend', 'n/a')}; fused CPU kernels: {machine.get('cpu_kernels', 'n/a')})", ""]
+             f"backend: {machine.get('backend', 'n/a')}{_tuning_text(machine.get('kernel_tuning'))}; "
+             f"fused CPU kernels: {machine.get('cpu_kernels', 'n/a')})", ""]
     by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in records:
         by_key.setdefault(_key(r), {})[_label(r)] = r

@@ -1,4 +1,5 @@
-"""The ``mirrorla`` command line: ``info``, ``train``, ``eval``, ``compare``, ``demo``, ``bench``, ``analyze``.
+"""The ``mirrorla`` command line: ``info``, ``train``, ``eval``, ``compare``, ``demo``, ``bench``, ``analyze``,
+``tune``.
 
 This module alone registers every subcommand. Building the parser imports only :mod:`argparse` and
 :mod:`mirrorla.tools._args`; each subcommand imports its tool when it runs, so ``mirrorla info`` does not pay
@@ -157,11 +158,28 @@ def _add_analyze(sub) -> None:
     p.set_defaults(func=_lazy("analyze", "cmd_analyze"))
 
 
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="measure the Triton kernels' two per-GPU launch settings on this GPU")
+    p.add_argument("--out", required=True,
+                   help="tuning file to write this GPU's entry to (others kept); MIRRORLA_TUNING=FILE uses it")
+    p.add_argument("--report", default=None, help="also write tune.json, tune.md and tune.png to this directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in --report")
+    p.add_argument("--device", default="cuda", help="cuda[:N]; cpu only with TRITON_INTERPRET=1 (checks the tool)")
+    p.add_argument("--lengths", default="64,197,512,1024,2048,4096",
+                   help="token counts at which the row kernels race the chunked kernels")
+    p.add_argument("--block-lengths", default="4096,16384,65536",
+                   help="token counts at which the chunked backward's options race")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--calls", type=int, default=20, help="calls back to back per timing (half for the backward)")
+    p.add_argument("--repeats", type=int, default=5, help="timings per case (their median counts)")
+    p.set_defaults(func=_lazy("tune", "cmd_tune"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirrorla", description="MirrorLA linear attention: models, training, "
                                      "benchmarks and analysis")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_info, _add_train_and_eval, _add_compare_and_demo, _add_bench, _add_analyze):
+    for add in (_add_info, _add_train_and_eval, _add_compare_and_demo, _add_bench, _add_analyze, _add_tune):
         add(sub)
     return parser
 

@@ -1,0 +1,383 @@
+"""``mirrorla tune``: measure the Triton path's two per-GPU launch settings on this GPU and write them down.
+
+The settings (:mod:`mirrorla.ops.tuning`) are where the row kernels stop paying (``row_max_tiles``) and the chunked
+backward's ``(token tile, warps)`` (``backward_blocks``). Both are measured at the shape of the speed targets
+(B = 8, H = 3, d = 64, bf16) and turned into settings by rules fixed here, before any run:
+
+- **row_max_tiles.** The ops ``relu`` and ``mirror``, forward and forward+backward, run on the row kernels and on
+  the chunked kernels at each N of ``--lengths``; each time is the median of ``--repeats`` timings of ``--calls``
+  calls back to back (wall clock, device finished). The row kernels *win* at N when they take at most the chunked
+  kernels' time in all four cases. The setting is the tile count (64 tokens) of the largest N at which they win
+  and at every shorter N measured; 0 (chunked kernels only) when they lose at the shortest.
+- **backward_blocks.** Each option of :data:`BLOCK_OPTIONS` first runs the MirrorLA op's backward on the chunked
+  kernels; an option whose gradients (q, k, v, θ, γ) differ from the default's by more than :data:`GRAD_TOLERANCE`
+  (largest error over the largest value) is out. The chunked backward alone (``relu`` and ``mirror``) is then timed
+  with each option at each N of ``--block-lengths``. An option's score is the geometric mean of its time over the
+  default's; the best score wins if it is at most :data:`MIN_GAIN` and no single case is slower than
+  :data:`MAX_LOSS` times the default's. Otherwise the default stays.
+
+Writes (or updates) the GPU's entry in ``--out`` (a tuning file, other GPUs' entries kept) and, with ``--report
+DIR``, ``tune.json`` (every timing), ``tune.md`` and ``tune.png`` there. ``MIRRORLA_TUNING=FILE`` makes the library
+use the file; this project's measured entries live in ``src/mirrorla/ops/kernel_tuning.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..ops.tuning import DEFAULT_TUNING, TUNING_FORMAT, KernelTuning, forced_tuning, read_tuning_file
+from .checkpoint import atomic_savefig, atomic_write_text
+
+BLOCK_N = 64  # the kernels' token tile at d ≤ 64: row_max_tiles counts these
+BLOCK_OPTIONS = ((64, 4), (64, 8), (32, 4), (32, 8))  # the first is the default
+GRAD_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-5}
+MIN_GAIN = 0.95  # an option must save at least 5 % (geometric mean over the cases) to replace the default
+MAX_LOSS = 1.05  # and may lose at most 5 % in any single case
+PATH_LENGTHS = (64, 197, 512, 1024, 2048, 4096)
+BLOCK_LENGTHS = (4096, 16384, 65536)
+HEADS, HEAD_DIM = 3, 64
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, calls: int, repeats: int, warmup: int = 3) -> float:
+    """Median over ``repeats`` of the wall µs per call of ``fn`` called ``calls`` times back to back (device
+    finished), after ``warmup`` calls (compilation, allocator)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e6 / calls)
+    return statistics.median(times)
+
+
+def _qkv(batch: int, n: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """q, k, v ``[B, H, N, d]``: strided views of one qkv tensor, as a model's projection gives them."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    qkv = torch.randn(batch, n, 3, HEADS, HEAD_DIM, generator=g).to(device, dtype).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)
+
+
+def _angles(device: torch.device, seed: int = 1):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    theta = torch.rand(HEADS, HEAD_DIM // 2, generator=g).to(device)
+    gamma = (0.5 * torch.randn(HEADS, HEAD_DIM // 2, generator=g)).to(device)
+    return theta, gamma
+
+
+def _ops(device: torch.device):
+    from ..ops import triton_linear_attention as tla
+
+    theta, gamma = (t.requires_grad_() for t in _angles(device))
+    return {"relu": lambda q, k, v: tla.fused_linear_attention(q, k, v, feature="relu"),
+            "mirror": lambda q, k, v: tla.mirror_linear_attention(q, k, v, theta, gamma)}
+
+
+def measure_paths(device: torch.device, dtype: torch.dtype, lengths=PATH_LENGTHS, batch: int = 8, calls: int = 20,
+                  repeats: int = 5, progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The ops on the row kernels and on the chunked kernels at each N: ``{n, attn, mode, row_us, chunked_us}``."""
+    rows = []
+    ops = _ops(device)
+    for n in lengths:
+        q, k, v = (t.detach().requires_grad_() for t in _qkv(batch, n, device, dtype))
+        grad = torch.randn(batch, HEADS, n, HEAD_DIM, device=device, dtype=dtype)
+        for attn, op in ops.items():
+            for mode in ("fwd", "fwd+bwd"):
+                def call(op=op, mode=mode, q=q, k=k, v=v, grad=grad):
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            op(q, k, v)
+                    else:
+                        op(q, k, v).backward(grad)
+                times = {}
+                for path, tiles in (("row", 10**9), ("chunked", 0)):
+                    with forced_tuning(row_max_tiles=tiles):
+                        times[path] = time_call(call, device, calls, repeats)
+                rows.append(dict(n=n, attn=attn, mode=mode, row_us=times["row"], chunked_us=times["chunked"]))
+                progress(f"paths  N={n:<6} {attn:<6} {mode:<7} row {times['row']:9.1f} µs  chunked "
+                         f"{times['chunked']:9.1f} µs  row/chunked {times['row'] / times['chunked']:.2f}")
+    return rows
+
+
+def _block_name(blocks: tuple[int, int]) -> str:
+    return f"{blocks[0]}x{blocks[1]}"
+
+
+def check_block_options(device: torch.device, dtype: torch.dtype, n: int = 4096, batch: int = 2,
+                        options=BLOCK_OPTIONS) -> dict[str, float]:
+    """Per option, the largest relative error of the MirrorLA op's gradients (q, k, v, θ, γ) on the chunked
+    kernels against the default option's (the same sums in other orders): ``{"32x8": error, ...}``."""
+    from ..ops import triton_linear_attention as tla
+
+    theta, gamma = (t.requires_grad_() for t in _angles(device))
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(batch, n, device, dtype, seed=2))
+    grads = {}
+    for blocks in options:
+        with forced_tuning(row_max_tiles=0, backward_blocks=blocks):
+            out = tla.mirror_linear_attention(q, k, v, theta, gamma)
+            grads[blocks] = torch.autograd.grad(out.float().square().mean(), [q, k, v, theta, gamma])
+    errors = {}
+    for blocks in options[1:]:
+        errors[_block_name(blocks)] = max(
+            ((a.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-30)).item()
+            for a, w in zip(grads[blocks], grads[options[0]], strict=True))
+    return errors
+
+
+def measure_block_options(device: torch.device, dtype: torch.dtype, lengths=BLOCK_LENGTHS, batch: int = 8,
+                          calls: int = 10, repeats: int = 5, options=BLOCK_OPTIONS,
+                          progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The chunked backward alone (the ops' backward implementations on one saved forward) with each option:
+    ``{n, attn, us: {"64x4": µs, ...}}``."""
+    from ..ops import triton_linear_attention as tla
+
+    theta, gamma = _angles(device)
+    rows = []
+    with forced_tuning(row_max_tiles=0), torch.no_grad():
+        for n in lengths:
+            q, k, v = _qkv(batch, n, device, dtype)
+            grad = torch.randn(batch, HEADS, n, HEAD_DIM, device=device, dtype=dtype)
+            _, state = tla._fused_forward_impl(q, k, v, None, 1, 0, 1e-6)
+            saved = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)[1:]
+            backward = {  # relu: feature 1; mirror: adjacent pairs (0), Δα form tanh_log (0)
+                "relu": lambda q=q, k=k, v=v, s=state, g=grad: tla._fused_backward_impl(q, k, v, None, s, g, 1, 0,
+                                                                                      1e-6),
+                "mirror": lambda q=q, k=k, v=v, s=saved, g=grad: tla._mirror_backward_impl(
+                    q, k, v, theta, gamma, *s, g, 0, 0, 1e-6, 1e-6)}
+            for attn, fn in backward.items():
+                us = {}
+                for blocks in options:
+                    with forced_tuning(row_max_tiles=0, backward_blocks=blocks):
+                        us[_block_name(blocks)] = time_call(fn, device, calls, repeats)
+                rows.append(dict(n=n, attn=attn, us=us))
+                base = us[_block_name(options[0])]
+                progress(f"blocks N={n:<6} {attn:<6} " + "  ".join(
+                    f"{name} {t:8.1f} µs ({t / base:.2f})" for name, t in us.items()))
+            del q, k, v, grad, state, saved
+    return rows
+
+
+def choose_row_max_tiles(rows: list[dict[str, Any]], block_n: int = BLOCK_N) -> tuple[int, str]:
+    """The rule of the module docstring: (row_max_tiles, why)."""
+    by_n: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_n.setdefault(r["n"], []).append(r)
+    if not by_n:
+        raise ValueError("no path timings to choose row_max_tiles from")
+    chosen, why = 0, None
+    for n in sorted(by_n):
+        losing = [r for r in by_n[n] if r["row_us"] > r["chunked_us"]]
+        if losing:
+            worst = max(losing, key=lambda r: r["row_us"] / r["chunked_us"])
+            why = (f"the row kernels lose at N = {n} ({worst['attn']} {worst['mode']}: "
+                   f"{worst['row_us'] / worst['chunked_us']:.2f}× the chunked kernels' time)")
+            break
+        chosen = -(-n // block_n)
+    if why is None:
+        why = f"the row kernels win at every N measured, up to {max(by_n)}"
+    if chosen == 0:
+        return 0, f"{why}: the chunked kernels run every row"
+    tiles = f"{chosen} tile{'s' if chosen > 1 else ''}"
+    return chosen, f"{why}: rows of at most {tiles} ({chosen * block_n} tokens) take them"
+
+
+def choose_backward_blocks(rows: list[dict[str, Any]], errors: dict[str, float], tolerance: float,
+                           options=BLOCK_OPTIONS) -> tuple[tuple[int, int], str]:
+    """The rule of the module docstring: ((token tile, warps), why)."""
+    default = options[0]
+    if not rows:
+        raise ValueError("no backward timings to choose backward_blocks from")
+    scores = {}
+    for blocks in options[1:]:
+        name = _block_name(blocks)
+        if errors.get(name, math.inf) > tolerance:
+            continue
+        ratios = [r["us"][name] / r["us"][_block_name(default)] for r in rows]
+        scores[blocks] = (math.exp(statistics.fmean(math.log(x) for x in ratios)), max(ratios))
+    excluded = [_block_name(b) for b in options[1:] if b not in scores]
+    note = f" ({', '.join(excluded)} out: gradients differ by more than {tolerance:g})" if excluded else ""
+    if not scores:
+        return default, f"no option's gradients matched the default's{note}: the default {_block_name(default)} stays"
+    best = min(scores, key=lambda b: scores[b][0])
+    mean, worst = scores[best]
+    summary = f"best option {_block_name(best)}: {mean:.3f}× the default's time on average, {worst:.3f}× at worst"
+    if mean <= MIN_GAIN and worst <= MAX_LOSS:
+        return best, f"{summary}{note}: it replaces {_block_name(default)}"
+    return default, (f"{summary}{note}: not enough (needs ≤ {MIN_GAIN} on average and ≤ {MAX_LOSS} in every "
+                     f"case), the default {_block_name(default)} stays")
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+
+
+def tune(device: torch.device, *, lengths=PATH_LENGTHS, block_lengths=BLOCK_LENGTHS, batch: int = 8,
+         calls: int = 20, block_calls: int = 10, repeats: int = 5, check_n: int = 4096,
+         progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure and decide: the result with every timing, the chosen :class:`KernelTuning` and the reasons."""
+    import triton
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    paths = measure_paths(device, dtype, lengths, batch, calls, repeats, progress)
+    errors = check_block_options(device, dtype, n=check_n)
+    progress("blocks gradients against the default's: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    blocks = measure_block_options(device, dtype, block_lengths, batch, block_calls, repeats, progress=progress)
+    row_max_tiles, row_why = choose_row_max_tiles(paths)
+    backward_blocks, blocks_why = choose_backward_blocks(blocks, errors, GRAD_TOLERANCE[dtype])
+    gpu = _device_name(device)
+    when = datetime.date.today().isoformat()
+    measured = (f"mirrorla tune on {when}, torch {torch.__version__}, triton {triton.__version__}, "
+                f"B={batch}, H={HEADS}, d={HEAD_DIM}, {str(dtype).replace('torch.', '')}")
+    tuning = KernelTuning(row_max_tiles=row_max_tiles, backward_blocks=backward_blocks, source=measured)
+    return dict(gpu=gpu, measured=measured, dtype=str(dtype).replace("torch.", ""), batch=batch,
+                seconds=round(time.perf_counter() - started, 1), paths=paths, block_errors=errors,
+                block_tolerance=GRAD_TOLERANCE[dtype], blocks=blocks, tuning=tuning.settings(),
+                reasons=dict(row_max_tiles=row_why, backward_blocks=blocks_why))
+
+
+def write_tuning_entry(path: Path, gpu: str, tuning: dict[str, Any], measured: str) -> None:
+    """Set ``gpu``'s entry of the tuning file at ``path`` (created if missing; other entries kept), atomically."""
+    path = Path(path)
+    data: dict[str, Any] = {"format": TUNING_FORMAT, "gpus": {}}
+    if path.exists():
+        read_tuning_file(path)  # a malformed file is an error here, before it is replaced
+        data = json.loads(path.read_text())
+    data["gpus"][gpu] = {**tuning, "measured": measured}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    t = result["tuning"]
+    lines = [f"# Kernel tuning: {result['gpu']}", "",
+             f"{result['measured']}; {result['seconds']} s.", "",
+             f"- **row_max_tiles = {t['row_max_tiles']}**: {result['reasons']['row_max_tiles']}.",
+             f"- **backward_blocks = {tuple(t['backward_blocks'])}**: {result['reasons']['backward_blocks']}.", "",
+             "## Row kernels against chunked kernels (wall µs per call, median)", "",
+             "| N | attention | mode | row | chunked | row / chunked |", "|---|---|---|---|---|---|"]
+    for r in result["paths"]:
+        lines.append(f"| {r['n']} | {r['attn']} | {r['mode']} | {r['row_us']:.1f} | {r['chunked_us']:.1f} | "
+                     f"{r['row_us'] / r['chunked_us']:.2f} |")
+    names = list(result["blocks"][0]["us"]) if result["blocks"] else []
+    lines += ["", "## Chunked backward by (token tile x warps) (wall µs per call, median; × the default's)", "",
+              "Gradients against the default's (largest error over largest value): " + ", ".join(
+                  f"{k} {v:.1e}" for k, v in result["block_errors"].items())
+              + f" (tolerance {result['block_tolerance']:g}).", "",
+              "| N | attention | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in result["blocks"]:
+        base = r["us"][names[0]]
+        lines.append(f"| {r['n']} | {r['attn']} | " + " | ".join(
+            f"{us:.1f}" + ("" if i == 0 else f" (× {us / base:.2f})") for i, us in enumerate(r["us"].values()))
+            + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    cases = sorted({(r["attn"], r["mode"]) for r in result["paths"]})
+    for attn, mode in cases:
+        rs = [r for r in result["paths"] if (r["attn"], r["mode"]) == (attn, mode)]
+        left.plot([r["n"] for r in rs], [r["row_us"] / r["chunked_us"] for r in rs], marker="o",
+                  label=f"{attn} {mode}")
+    left.axhline(1.0, color="grey", lw=0.8)
+    tiles = result["tuning"]["row_max_tiles"]
+    if tiles:
+        left.axvline(tiles * BLOCK_N, color="black", ls="--", lw=0.8, label=f"row_max_tiles = {tiles}")
+    left.set(xscale="log", xlabel="tokens N", ylabel="row / chunked time", title="row kernels (< 1: faster)")
+    left.legend(fontsize=7)
+    names = list(result["blocks"][0]["us"]) if result["blocks"] else []
+    labels = [f"{r['attn']}\nN={r['n']}" for r in result["blocks"]]
+    width = 0.8 / max(1, len(names) - 1)
+    for i, name in enumerate(names[1:]):
+        right.bar([x + i * width for x in range(len(labels))],
+                  [r["us"][name] / r["us"][names[0]] for r in result["blocks"]], width, label=name)
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set_xticks([x + width * (len(names) - 2) / 2 for x in range(len(labels))], labels, fontsize=7)
+    right.set(ylabel=f"time / default {names[0] if names else ''}",
+              title=f"chunked backward options (chosen {_block_name(tuple(result['tuning']['backward_blocks']))})")
+    right.legend(fontsize=7)
+    fig.suptitle(f"mirrorla tune: {result['gpu']}", fontsize=10)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    """``tune.json`` (every timing), ``tune.md`` and ``tune.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "tune.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "tune.md", _markdown(result))
+    _plot(result, out / "tune.png")
+
+
+def _lengths(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ValueError(f"{name} must be comma-separated token counts ≥ 1, got {text!r}")
+    return values
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available (mirrorla tune measures a GPU)")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 (its times "
+                         "say nothing about a GPU; for checking this tool only)")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device must be cuda[:N] or cpu, got {args.device!r}")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    lengths = _lengths(args.lengths, "--lengths")
+    block_lengths = _lengths(args.block_lengths, "--block-lengths")
+    for name in ("batch", "calls", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be ≥ 1, got {getattr(args, name)}")
+    out = Path(args.out)
+    if out.exists():
+        read_tuning_file(out)  # refuse a malformed file before minutes of measuring
+    if args.report and (Path(args.report) / "tune.json").exists() and not args.overwrite:
+        raise ValueError(f"--report {args.report} already holds a tuning report (tune.json): pass --overwrite to "
+                         "replace it, or another directory")
+    result = tune(device, lengths=lengths, block_lengths=block_lengths, batch=args.batch, calls=args.calls,
+                  block_calls=max(1, args.calls // 2), repeats=args.repeats, check_n=min(4096, max(block_lengths)),
+                  progress=lambda line: print(line, flush=True))
+    write_tuning_entry(out, result["gpu"], result["tuning"], result["measured"])
+    if args.report:
+        write_report(result, Path(args.report))
+    t = result["tuning"]
+    print(f"row_max_tiles = {t['row_max_tiles']}: {result['reasons']['row_max_tiles']}")
+    print(f"backward_blocks = {tuple(t['backward_blocks'])}: {result['reasons']['backward_blocks']}")
+    print(f"wrote {result['gpu']!r} to {out}" + (f", the report to {args.report}" if args.report else "")
+          + f"; MIRRORLA_TUNING={out} makes the library use it")
+    if t == DEFAULT_TUNING.settings():
+        print("(the measured settings are the defaults)")
+    return 0
