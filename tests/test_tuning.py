@@ -164,7 +164,7 @@ def test_tune_command_measures_decides_and_reports_in_the_interpreter(tmp_path, 
     out, report = tmp_path / "kt.json", tmp_path / "report"
     _file(out, {"other GPU": {"row_max_tiles": 1, "backward_blocks": [64, 4]}})
     args = ["tune", "--device", "cpu", "--out", str(out), "--report", str(report), "--lengths", "17",
-            "--block-lengths", "17", "--batch", "1", "--calls", "1", "--repeats", "1"]
+            "--block-lengths", "17", "--batch", "1", "--calls", "1", "--repeats", "1", "--warmup", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "row_max_tiles = " in printed and "backward_blocks = " in printed

@@ -172,6 +172,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--calls", type=int, default=20, help="calls back to back per timing (half for the backward)")
     p.add_argument("--repeats", type=int, default=5, help="timings per case (their median counts)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before a case's timings (compilation)")
     p.set_defaults(func=_lazy("tune", "cmd_tune"))
 
 

@@ -93,7 +93,7 @@ def _ops(device: torch.device):
 
 
 def measure_paths(device: torch.device, dtype: torch.dtype, lengths=PATH_LENGTHS, batch: int = 8, calls: int = 20,
-                  repeats: int = 5, progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                  repeats: int = 5, warmup: int = 3, progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """The ops on the row kernels and on the chunked kernels at each N: ``{n, attn, mode, row_us, chunked_us}``."""
     rows = []
     ops = _ops(device)
@@ -111,7 +111,7 @@ def measure_paths(device: torch.device, dtype: torch.dtype, lengths=PATH_LENGTHS
                 times = {}
                 for path, tiles in (("row", 10**9), ("chunked", 0)):
                     with forced_tuning(row_max_tiles=tiles):
-                        times[path] = time_call(call, device, calls, repeats)
+                        times[path] = time_call(call, device, calls, repeats, warmup)
                 rows.append(dict(n=n, attn=attn, mode=mode, row_us=times["row"], chunked_us=times["chunked"]))
                 progress(f"paths  N={n:<6} {attn:<6} {mode:<7} row {times['row']:9.1f} µs  chunked "
                          f"{times['chunked']:9.1f} µs  row/chunked {times['row'] / times['chunked']:.2f}")
@@ -144,7 +144,7 @@ def check_block_options(device: torch.device, dtype: torch.dtype, n: int = 4096,
 
 
 def measure_block_options(device: torch.device, dtype: torch.dtype, lengths=BLOCK_LENGTHS, batch: int = 8,
-                          calls: int = 10, repeats: int = 5, options=BLOCK_OPTIONS,
+                          calls: int = 10, repeats: int = 5, warmup: int = 3, options=BLOCK_OPTIONS,
                           progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """The chunked backward alone (the ops' backward implementations on one saved forward) with each option:
     ``{n, attn, us: {"64x4": µs, ...}}``."""
@@ -167,7 +167,7 @@ def measure_block_options(device: torch.device, dtype: torch.dtype, lengths=BLOC
                 us = {}
                 for blocks in options:
                     with forced_tuning(row_max_tiles=0, backward_blocks=blocks):
-                        us[_block_name(blocks)] = time_call(fn, device, calls, repeats)
+                        us[_block_name(blocks)] = time_call(fn, device, calls, repeats, warmup)
                 rows.append(dict(n=n, attn=attn, us=us))
                 base = us[_block_name(options[0])]
                 progress(f"blocks N={n:<6} {attn:<6} " + "  ".join(
@@ -231,17 +231,18 @@ def _device_name(device: torch.device) -> str:
 
 
 def tune(device: torch.device, *, lengths=PATH_LENGTHS, block_lengths=BLOCK_LENGTHS, batch: int = 8,
-         calls: int = 20, block_calls: int = 10, repeats: int = 5, check_n: int = 4096,
+         calls: int = 20, block_calls: int = 10, repeats: int = 5, warmup: int = 3, check_n: int = 4096,
          progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure and decide: the result with every timing, the chosen :class:`KernelTuning` and the reasons."""
     import triton
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
-    paths = measure_paths(device, dtype, lengths, batch, calls, repeats, progress)
+    paths = measure_paths(device, dtype, lengths, batch, calls, repeats, warmup, progress)
     errors = check_block_options(device, dtype, n=check_n)
     progress("blocks gradients against the default's: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    blocks = measure_block_options(device, dtype, block_lengths, batch, block_calls, repeats, progress=progress)
+    blocks = measure_block_options(device, dtype, block_lengths, batch, block_calls, repeats, warmup,
+                                   progress=progress)
     row_max_tiles, row_why = choose_row_max_tiles(paths)
     backward_blocks, blocks_why = choose_backward_blocks(blocks, errors, GRAD_TOLERANCE[dtype])
     gpu = _device_name(device)
@@ -358,9 +359,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     lengths = _lengths(args.lengths, "--lengths")
     block_lengths = _lengths(args.block_lengths, "--block-lengths")
-    for name in ("batch", "calls", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be ≥ 1, got {getattr(args, name)}")
+    for name, least in (("batch", 1), ("calls", 1), ("repeats", 1), ("warmup", 1)):
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name} must be ≥ {least}, got {getattr(args, name)}")
     out = Path(args.out)
     if out.exists():
         read_tuning_file(out)  # refuse a malformed file before minutes of measuring
@@ -368,7 +369,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ValueError(f"--report {args.report} already holds a tuning report (tune.json): pass --overwrite to "
                          "replace it, or another directory")
     result = tune(device, lengths=lengths, block_lengths=block_lengths, batch=args.batch, calls=args.calls,
-                  block_calls=max(1, args.calls // 2), repeats=args.repeats, check_n=min(4096, max(block_lengths)),
+                  block_calls=max(1, args.calls // 2), repeats=args.repeats, warmup=args.warmup,
+                  check_n=min(4096, max(block_lengths)),
                   progress=lambda line: print(line, flush=True))
     write_tuning_entry(out, result["gpu"], result["tuning"], result["measured"])
     if args.report:
