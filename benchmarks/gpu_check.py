@@ -112,13 +112,15 @@ for delta_form, pairing, n, d, dtype in MAP_CASES[:2] if quick else MAP_CASES:
         report(f"{name} {label}", rel(a, w), 2 * tol)
 
 # the chunked backward's (token tile, warps) options that mirrorla tune may choose: the MirrorLA op's gradients with
-# each option against the default's (the same sums in other orders; tune checks them too before it picks one)
-from mirrorla.tools.tune import GRAD_TOLERANCE, check_block_options  # noqa: E402
+# each option against the default's (the same sums in other orders; tune checks them too before it picks one), for
+# tensor-core dots (bf16) and IEEE fp32 dots
+from mirrorla.tools.tune import BLOCK_SETTINGS, GRAD_TOLERANCE, _setting_dtype, check_block_options  # noqa: E402
 
-dtype_blocks = torch.bfloat16 if device.type == "cuda" else torch.float32
 n_blocks = 4096 if device.type == "cuda" else 300
-for option, error in check_block_options(device, dtype_blocks, n=n_blocks).items():
-    report(f"chunked backward blocks {option} vs 64x4, N={n_blocks}", error, GRAD_TOLERANCE[dtype_blocks])
+for setting, (options, _) in BLOCK_SETTINGS.items():
+    tol = GRAD_TOLERANCE[_setting_dtype(setting, device)]
+    for option, error in check_block_options(device, setting, n=n_blocks).items():
+        report(f"chunked backward {setting} {option} vs {options[0][0]}x{options[0][1]}, N={n_blocks}", error, tol)
 
 # the fold of the static reflections into the qkv rows: Triton kernels against the torch version, values and the
 # gradients of weight, bias and u (DeiT-T's and DeiT-B's widths; fp32 and bf16 weights)

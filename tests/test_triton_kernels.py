@@ -177,11 +177,22 @@ def test_mirror_op_half_precision_strided_inputs(dtype, kernel_path):
 
 
 
+@pytest.fixture
+def matmul_precision():
+    """Sets ``torch.set_float32_matmul_precision`` for a test and restores it afterwards."""
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.parametrize("precision, setting", [("high", "backward_blocks"), ("highest", "ieee_backward_blocks")])
 @pytest.mark.parametrize("name", ["mirror", "fused rotate_relu", "fused relu"])
-def test_chunked_backward_block_options_give_the_same_gradients(name, monkeypatch):
-    """The chunked backward's token tile can differ from the forward's (``backward_blocks``, a per-GPU setting that
-    ``mirrorla tune`` measures): 32-token tiles over several chunks per row give the gradients of the default
-    64-token tiles."""
+def test_chunked_backward_block_options_give_the_same_gradients(name, precision, setting, monkeypatch,
+                                                                 matmul_precision):
+    """The chunked backward's token tile can differ from the forward's (``backward_blocks`` for TF32 and half
+    precision dots, ``ieee_backward_blocks`` for IEEE fp32 ones: per-GPU settings that ``mirrorla tune``
+    measures): 32-token tiles over several chunks per row give the gradients of 64-token tiles."""
+    matmul_precision(precision)
     q, k, v, angle, theta, gamma = _op_inputs(1, 2, 100, 16)  # 2 rows, 4 tiles of 32: 2 chunks per row
     call, inputs = {"mirror": (lambda: triton_ops.mirror_linear_attention(q, k, v, theta, gamma),
                                [q, k, v, theta, gamma]),
@@ -202,11 +213,47 @@ def test_chunked_backward_block_options_give_the_same_gradients(name, monkeypatc
     monkeypatch.setattr(triton_ops, "_backward_kv_kernel", Spy())
     grads = {}
     for blocks in ((64, 4), (32, 8)):
-        with forced_tuning(row_max_tiles=0, backward_blocks=blocks):
+        with forced_tuning(row_max_tiles=0, **{setting: blocks}):
             grads[blocks] = torch.autograd.grad(call().square().sum(), inputs)
     assert tiles == [(64, 4, 2), (32, 8, 2)]  # 64-token tiles, then 32: two chunks per row either way
     for a, w in zip(grads[(32, 8)], grads[(64, 4)], strict=True):
         torch.testing.assert_close(a, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["row", "chunked"])
+def test_fp32_dots_follow_torchs_matmul_precision(path, monkeypatch, matmul_precision):
+    """fp32 inputs: IEEE fp32 dots at torch's default matmul precision ("highest"), with the backward on the
+    ``ieee_backward_blocks`` token tiles (16 × 8 warps: ptxas spills nothing there, 20–30 KB per thread with 64-token
+    tiles); TF32 dots where ``torch.set_float32_matmul_precision("high")`` allows them, as for torch's matmuls,
+    with the backward on ``backward_blocks``. Half-precision inputs ignore the setting."""
+    launches = []
+    for name in ("_row_forward_kernel", "_row_backward_kernel", "_state_kernel", "_output_kernel",
+                 "_backward_q_kernel", "_backward_kv_kernel"):
+        real = getattr(triton_ops, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, real=real):
+                def launch(*args, **kwargs):
+                    launches.append((name, kwargs["IEEE"], kwargs["BN"], kwargs["num_warps"]))
+                    return real[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(triton_ops, name, Spy())
+    q, k, v, _, theta, gamma = _op_inputs(1, 2, 70, 16)
+    seen = {}
+    with forced_tuning(row_max_tiles=10**9 if path == "row" else 0):
+        for precision, dtype in (("highest", torch.float32), ("high", torch.float32), ("highest", torch.bfloat16)):
+            matmul_precision(precision)
+            inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+            launches.clear()
+            triton_ops.mirror_linear_attention(*inputs, theta, gamma).sum().backward()
+            seen[precision, dtype] = list(launches)
+    for (precision, dtype), calls in seen.items():
+        ieee = precision == "highest" and dtype == torch.float32
+        assert calls and all(call[1] == ieee for call in calls), (precision, dtype, calls)
+        backward = [call[2:] for call in calls if "backward" in call[0]]
+        assert backward and all(blocks == ((16, 8) if ieee else (64, 8 if path == "row" else 4))
+                                for blocks in backward), (precision, dtype, backward)
 
 
 def _qkv_far_apart(batch_stride: int, token_stride: int, b: int, n: int, h: int = 2, d: int = 16):

@@ -43,10 +43,11 @@ def test_bundled_table_is_valid_and_only_defaults_apply_without_an_entry(monkeyp
 
 
 def test_the_users_file_names_a_gpu_and_wins(tmp_path, monkeypatch, fresh_cache):
-    path = _file(tmp_path / "t.json", {GPU: {"row_max_tiles": 2, "backward_blocks": [32, 8], "measured": "today"}})
+    path = _file(tmp_path / "t.json", {GPU: {"row_max_tiles": 2, "backward_blocks": [32, 8],
+                                             "ieee_backward_blocks": [32, 4], "measured": "today"}})
     monkeypatch.setenv("MIRRORLA_TUNING", str(path))
     got = tuning_for_gpu(GPU)
-    assert (got.row_max_tiles, got.backward_blocks) == (2, (32, 8))
+    assert (got.row_max_tiles, got.backward_blocks, got.ieee_backward_blocks) == (2, (32, 8), (32, 4))
     assert "today" in got.source
     assert tuning_for_gpu("another GPU") == DEFAULT_TUNING
     # a CUDA device looks its name up once; clear_tuning_cache rereads the file
@@ -94,7 +95,8 @@ def test_forced_values_are_checked_before_the_block_and_restored_after():
             pass
     with forced_tuning(row_max_tiles=3):
         with forced_tuning(backward_blocks=(32, 4)):
-            assert kernel_tuning(torch.device("cpu")).settings() == {"row_max_tiles": 3, "backward_blocks": [32, 4]}
+            assert kernel_tuning(torch.device("cpu")).settings() == {"row_max_tiles": 3, "backward_blocks": [32, 4],
+                                                                     "ieee_backward_blocks": [16, 8]}
         assert kernel_tuning(torch.device("cpu")).backward_blocks == (64, 4)
     assert kernel_tuning(torch.device("cpu")) == DEFAULT_TUNING
     with pytest.raises(TypeError):
@@ -167,15 +169,17 @@ def test_tune_command_measures_decides_and_reports_in_the_interpreter(tmp_path, 
             "--block-lengths", "17", "--batch", "1", "--calls", "1", "--repeats", "1", "--warmup", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "row_max_tiles = " in printed and "backward_blocks = " in printed
+    assert all(f"{name} = " in printed for name in ("row_max_tiles", "backward_blocks", "ieee_backward_blocks"))
     entries = read_tuning_file(out)
     assert set(entries) == {"other GPU", "cpu (Triton interpreter)"}
     result = json.loads((report / "tune.json").read_text())
     assert {(r["attn"], r["mode"]) for r in result["paths"]} == {(a, m) for a in ("relu", "mirror")
                                                                 for m in ("fwd", "fwd+bwd")}
     assert all(r["row_us"] > 0 and r["chunked_us"] > 0 for r in result["paths"])
-    assert set(result["blocks"][0]["us"]) == {"64x4", "64x8", "32x4", "32x8"}
-    assert max(result["block_errors"].values()) < 1e-5  # every option gives the default's gradients
+    assert set(result["blocks"]["backward_blocks"]["rows"][0]["us"]) == {"64x4", "64x8", "32x4", "32x8"}
+    assert set(result["blocks"]["ieee_backward_blocks"]["rows"][0]["us"]) == {"16x8", "16x4", "32x8", "64x4"}
+    for measured in result["blocks"].values():  # every option gives the default's gradients
+        assert max(measured["errors"].values()) < 1e-5
     assert entries["cpu (Triton interpreter)"].settings() == result["tuning"]
     assert (report / "tune.png").stat().st_size > 0 and "# Kernel tuning" in (report / "tune.md").read_text()
     # a finished report is not replaced by accident
@@ -205,10 +209,12 @@ def test_bench_records_the_launch_settings_that_ran(tmp_path, monkeypatch):
     monkeypatch.setenv("MIRRORLA_BACKEND", "triton")
     with forced_tuning(row_max_tiles=3):
         machine = machine_info("cpu")
-    assert machine["kernel_tuning"] == {"row_max_tiles": 3, "backward_blocks": [64, 4], "source": "forced"}
+    assert machine["kernel_tuning"] == {"row_max_tiles": 3, "backward_blocks": [64, 4],
+                                        "ieee_backward_blocks": [16, 8], "source": "forced"}
     records = [dict(kind="op", attn="relu", n=64, mode="fwd", dtype="fp32", status="ok", median_ms=1.0, iqr_ms=0.1,
                     peak_mem_mb=1.0)]
     write_report(records, tmp_path, machine)
-    assert "row kernels up to 3 tiles, chunked backward (64, 4) (forced)" in (tmp_path / "bench.md").read_text()
+    assert ("row kernels up to 3 tiles, chunked backward (64, 4), IEEE fp32 (16, 8) (forced)"
+            in (tmp_path / "bench.md").read_text())
     monkeypatch.setenv("MIRRORLA_BACKEND", "torch")
     assert machine_info("cpu")["kernel_tuning"] is None

@@ -514,6 +514,13 @@ def _grid_y(tiles: int) -> tuple[int, int]:
     return cdiv(tiles, per), per
 
 
+def _ieee_dots(dtype: torch.dtype) -> bool:
+    """Whether the matmuls of fp32 inputs run in IEEE fp32 (on the FMA units) rather than TF32 (tensor cores): as
+    for torch's own fp32 matmuls, TF32 where ``torch.set_float32_matmul_precision("high")`` (or ``"medium"``)
+    allows it, IEEE at the default ``"highest"``. Half-precision inputs always take the tensor cores."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
 def _swap(d: int, bd: int, pairing: int) -> bool:
     """Whether pair partners can be shuffled in registers (see _swap_pairs) instead of loaded a second time."""
     return pairing == 0 or bd == d
@@ -578,7 +585,7 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
     n, dv = k.shape[2], v.shape[3]
     bd, bdv, bn, warps = _blocks(d, dv)
     swap = _swap(d, bd, pairing)
-    ieee = q.dtype == torch.float32 or q.dtype == torch.float64
+    ieee = _ieee_dots(q.dtype)
     blocks = dict(D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_INTERPRETING,
                   SWAP=swap, num_warps=warps, num_stages=_STAGES)
     angles = dict(ANGLES=mirror is not None, FORM=form, LOAD_MAP=0 if mirror is not None else feature)
@@ -614,7 +621,7 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     n, dv = k.shape[2], v.shape[3]
     bd, bdv, bn, warps = _blocks(d, dv)
     swap = _swap(d, bd, pairing)
-    ieee = q.dtype == torch.float32 or q.dtype == torch.float64
+    ieee = _ieee_dots(q.dtype)
     blocks = dict(D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_INTERPRETING,
                   SWAP=swap, num_warps=warps, num_stages=_STAGES)
     theta, gamma, sums, form, map_eps = mirror if mirror is not None else (q, q, q, 0, 0.0)
@@ -629,12 +636,19 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
         # both passes in one program hold more live tiles: eight warps halve the registers per thread (ptxas for
         # sm_90 at d = 64, bf16: spills of 1.7 KB per thread with four warps, 1.0 KB with eight)
         blocks["num_warps"] = max(warps, 8)
+        if ieee:  # IEEE fp32 dots: the fp32 token tile of the setting (see below)
+            blocks["BN"], blocks["num_warps"] = kernel_tuning(q.device).ieee_backward_blocks
         _row_backward_kernel[(b * h,)](
             q, k, v, cos, ssin, state, grad_out, dq, dk, dvv, dang, nq, n, h, float(eps) * n,
             *q.stride(), *grad_out.stride(), *k.stride(), *v.stride(), sums, gamma, float(n), float(map_eps),
             ANGLES=mirror is not None, FORM=form, **blocks)
         return dq, dk, dvv, dang if rotating else None
-    if max(bd, bdv) <= 64:  # (token tile, warps): a per-GPU setting, the forward's (64, 4) by default
+    if ieee:
+        # IEEE fp32 dots run on the FMA units with fp32 operand tiles in registers: with 64-token tiles ptxas (sm_90,
+        # d = 64) spills 20–30 KB per thread in each backward kernel, with 16-token tiles and 8 warps nothing
+        bn, blocks["num_warps"] = kernel_tuning(q.device).ieee_backward_blocks
+        blocks["BN"] = bn
+    elif max(bd, bdv) <= 64:  # (token tile, warps): a per-GPU setting, the forward's (64, 4) by default
         bn, blocks["num_warps"] = kernel_tuning(q.device).backward_blocks
         blocks["BN"] = bn
     chunks_q, per_q = _chunks(nq, b * h, q.device, bn)
@@ -678,11 +692,12 @@ _FORM_NAMES = {code: name for name, code in DELTA_FORM_CODES.items()}
 
 
 def _configuration(q, k, v, feature: int, pairing: int, mirror: bool) -> tuple:
-    """What selects the compiled kernels of a call: device, dtype, widths, map, pairing, op and kernel path."""
+    """What selects the compiled kernels of a call: device, dtype, IEEE or TF32 dots, widths, map, pairing, op and
+    kernel path."""
     nq, d = q.shape[2], q.shape[3]
     n, dv = k.shape[2], v.shape[3]
     bd, _, bn, _ = _blocks(d, dv)
-    return (str(q.device), q.dtype, d, dv, feature, pairing, mirror,
+    return (str(q.device), q.dtype, _ieee_dots(q.dtype), d, dv, feature, pairing, mirror,
             _row_path(nq, n, bn, feature, _swap(d, bd, pairing), q.device))
 
 

@@ -45,20 +45,23 @@ class KernelTuning:
 
     row_max_tiles: int = 8
     backward_blocks: tuple[int, int] = (64, 4)
+    ieee_backward_blocks: tuple[int, int] = (16, 8)
     source: str = "defaults"
 
     def __post_init__(self):
         if not isinstance(self.row_max_tiles, int) or isinstance(self.row_max_tiles, bool) or self.row_max_tiles < 0:
             raise ValueError(f"row_max_tiles must be an int >= 0, got {self.row_max_tiles!r}")
-        blocks = self.backward_blocks
-        if (not isinstance(blocks, tuple) or len(blocks) != 2 or blocks[0] not in TILE_CHOICES
-                or blocks[1] not in WARP_CHOICES):
-            raise ValueError(f"backward_blocks must be (token tile in {TILE_CHOICES}, warps in {WARP_CHOICES}), "
-                             f"got {blocks!r}")
+        for name in ("backward_blocks", "ieee_backward_blocks"):
+            blocks = getattr(self, name)
+            if (not isinstance(blocks, tuple) or len(blocks) != 2 or blocks[0] not in TILE_CHOICES
+                    or blocks[1] not in WARP_CHOICES):
+                raise ValueError(f"{name} must be (token tile in {TILE_CHOICES}, warps in {WARP_CHOICES}), "
+                                 f"got {blocks!r}")
 
     def settings(self) -> dict:
         """The settings as a tuning file stores them."""
-        return {"row_max_tiles": self.row_max_tiles, "backward_blocks": list(self.backward_blocks)}
+        return {"row_max_tiles": self.row_max_tiles, "backward_blocks": list(self.backward_blocks),
+                "ieee_backward_blocks": list(self.ieee_backward_blocks)}
 
 
 DEFAULT_TUNING = KernelTuning()
@@ -86,9 +89,11 @@ def read_tuning_file(path: str | os.PathLike) -> dict[str, KernelTuning]:
     for name, entry in data["gpus"].items():
         try:
             blocks = entry["backward_blocks"]
+            ieee = entry.get("ieee_backward_blocks", list(DEFAULT_TUNING.ieee_backward_blocks))
             entries[name] = KernelTuning(
                 row_max_tiles=entry["row_max_tiles"],
                 backward_blocks=tuple(blocks) if isinstance(blocks, list) else blocks,
+                ieee_backward_blocks=tuple(ieee) if isinstance(ieee, list) else ieee,
                 source=f"{path.name}: {entry.get('measured', 'no provenance recorded')}")
         except (KeyError, TypeError, ValueError) as error:
             detail = f"missing {error}" if isinstance(error, KeyError) else str(error)

@@ -451,7 +451,8 @@ def _tuning_text(tuning: dict[str, Any] | None) -> str:
     if not tuning:
         return ""
     return (f", row kernels up to {tuning['row_max_tiles']} tiles, chunked backward "
-            f"{tuple(tuning['backward_blocks'])} ({tuning['source']})")
+            f"{tuple(tuning['backward_blocks'])}, IEEE fp32 {tuple(tuning['ieee_backward_blocks'])} "
+            f"({tuning['source']})")
 
 
 def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, Any]) -> None:

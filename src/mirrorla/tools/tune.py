@@ -1,20 +1,23 @@
-"""``mirrorla tune``: measure the Triton path's two per-GPU launch settings on this GPU and write them down.
+"""``mirrorla tune``: measure the Triton path's per-GPU launch settings on this GPU and write them down.
 
 The settings (:mod:`mirrorla.ops.tuning`) are where the row kernels stop paying (``row_max_tiles``) and the chunked
-backward's ``(token tile, warps)`` (``backward_blocks``). Both are measured at the shape of the speed targets
-(B = 8, H = 3, d = 64, bf16) and turned into settings by rules fixed here, before any run:
+backward's ``(token tile, warps)``: ``backward_blocks`` for tensor-core dots (bf16/fp16 inputs, fp32 ones with
+TF32 allowed) and ``ieee_backward_blocks`` for IEEE fp32 dots (fp32 inputs at torch's default matmul precision).
+They are measured at the shape of the speed targets (B = 8, H = 3, d = 64; bf16, and fp32 for the IEEE setting)
+and turned into settings by rules fixed here, before any run:
 
 - **row_max_tiles.** The ops ``relu`` and ``mirror``, forward and forward+backward, run on the row kernels and on
   the chunked kernels at each N of ``--lengths``; each time is the median of ``--repeats`` timings of ``--calls``
   calls back to back (wall clock, device finished). The row kernels *win* at N when they take at most the chunked
   kernels' time in all four cases. The setting is the tile count (64 tokens) of the largest N at which they win
   and at every shorter N measured; 0 (chunked kernels only) when they lose at the shortest.
-- **backward_blocks.** Each option of :data:`BLOCK_OPTIONS` first runs the MirrorLA op's backward on the chunked
-  kernels; an option whose gradients (q, k, v, θ, γ) differ from the default's by more than :data:`GRAD_TOLERANCE`
-  (largest error over the largest value) is out. The chunked backward alone (``relu`` and ``mirror``) is then timed
-  with each option at each N of ``--block-lengths``. An option's score is the geometric mean of its time over the
-  default's; the best score wins if it is at most :data:`MIN_GAIN` and no single case is slower than
-  :data:`MAX_LOSS` times the default's. Otherwise the default stays.
+- **backward_blocks, ieee_backward_blocks.** Each option of the setting (:data:`BLOCK_SETTINGS`, the first the
+  default) first runs the MirrorLA op's backward on the chunked kernels; an option whose gradients (q, k, v, θ, γ)
+  differ from the default's by more than :data:`GRAD_TOLERANCE` (largest error over the largest value) is out.
+  The chunked backward alone (``relu`` and ``mirror``) is then timed with each option at each N of
+  ``--block-lengths``. An option's score is the geometric mean of its time over the default's; the best score
+  wins if it is at most :data:`MIN_GAIN` and no single case is slower than :data:`MAX_LOSS` times the default's.
+  Otherwise the default stays.
 
 Writes (or updates) the GPU's entry in ``--out`` (a tuning file, other GPUs' entries kept) and, with ``--report
 DIR``, ``tune.json`` (every timing), ``tune.md`` and ``tune.png`` there. ``MIRRORLA_TUNING=FILE`` makes the library
@@ -24,6 +27,7 @@ use the file; this project's measured entries live in ``src/mirrorla/ops/kernel_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -40,7 +44,10 @@ from ..ops.tuning import DEFAULT_TUNING, TUNING_FORMAT, KernelTuning, forced_tun
 from .checkpoint import atomic_savefig, atomic_write_text
 
 BLOCK_N = 64  # the kernels' token tile at d ≤ 64: row_max_tiles counts these
-BLOCK_OPTIONS = ((64, 4), (64, 8), (32, 4), (32, 8))  # the first is the default
+BLOCK_SETTINGS = {  # setting: (its options, the first the default; the fp32 matmul precision that selects it)
+    "backward_blocks": (((64, 4), (64, 8), (32, 4), (32, 8)), "high"),
+    "ieee_backward_blocks": (((16, 8), (16, 4), (32, 8), (64, 4)), "highest"),
+}
 GRAD_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-5}
 MIN_GAIN = 0.95  # an option must save at least 5 % (geometric mean over the cases) to replace the default
 MAX_LOSS = 1.05  # and may lose at most 5 % in any single case
@@ -122,19 +129,40 @@ def _block_name(blocks: tuple[int, int]) -> str:
     return f"{blocks[0]}x{blocks[1]}"
 
 
-def check_block_options(device: torch.device, dtype: torch.dtype, n: int = 4096, batch: int = 2,
-                        options=BLOCK_OPTIONS) -> dict[str, float]:
-    """Per option, the largest relative error of the MirrorLA op's gradients (q, k, v, θ, γ) on the chunked
-    kernels against the default option's (the same sums in other orders): ``{"32x8": error, ...}``."""
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """``torch.set_float32_matmul_precision(precision)`` inside the block (it selects IEEE or TF32 dots for fp32
+    inputs, and so which backward setting applies), restored after it."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _setting_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The inputs a block setting is measured on: bf16 on a GPU for the tensor-core setting, fp32 for the IEEE one
+    (and in the interpreter, which has no bf16 dots; the precision then picks the setting)."""
+    return torch.bfloat16 if setting == "backward_blocks" and device.type == "cuda" else torch.float32
+
+
+def check_block_options(device: torch.device, setting: str = "backward_blocks", n: int = 4096,
+                        batch: int = 2) -> dict[str, float]:
+    """Per option of ``setting`` (see :data:`BLOCK_SETTINGS`), the largest relative error of the MirrorLA op's
+    gradients (q, k, v, θ, γ) on the chunked kernels against the default option's (the same sums in other
+    orders): ``{"32x8": error, ...}``."""
     from ..ops import triton_linear_attention as tla
 
+    options, precision = BLOCK_SETTINGS[setting]
     theta, gamma = (t.requires_grad_() for t in _angles(device))
-    q, k, v = (t.detach().requires_grad_() for t in _qkv(batch, n, device, dtype, seed=2))
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(batch, n, device, _setting_dtype(setting, device), seed=2))
     grads = {}
-    for blocks in options:
-        with forced_tuning(row_max_tiles=0, backward_blocks=blocks):
-            out = tla.mirror_linear_attention(q, k, v, theta, gamma)
-            grads[blocks] = torch.autograd.grad(out.float().square().mean(), [q, k, v, theta, gamma])
+    with matmul_precision(precision):
+        for blocks in options:
+            with forced_tuning(row_max_tiles=0, **{setting: blocks}):
+                out = tla.mirror_linear_attention(q, k, v, theta, gamma)
+                grads[blocks] = torch.autograd.grad(out.float().square().mean(), [q, k, v, theta, gamma])
     errors = {}
     for blocks in options[1:]:
         errors[_block_name(blocks)] = max(
@@ -143,16 +171,18 @@ def check_block_options(device: torch.device, dtype: torch.dtype, n: int = 4096,
     return errors
 
 
-def measure_block_options(device: torch.device, dtype: torch.dtype, lengths=BLOCK_LENGTHS, batch: int = 8,
-                          calls: int = 10, repeats: int = 5, warmup: int = 3, options=BLOCK_OPTIONS,
+def measure_block_options(device: torch.device, setting: str = "backward_blocks", lengths=BLOCK_LENGTHS,
+                          batch: int = 8, calls: int = 10, repeats: int = 5, warmup: int = 3,
                           progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """The chunked backward alone (the ops' backward implementations on one saved forward) with each option:
-    ``{n, attn, us: {"64x4": µs, ...}}``."""
+    """The chunked backward alone (the ops' backward implementations on one saved forward) with each option of
+    ``setting``: ``{n, attn, us: {"64x4": µs, ...}}``."""
     from ..ops import triton_linear_attention as tla
 
+    options, precision = BLOCK_SETTINGS[setting]
+    dtype = _setting_dtype(setting, device)
     theta, gamma = _angles(device)
     rows = []
-    with forced_tuning(row_max_tiles=0), torch.no_grad():
+    with matmul_precision(precision), forced_tuning(row_max_tiles=0), torch.no_grad():
         for n in lengths:
             q, k, v = _qkv(batch, n, device, dtype)
             grad = torch.randn(batch, HEADS, n, HEAD_DIM, device=device, dtype=dtype)
@@ -166,11 +196,11 @@ def measure_block_options(device: torch.device, dtype: torch.dtype, lengths=BLOC
             for attn, fn in backward.items():
                 us = {}
                 for blocks in options:
-                    with forced_tuning(row_max_tiles=0, backward_blocks=blocks):
+                    with forced_tuning(row_max_tiles=0, **{setting: blocks}):
                         us[_block_name(blocks)] = time_call(fn, device, calls, repeats, warmup)
                 rows.append(dict(n=n, attn=attn, us=us))
                 base = us[_block_name(options[0])]
-                progress(f"blocks N={n:<6} {attn:<6} " + "  ".join(
+                progress(f"{setting} N={n:<6} {attn:<6} " + "  ".join(
                     f"{name} {t:8.1f} µs ({t / base:.2f})" for name, t in us.items()))
             del q, k, v, grad, state, saved
     return rows
@@ -201,11 +231,13 @@ def choose_row_max_tiles(rows: list[dict[str, Any]], block_n: int = BLOCK_N) -> 
 
 
 def choose_backward_blocks(rows: list[dict[str, Any]], errors: dict[str, float], tolerance: float,
-                           options=BLOCK_OPTIONS) -> tuple[tuple[int, int], str]:
-    """The rule of the module docstring: ((token tile, warps), why)."""
+                           options=None) -> tuple[tuple[int, int], str]:
+    """The rule of the module docstring: ((token tile, warps), why). ``options``: those of ``backward_blocks``
+    unless given, the first the default."""
+    options = options or BLOCK_SETTINGS["backward_blocks"][0]
     default = options[0]
     if not rows:
-        raise ValueError("no backward timings to choose backward_blocks from")
+        raise ValueError("no backward timings to choose backward blocks from")
     scores = {}
     for blocks in options[1:]:
         name = _block_name(blocks)
@@ -239,21 +271,26 @@ def tune(device: torch.device, *, lengths=PATH_LENGTHS, block_lengths=BLOCK_LENG
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
     paths = measure_paths(device, dtype, lengths, batch, calls, repeats, warmup, progress)
-    errors = check_block_options(device, dtype, n=check_n)
-    progress("blocks gradients against the default's: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    blocks = measure_block_options(device, dtype, block_lengths, batch, block_calls, repeats, warmup,
-                                   progress=progress)
     row_max_tiles, row_why = choose_row_max_tiles(paths)
-    backward_blocks, blocks_why = choose_backward_blocks(blocks, errors, GRAD_TOLERANCE[dtype])
+    chosen, reasons, blocks = {}, {"row_max_tiles": row_why}, {}
+    for setting, (options, _) in BLOCK_SETTINGS.items():
+        errors = check_block_options(device, setting, n=check_n)
+        progress(f"{setting} gradients against the default's: " + ", ".join(
+            f"{name} {error:.1e}" for name, error in errors.items()))
+        rows = measure_block_options(device, setting, block_lengths, batch, block_calls, repeats, warmup, progress)
+        setting_dtype = _setting_dtype(setting, device)
+        chosen[setting], reasons[setting] = choose_backward_blocks(rows, errors, GRAD_TOLERANCE[setting_dtype],
+                                                                   options)
+        blocks[setting] = dict(dtype=str(setting_dtype).replace("torch.", ""), errors=errors,
+                               tolerance=GRAD_TOLERANCE[setting_dtype], rows=rows)
     gpu = _device_name(device)
     when = datetime.date.today().isoformat()
     measured = (f"mirrorla tune on {when}, torch {torch.__version__}, triton {triton.__version__}, "
                 f"B={batch}, H={HEADS}, d={HEAD_DIM}, {str(dtype).replace('torch.', '')}")
-    tuning = KernelTuning(row_max_tiles=row_max_tiles, backward_blocks=backward_blocks, source=measured)
+    tuning = KernelTuning(row_max_tiles=row_max_tiles, **chosen, source=measured)
     return dict(gpu=gpu, measured=measured, dtype=str(dtype).replace("torch.", ""), batch=batch,
-                seconds=round(time.perf_counter() - started, 1), paths=paths, block_errors=errors,
-                block_tolerance=GRAD_TOLERANCE[dtype], blocks=blocks, tuning=tuning.settings(),
-                reasons=dict(row_max_tiles=row_why, backward_blocks=blocks_why))
+                seconds=round(time.perf_counter() - started, 1), paths=paths, blocks=blocks,
+                tuning=tuning.settings(), reasons=reasons)
 
 
 def write_tuning_entry(path: Path, gpu: str, tuning: dict[str, Any], measured: str) -> None:
@@ -270,26 +307,27 @@ def write_tuning_entry(path: Path, gpu: str, tuning: dict[str, Any], measured: s
 
 def _markdown(result: dict[str, Any]) -> str:
     t = result["tuning"]
-    lines = [f"# Kernel tuning: {result['gpu']}", "",
-             f"{result['measured']}; {result['seconds']} s.", "",
-             f"- **row_max_tiles = {t['row_max_tiles']}**: {result['reasons']['row_max_tiles']}.",
-             f"- **backward_blocks = {tuple(t['backward_blocks'])}**: {result['reasons']['backward_blocks']}.", "",
-             "## Row kernels against chunked kernels (wall µs per call, median)", "",
-             "| N | attention | mode | row | chunked | row / chunked |", "|---|---|---|---|---|---|"]
+    lines = [f"# Kernel tuning: {result['gpu']}", "", f"{result['measured']}; {result['seconds']} s.", "",
+             f"- **row_max_tiles = {t['row_max_tiles']}**: {result['reasons']['row_max_tiles']}."]
+    lines += [f"- **{setting} = {tuple(t[setting])}**: {result['reasons'][setting]}." for setting in result["blocks"]]
+    lines += ["", "## Row kernels against chunked kernels (wall µs per call, median)", "",
+              "| N | attention | mode | row | chunked | row / chunked |", "|---|---|---|---|---|---|"]
     for r in result["paths"]:
         lines.append(f"| {r['n']} | {r['attn']} | {r['mode']} | {r['row_us']:.1f} | {r['chunked_us']:.1f} | "
                      f"{r['row_us'] / r['chunked_us']:.2f} |")
-    names = list(result["blocks"][0]["us"]) if result["blocks"] else []
-    lines += ["", "## Chunked backward by (token tile x warps) (wall µs per call, median; × the default's)", "",
-              "Gradients against the default's (largest error over largest value): " + ", ".join(
-                  f"{k} {v:.1e}" for k, v in result["block_errors"].items())
-              + f" (tolerance {result['block_tolerance']:g}).", "",
-              "| N | attention | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for r in result["blocks"]:
-        base = r["us"][names[0]]
-        lines.append(f"| {r['n']} | {r['attn']} | " + " | ".join(
-            f"{us:.1f}" + ("" if i == 0 else f" (× {us / base:.2f})") for i, us in enumerate(r["us"].values()))
-            + " |")
+    for setting, measured in result["blocks"].items():
+        names = list(measured["rows"][0]["us"]) if measured["rows"] else []
+        lines += ["", f"## {setting}: the chunked backward by (token tile x warps), {measured['dtype']} inputs "
+                      "(wall µs per call, median; × the first, the default)", "",
+                  "Gradients against the default's (largest error over largest value): " + ", ".join(
+                      f"{k} {v:.1e}" for k, v in measured["errors"].items())
+                  + f" (tolerance {measured['tolerance']:g}).", "",
+                  "| N | attention | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r in measured["rows"]:
+            base = r["us"][names[0]]
+            lines.append(f"| {r['n']} | {r['attn']} | " + " | ".join(
+                f"{us:.1f}" + ("" if i == 0 else f" (× {us / base:.2f})") for i, us in enumerate(r["us"].values()))
+                + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -299,7 +337,9 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    settings = list(result["blocks"])
+    fig, axes = plt.subplots(1, 1 + len(settings), figsize=(5.5 * (1 + len(settings)), 4))
+    left = axes[0]
     cases = sorted({(r["attn"], r["mode"]) for r in result["paths"]})
     for attn, mode in cases:
         rs = [r for r in result["paths"] if (r["attn"], r["mode"]) == (attn, mode)]
@@ -311,17 +351,20 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         left.axvline(tiles * BLOCK_N, color="black", ls="--", lw=0.8, label=f"row_max_tiles = {tiles}")
     left.set(xscale="log", xlabel="tokens N", ylabel="row / chunked time", title="row kernels (< 1: faster)")
     left.legend(fontsize=7)
-    names = list(result["blocks"][0]["us"]) if result["blocks"] else []
-    labels = [f"{r['attn']}\nN={r['n']}" for r in result["blocks"]]
-    width = 0.8 / max(1, len(names) - 1)
-    for i, name in enumerate(names[1:]):
-        right.bar([x + i * width for x in range(len(labels))],
-                  [r["us"][name] / r["us"][names[0]] for r in result["blocks"]], width, label=name)
-    right.axhline(1.0, color="grey", lw=0.8)
-    right.set_xticks([x + width * (len(names) - 2) / 2 for x in range(len(labels))], labels, fontsize=7)
-    right.set(ylabel=f"time / default {names[0] if names else ''}",
-              title=f"chunked backward options (chosen {_block_name(tuple(result['tuning']['backward_blocks']))})")
-    right.legend(fontsize=7)
+    for ax, setting in zip(axes[1:], settings, strict=True):
+        rows = result["blocks"][setting]["rows"]
+        names = list(rows[0]["us"]) if rows else []
+        labels = [f"{r['attn']}\nN={r['n']}" for r in rows]
+        width = 0.8 / max(1, len(names) - 1)
+        for i, name in enumerate(names[1:]):
+            ax.bar([x + i * width for x in range(len(labels))], [r["us"][name] / r["us"][names[0]] for r in rows],
+                   width, label=name)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks([x + width * (len(names) - 2) / 2 for x in range(len(labels))], labels, fontsize=7)
+        ax.set(ylabel=f"time / default {names[0] if names else ''}",
+               title=f"{setting}, {result['blocks'][setting]['dtype']} "
+                     f"(chosen {_block_name(tuple(result['tuning'][setting]))})")
+        ax.legend(fontsize=7)
     fig.suptitle(f"mirrorla tune: {result['gpu']}", fontsize=10)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=100)
@@ -377,7 +420,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         write_report(result, Path(args.report))
     t = result["tuning"]
     print(f"row_max_tiles = {t['row_max_tiles']}: {result['reasons']['row_max_tiles']}")
-    print(f"backward_blocks = {tuple(t['backward_blocks'])}: {result['reasons']['backward_blocks']}")
+    for setting in result["blocks"]:
+        print(f"{setting} = {tuple(t[setting])}: {result['reasons'][setting]}")
     print(f"wrote {result['gpu']!r} to {out}" + (f", the report to {args.report}" if args.report else "")
           + f"; MIRRORLA_TUNING={out} makes the library use it")
     if t == DEFAULT_TUNING.settings():
