@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, ordered so that each step can trust the one before: the kernels against the torch
 # backend on this GPU (gpu_check.py --kernels-only --quick, ~110 s on an H100), then this GPU's launch settings
-# (mirrorla tune: the row kernels against the chunked kernels, the chunked backward's block options; ~100 s), then
+# (mirrorla tune: the row kernels against the chunked kernels, the backward block options; ~2 minutes), then
 # the host cost of the attention's pieces and eager DeiT-T training steps (gpu_profile.py --host --mode train,
 # ~40 s) and the snapshot (run_gpu.sh, ~270 s), both with the settings tune chose (MIRRORLA_TUNING). About 9
 # minutes on one H100, start-up excluded; each step has its own time limit, so a failing step costs only its own
@@ -28,7 +28,7 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run it with its console output in 
 }
 step gpu_check 200 gpu_check.txt $PY benchmarks/gpu_check.py --kernels-only --quick
 rm -f "$OUT/kernel_tuning.json"  # this session's measurement only
-step tune 150 tune.log $PY -m mirrorla tune --out "$OUT/kernel_tuning.json" --report "$OUT/tune" --overwrite
+step tune 200 tune.log $PY -m mirrorla tune --out "$OUT/kernel_tuning.json" --report "$OUT/tune" --overwrite
 # the later steps run with the settings tune chose, where it finished
 if [ -f "$OUT/kernel_tuning.json" ]; then export MIRRORLA_TUNING="$OUT/kernel_tuning.json"; fi
 step gpu_profile 120 gpu_profile.log $PY benchmarks/gpu_profile.py --host --mode train --attn relu,mirror \

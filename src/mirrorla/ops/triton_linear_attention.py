@@ -23,7 +23,8 @@ the σ² path to dk, θ and γ. Two sets of kernels run these passes:
 
 q, k and v are read in their own dtype (and may be strided views of a qkv tensor); states, normalisers and
 gradients of the angle are fp32; the matmuls run on tensor cores (bf16/fp16 inputs with fp32 accumulation, tf32
-for the fp32 states). ``benchmarks/compile_check.py`` compiles every configuration for a GPU without one.
+for the fp32 states), except for fp32 inputs at torch's default matmul precision, whose matmuls run in IEEE fp32
+(see :func:`_ieee_dots`). ``benchmarks/compile_check.py`` compiles every configuration for a GPU without one.
 
 The ops are registered with :mod:`torch.library` (``mirrorla::fused_linear_attention``), with fake kernels and
 autograd, so ``torch.compile(fullgraph=True)`` and CUDA graphs see one op; eager calls run the same

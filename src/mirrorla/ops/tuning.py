@@ -1,13 +1,17 @@
 """Per-GPU launch settings of the Triton kernels: measured on each GPU by ``mirrorla tune``, never guessed.
 
-Two choices of the Triton path depend on the GPU more than on the code, so they are looked up per GPU:
+Some choices of the Triton path depend on the GPU more than on the code, so they are looked up per GPU:
 
 - ``row_max_tiles``: rows of at most this many token tiles (64 tokens at d ≤ 64) run on the row kernels, one
   program per (b, h) row and one launch each way; longer rows run on the chunked kernels, many programs per row.
   The row kernels save launches (host time) and lose parallelism, so where they stop winning depends on the GPU's
   size and its host.
-- ``backward_blocks``: ``(token tile, warps)`` of the chunked backward kernels for heads up to 64 wide. Smaller
-  tiles and more warps spill fewer registers (ptxas) but run smaller matmuls.
+- ``backward_blocks``: ``(token tile, warps)`` of the chunked backward kernels for heads up to 64 wide, where the
+  matmuls run on tensor cores (bf16/fp16 inputs; fp32 ones where torch allows TF32). Smaller tiles and more warps
+  spill fewer registers (ptxas) but run smaller matmuls.
+- ``ieee_backward_blocks``: the same for fp32 inputs with IEEE fp32 matmuls (torch's default matmul precision),
+  every head width, and the row backward's token tile there too. Those matmuls hold fp32 operand tiles in
+  registers: with 64-token tiles ptxas for sm_90 spills 20–30 KB per thread, with 16 tokens and 8 warps nothing.
 
 Where the values come from, the first that has the GPU (by its CUDA name) wins:
 
@@ -66,7 +70,7 @@ class KernelTuning:
 
 DEFAULT_TUNING = KernelTuning()
 """Used where no measurement names the GPU: rows of up to 8 tiles (512 tokens) on the row kernels, the chunked
-backward on the forward's (64 tokens, 4 warps)."""
+backward on the forward's (64 tokens, 4 warps), with IEEE fp32 dots on (16 tokens, 8 warps)."""
 
 _CACHE: dict[int, KernelTuning] = {}
 _FORCED: dict = {}
