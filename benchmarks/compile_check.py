@@ -8,10 +8,12 @@ configuration for the target (Triton's bundled ptxas, no driver) and reports its
 spills. It fails (exit 1) when a configuration does not compile or needs more shared memory than the target's
 limit.
 
-usage: python benchmarks/compile_check.py [--arch 90] [--quick] [--kernels NAME,...] [--out FILE]
+usage: python benchmarks/compile_check.py [--arch 90] [--quick] [--kernels NAME,...] [--dtypes fp32,...]
+       [--precision highest|high] [--out FILE]
 
 Run it without ``TRITON_INTERPRET=1`` (the interpreter replaces the compiler). ``--quick``: bf16 and d = 64
-only; ``--kernels``: only the kernels whose name contains one of these parts.
+only; ``--kernels``: only the kernels whose name contains one of these parts; ``--precision high``: fp32 inputs
+with TF32 dots (as under ``torch.set_float32_matmul_precision("high")``) instead of IEEE ones.
 """
 
 from __future__ import annotations
@@ -147,19 +149,32 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability × 10 (default 90: H100)")
     p.add_argument("--quick", action="store_true", help="bf16 and d = 64 only")
     p.add_argument("--kernels", default="", help="comma-separated parts of kernel names to compile (default: all)")
+    p.add_argument("--dtypes", default="", help="comma-separated input dtypes (bf16, fp16, fp32; default: all)")
+    p.add_argument("--precision", default="highest", choices=("highest", "high", "medium"),
+                   help="torch.set_float32_matmul_precision while recording: fp32 inputs take IEEE dots at "
+                        "'highest' (the default), TF32 otherwise")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    wanted_dtypes = [x.strip() for x in args.dtypes.split(",") if x.strip()]
+    if args.dtypes and (not wanted_dtypes or any(x not in names for x in wanted_dtypes)):
+        print(f"compile_check: --dtypes takes {', '.join(names)}, got {args.dtypes!r}", file=sys.stderr)
+        return 2
+    dtypes = [names[x] for x in wanted_dtypes] or None
+    torch.set_float32_matmul_precision(args.precision)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
     limit = SHARED_LIMIT.get(args.arch)
     wanted = [part for part in args.kernels.split(",") if part]
-    configs = {key: kernel for key, kernel in distinct_configurations(record_launches(args.quick)).items()
+    launches = record_launches(args.quick, dtypes=dtypes)
+    configs = {key: kernel for key, kernel in distinct_configurations(launches).items()
                if not wanted or any(part in key[0] for part in wanted)}
     if not configs:
         print(f"compile_check: no kernel matches --kernels {args.kernels!r}", file=sys.stderr)
         return 2
-    lines = [f"# Triton kernels compiled for sm_{args.arch} (no GPU), Triton {__import__('triton').__version__}",
+    lines = [f"# Triton kernels compiled for sm_{args.arch} (no GPU), Triton {__import__('triton').__version__}, "
+             f"fp32 matmul precision {args.precision!r}",
              "", f"shared-memory limit per block: {limit if limit else 'unknown'} bytes", "",
              "| kernel | dtype | constants | warps | shared B | registers | spill stores B | s |",
              "|---|---|---|---|---|---|---|---|"]
