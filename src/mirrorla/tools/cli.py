@@ -159,7 +159,7 @@ def _add_analyze(sub) -> None:
 
 
 def _add_tune(sub) -> None:
-    p = sub.add_parser("tune", help="measure the Triton kernels' two per-GPU launch settings on this GPU")
+    p = sub.add_parser("tune", help="measure the Triton kernels' per-GPU launch settings on this GPU")
     p.add_argument("--out", required=True,
                    help="tuning file to write this GPU's entry to (others kept); MIRRORLA_TUNING=FILE uses it")
     p.add_argument("--report", default=None, help="also write tune.json, tune.md and tune.png to this directory")
