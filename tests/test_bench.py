@@ -8,14 +8,15 @@ REQUIRED = {"kind", "attn", "mode", "dtype", "device", "median_ms", "iqr_ms", "p
 
 
 def test_bench_op_writes_records_tables_and_plot(tmp_path, capsys):
-    # each case starts a Python process: keep the grid small
-    rc = main(["bench", "op", "--n", "256", "--attn", "softmax,relu,mirror", "--mode", "fwd,train",
+    # each case starts Python processes (about 9 s each here, most of it importing torch and timm): one mode only;
+    # the forward cases are measured in-process below
+    rc = main(["bench", "op", "--n", "256", "--attn", "softmax,relu,mirror", "--mode", "train",
                "--min-run-time", "0.05", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert {"cpu", "threads", "torch", "device"} <= set(report["machine"])
     records = report["records"]
-    assert len(records) == 3 * 2
+    assert len(records) == 3
     for r in records:
         assert REQUIRED <= set(r) and "n" in r
         assert r["status"] == "ok", r
@@ -24,6 +25,20 @@ def test_bench_op_writes_records_tables_and_plot(tmp_path, capsys):
     assert "× softmax" in md and "| 256 | mirror |" in md
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "bench.md" in capsys.readouterr().out
+
+
+def test_op_forward_cases_measure_memory_and_time():
+    """The forward (no-grad) op cases, measured by the functions each worker process runs."""
+    from mirrorla.tools import bench
+
+    base = dict(kind="op", n=96, mode="fwd", dtype="fp32", device="cpu", batch=1, heads=3, head_dim=16,
+                compile=False, min_run_time=0.01)
+    cases = [dict(base, attn=a) for a in ("softmax", "relu", "mirror")]
+    for case in cases:
+        assert bench.measure_memory(case)["status"] == "ok"
+    times = bench.measure_times(cases, min_run_time=0.01, max_call_seconds=30)
+    assert [t["status"] for t in times] == ["ok"] * 3
+    assert all(t["median_ms"] > 0 and t["iqr_ms"] >= 0 for t in times)
 
 
 def test_bench_model_reports_images_per_second(tmp_path):
