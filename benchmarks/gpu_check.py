@@ -114,11 +114,11 @@ for delta_form, pairing, n, d, dtype in MAP_CASES[:2] if quick else MAP_CASES:
 # the chunked backward's (token tile, warps) options that mirrorla tune may choose: the MirrorLA op's gradients with
 # each option against the default's (the same sums in other orders; tune checks them too before it picks one), for
 # tensor-core dots (bf16) and IEEE fp32 dots
-from mirrorla.tools.tune import BLOCK_SETTINGS, GRAD_TOLERANCE, _setting_dtype, check_block_options  # noqa: E402
+from mirrorla.tools.tune import BLOCK_SETTINGS, GRAD_TOLERANCE, check_block_options, setting_dtype  # noqa: E402
 
 n_blocks = 4096 if device.type == "cuda" else 300
 for setting, (options, _) in BLOCK_SETTINGS.items():
-    tol = GRAD_TOLERANCE[_setting_dtype(setting, device)]
+    tol = GRAD_TOLERANCE[setting_dtype(setting, device)]
     for option, error in check_block_options(device, setting, n=n_blocks).items():
         report(f"chunked backward {setting} {option} vs {options[0][0]}x{options[0][1]}, N={n_blocks}", error, tol)
 

@@ -29,7 +29,7 @@ for the fp32 states), except for fp32 inputs at torch's default matmul precision
 The ops are registered with :mod:`torch.library` (``mirrorla::fused_linear_attention``), with fake kernels and
 autograd, so ``torch.compile(fullgraph=True)`` and CUDA graphs see one op; eager calls run the same
 implementation through a ``torch.autograd.Function``, whose dispatch costs less host time than a custom op's.
-Block sizes are fixed per GPU (no autotune: :mod:`mirrorla.ops.tuning` holds the two measured choices), so the
+Block sizes are fixed per GPU (no autotune: :mod:`mirrorla.ops.tuning` holds the measured choices), so the
 kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the test suite checks them.
 """
 
@@ -566,12 +566,12 @@ def _pair_sum(per_channel: torch.Tensor, pairing: str) -> torch.Tensor:
     return per_channel.unflatten(-1, (2, d // 2)).sum(-2)
 
 
-def _row_path(nq: int, n: int, bn: int, feature: int, swap: bool, device: torch.device) -> bool:
-    """Whether the row kernels run the op: rows of at most ``row_max_tiles`` token tiles, a per-GPU setting
-    (:mod:`mirrorla.ops.tuning`, measured by ``mirrorla tune``)."""
+def _row_path(nq: int, n: int, bn: int, feature: int, swap: bool, max_tiles: int) -> bool:
+    """Whether the row kernels run the op: rows of at most ``max_tiles`` token tiles (``row_max_tiles``, a per-GPU
+    setting of :mod:`mirrorla.ops.tuning`, measured by ``mirrorla tune``)."""
     # a rotation on the row kernels shuffles pair partners in registers (swap): the partner rows of dS are never
     # reloaded from memory, which a single program could not do without a barrier
-    return max(nq, n) <= kernel_tuning(device).row_max_tiles * bn and (swap or feature != 2)
+    return max(nq, n) <= max_tiles * bn and (swap or feature != 2)
 
 
 def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mirror=None):
@@ -591,7 +591,7 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
                   SWAP=swap, num_warps=warps, num_stages=_STAGES)
     angles = dict(ANGLES=mirror is not None, FORM=form, LOAD_MAP=0 if mirror is not None else feature)
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
-    if _row_path(nq, n, bn, feature, swap, q.device):
+    if _row_path(nq, n, bn, feature, swap, kernel_tuning(q.device).row_max_tiles):
         state = torch.empty(b * h, d, dv + 1, device=q.device, dtype=torch.float32)
         _row_forward_kernel[(b * h,)](
             q, k, v, cos, ssin, state, out, nq, n, h, float(eps) * n, *q.stride(), *k.stride(), *v.stride(),
@@ -623,6 +623,7 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     bd, bdv, bn, warps = _blocks(d, dv)
     swap = _swap(d, bd, pairing)
     ieee = _ieee_dots(q.dtype)
+    tuning = kernel_tuning(q.device)
     blocks = dict(D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_INTERPRETING,
                   SWAP=swap, num_warps=warps, num_stages=_STAGES)
     theta, gamma, sums, form, map_eps = mirror if mirror is not None else (q, q, q, 0, 0.0)
@@ -631,14 +632,14 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     dvv = torch.empty(b, h, n, dv, device=q.device, dtype=v.dtype)
     # the σ² path's output: dθ and dγ per row
     dtg = torch.empty(2, b * h, d // 2, device=q.device, dtype=torch.float32) if mirror is not None else None
-    if _row_path(nq, n, bn, feature, swap, q.device):
+    if _row_path(nq, n, bn, feature, swap, tuning.row_max_tiles):
         dang = dtg if mirror is not None else (
             torch.empty(b * h, d, device=q.device, dtype=torch.float32) if rotating else state)
         # both passes in one program hold more live tiles: eight warps halve the registers per thread (ptxas for
         # sm_90 at d = 64, bf16: spills of 1.7 KB per thread with four warps, 1.0 KB with eight)
         blocks["num_warps"] = max(warps, 8)
         if ieee:  # IEEE fp32 dots: the fp32 token tile of the setting (see below)
-            blocks["BN"], blocks["num_warps"] = kernel_tuning(q.device).ieee_backward_blocks
+            blocks["BN"], blocks["num_warps"] = tuning.ieee_backward_blocks
         _row_backward_kernel[(b * h,)](
             q, k, v, cos, ssin, state, grad_out, dq, dk, dvv, dang, nq, n, h, float(eps) * n,
             *q.stride(), *grad_out.stride(), *k.stride(), *v.stride(), sums, gamma, float(n), float(map_eps),
@@ -647,10 +648,10 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     if ieee:
         # IEEE fp32 dots run on the FMA units with fp32 operand tiles in registers: with 64-token tiles ptxas (sm_90,
         # d = 64) spills 20–30 KB per thread in each backward kernel, with 16-token tiles and 8 warps nothing
-        bn, blocks["num_warps"] = kernel_tuning(q.device).ieee_backward_blocks
+        bn, blocks["num_warps"] = tuning.ieee_backward_blocks
         blocks["BN"] = bn
     elif max(bd, bdv) <= 64:  # (token tile, warps): a per-GPU setting, the forward's (64, 4) by default
-        bn, blocks["num_warps"] = kernel_tuning(q.device).backward_blocks
+        bn, blocks["num_warps"] = tuning.backward_blocks
         blocks["BN"] = bn
     chunks_q, per_q = _chunks(nq, b * h, q.device, bn)
     dstate_part = torch.empty(b * h, chunks_q, d, dv + 1, device=q.device, dtype=torch.float32)
@@ -699,7 +700,7 @@ def _configuration(q, k, v, feature: int, pairing: int, mirror: bool) -> tuple:
     n, dv = k.shape[2], v.shape[3]
     bd, _, bn, _ = _blocks(d, dv)
     return (str(q.device), q.dtype, _ieee_dots(q.dtype), d, dv, feature, pairing, mirror,
-            _row_path(nq, n, bn, feature, _swap(d, bd, pairing), q.device))
+            _row_path(nq, n, bn, feature, _swap(d, bd, pairing), kernel_tuning(q.device).row_max_tiles))
 
 
 _MAX_WIDTH = 128

@@ -141,7 +141,7 @@ def matmul_precision(precision: str):
         torch.set_float32_matmul_precision(previous)
 
 
-def _setting_dtype(setting: str, device: torch.device) -> torch.dtype:
+def setting_dtype(setting: str, device: torch.device) -> torch.dtype:
     """The inputs a block setting is measured on: bf16 on a GPU for the tensor-core setting, fp32 for the IEEE one
     (and in the interpreter, which has no bf16 dots; the precision then picks the setting)."""
     return torch.bfloat16 if setting == "backward_blocks" and device.type == "cuda" else torch.float32
@@ -156,7 +156,7 @@ def check_block_options(device: torch.device, setting: str = "backward_blocks", 
 
     options, precision = BLOCK_SETTINGS[setting]
     theta, gamma = (t.requires_grad_() for t in _angles(device))
-    q, k, v = (t.detach().requires_grad_() for t in _qkv(batch, n, device, _setting_dtype(setting, device), seed=2))
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(batch, n, device, setting_dtype(setting, device), seed=2))
     grads = {}
     with matmul_precision(precision):
         for blocks in options:
@@ -179,7 +179,7 @@ def measure_block_options(device: torch.device, setting: str = "backward_blocks"
     from ..ops import triton_linear_attention as tla
 
     options, precision = BLOCK_SETTINGS[setting]
-    dtype = _setting_dtype(setting, device)
+    dtype = setting_dtype(setting, device)
     theta, gamma = _angles(device)
     rows = []
     with matmul_precision(precision), forced_tuning(row_max_tiles=0), torch.no_grad():
@@ -278,11 +278,11 @@ def tune(device: torch.device, *, lengths=PATH_LENGTHS, block_lengths=BLOCK_LENG
         progress(f"{setting} gradients against the default's: " + ", ".join(
             f"{name} {error:.1e}" for name, error in errors.items()))
         rows = measure_block_options(device, setting, block_lengths, batch, block_calls, repeats, warmup, progress)
-        setting_dtype = _setting_dtype(setting, device)
-        chosen[setting], reasons[setting] = choose_backward_blocks(rows, errors, GRAD_TOLERANCE[setting_dtype],
+        dtype_blocks = setting_dtype(setting, device)
+        chosen[setting], reasons[setting] = choose_backward_blocks(rows, errors, GRAD_TOLERANCE[dtype_blocks],
                                                                    options)
-        blocks[setting] = dict(dtype=str(setting_dtype).replace("torch.", ""), errors=errors,
-                               tolerance=GRAD_TOLERANCE[setting_dtype], rows=rows)
+        blocks[setting] = dict(dtype=str(dtype_blocks).replace("torch.", ""), errors=errors,
+                               tolerance=GRAD_TOLERANCE[dtype_blocks], rows=rows)
     gpu = _device_name(device)
     when = datetime.date.today().isoformat()
     measured = (f"mirrorla tune on {when}, torch {torch.__version__}, triton {triton.__version__}, "
