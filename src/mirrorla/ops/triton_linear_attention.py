@@ -267,12 +267,13 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
                                 MAP, SWAP, PAIRING, BN, BD)
         do = tl.load(do_ptr + offs_n[:, None] * s_dn + offs_v[None, :] * s_dd, mask=nmask[:, None] & vmask[None, :],
                      other=0.0).to(tl.float32)
-        num = _dot(phi, s, IEEE, UPCAST)
-        den = tl.sum(phi * z[None, :], axis=1) + eps_n
-        dnum = do / den[:, None]
-        dden = -tl.sum(do * num, axis=1) / (den * den)
-        dden = tl.where(nmask, dden, 0.0)
-        dphi = _dot(dnum, tl.trans(s), IEEE, UPCAST) + dden[:, None] * z[None, :]
+        # two matmuls, not three: with o = num / den and num = φ S, the product do·Sᵀ gives both the numerator's
+        # gradient, dnum·Sᵀ = (do·Sᵀ) / den, and do·num = φ·(do·Sᵀ) row by row, so num itself is never formed
+        do_st = _dot(do, tl.trans(s), IEEE, UPCAST)
+        inv_den = 1.0 / (tl.sum(phi * z[None, :], axis=1) + eps_n)
+        dnum = do * inv_den[:, None]
+        dden = tl.where(nmask, -tl.sum(phi * do_st, axis=1) * inv_den * inv_den, 0.0)
+        dphi = do_st * inv_den[:, None] + dden[:, None] * z[None, :]
         dq, d_angle = _map_backward(dphi, dnum, s_p, dden[:, None] * z_p[None, :], y, y_p, cos, ssin, sign, nmask,
                                     MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST)
         dang += d_angle
