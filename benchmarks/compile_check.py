@@ -83,13 +83,16 @@ def record_launches(quick: bool, dims=None, dtypes=None) -> list:
                 grad = torch.randn(b, h, n, d).to(dtype)
                 theta, gamma = torch.randn(h, d // 2), torch.randn(h, d // 2)
                 for pairing in (0, 1):
+                    # inference forward (no moment), then the training forward and its backward
+                    tla._mirror_forward_impl(q, k, v, theta, gamma, pairing, 0, 1e-6, 1e-6, False)
                     out, state, sums, cos, ssin = tla._mirror_forward_impl(q, k, v, theta, gamma, pairing, 0, 1e-6,
-                                                                           1e-6)
+                                                                           1e-6, True)
                     tla._mirror_backward_impl(q, k, v, theta, gamma, state, sums, cos, ssin, grad, pairing, 0, 1e-6,
                                               1e-6)
                 angle = torch.randn(b, h, d // 2)
+                tla._fused_forward_impl(q, k, v, angle, 2, 0, 1e-6, False)
                 for feature, a in ((0, None), (1, None), (2, angle)):
-                    _, state = tla._fused_forward_impl(q, k, v, a, feature, 0, 1e-6)
+                    _, state = tla._fused_forward_impl(q, k, v, a, feature, 0, 1e-6, True)
                     tla._fused_backward_impl(q, k, v, a, state, grad, feature, 0, 1e-6)
         for c in (192, 768):
             w, bias, u = torch.randn(3 * c, c).to(dtype), torch.randn(3 * c).to(dtype), torch.randn(c)
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
         sig = dict(signature)
         dtype = next((t[1:] for t in sig.values() if t.startswith("*") and t != "*fp32"), "fp32")
         shown = ",".join(f"{k}={v}" for k, v in constants if k in ("D", "MAP", "PAIRING", "SWAP", "ANGLES", "BN",
-                                                                   "ONE_PROGRAM", "HAS_BIAS"))
+                                                                   "MOMENT", "ONE_PROGRAM", "HAS_BIAS"))
         start = time.perf_counter()
         try:
             info = compile_one(kernel, sig, dict(constants), warps, stages, args.arch)

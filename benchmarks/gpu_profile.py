@@ -243,13 +243,14 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
                 return fn()
         return call
 
-    state_args = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)
+    state_args = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6, True)  # with the moment
     cases = [
         ("torch: one tiny add", lambda: tiny.add_(1.0)),
         ("triton: a one-argument kernel", lambda: _one_arg[(1,)](tiny)),
         ("triton: token sums (one launch + alloc)", lambda: tla._token_sum_parts(k)),
         ("relu op forward (no grad)", lambda: tla._fused_forward_impl(q, k, v, None, 1, 0, 1e-6)),
-        ("mirror op forward (no grad)", lambda: tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)),
+        ("mirror op forward (no grad)", lambda: tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6,
+                                                                         False)),
         ("relu op backward impl", lambda: tla._fused_backward_impl(q, k, v, None, state_args[1], grad_out, 1, 0,
                                                                    1e-6)),
         ("mirror op backward impl", lambda: tla._mirror_backward_impl(q, k, v, theta, gamma, *state_args[1:],

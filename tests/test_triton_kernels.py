@@ -307,10 +307,10 @@ def chunked_kernels():
 
 def test_tiles_beyond_the_grid_limit_share_programs(monkeypatch, chunked_kernels):
     """A CUDA grid's second axis holds at most 65,535 programs: beyond that many tiles of tokens (4M tokens) the
-    output pass and the σ² path give each program several tiles. Here the limit is lowered to 2 programs: the
-    MirrorLA op's values and gradients are those of one tile per program."""
+    output pass gives each program several tiles. Here the limit is lowered to 2 programs: the MirrorLA op's values
+    and gradients are those of one tile per program."""
     q, k, v, _, theta, gamma = _op_inputs(1, 2, 300, 16)  # 5 tiles of 64 tokens
-    grids, real = [], {name: getattr(triton_ops, name) for name in ("_output_kernel", "_sums_grad_kernel")}
+    grids, real = [], {name: getattr(triton_ops, name) for name in ("_output_kernel",)}
 
     class Spy:
         def __init__(self, name):
@@ -327,8 +327,7 @@ def test_tiles_beyond_the_grid_limit_share_programs(monkeypatch, chunked_kernels
         monkeypatch.setattr(triton_ops, "_MAX_GRID_Y", limit)
         out = triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
         results.append((out, torch.autograd.grad(out.square().sum(), [q, k, v, theta, gamma])))
-    assert grids == [("_output_kernel", 5), ("_sums_grad_kernel", 5), ("_output_kernel", 2),
-                     ("_sums_grad_kernel", 2)]
+    assert grids == [("_output_kernel", 5), ("_output_kernel", 2)]
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     for a, w in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(a, w, rtol=0, atol=0)
@@ -467,6 +466,49 @@ def test_rows_that_need_partner_loads_take_the_chunked_kernels(monkeypatch):
     assert dict(launches) == {"_row_forward_kernel": 1, "_row_backward_kernel": 1}
 
 
+def test_the_moment_is_summed_only_for_a_backward(kernel_path, monkeypatch):
+    """A rotating op's forward sums the moment (which gives the backward the keys' part of d angle) only where an
+    input needs a gradient, and MirrorLA's backward then takes as many launches as ReLU's: its σ² path runs inside
+    the k/v pass. A rotation whose angle needs no gradient gets none, and the right gradients for q, k, v."""
+    launches = _count_launches(monkeypatch)
+    moments = []
+    for name in ("_row_forward_kernel", "_state_kernel"):
+        counting = getattr(triton_ops, name)
+
+        class Spy:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    moments.append(kwargs["MOMENT"])
+                    return self.inner[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(triton_ops, name, Spy(counting))
+    q, k, v, angle, theta, gamma = _op_inputs(1, 2, 100, 16)
+    with torch.no_grad():
+        triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
+        triton_ops.fused_linear_attention(q, k, v, angle, feature="rotate_relu")
+    assert moments == [False, False]
+    launches.clear()
+    triton_ops.mirror_linear_attention(q, k, v, theta, gamma).sum().backward()
+    mirror_launches = dict(launches)
+    launches.clear()
+    triton_ops.fused_linear_attention(q, k, v, feature="relu").sum().backward()
+    assert moments[2:] == [True, False]  # MirrorLA's training forward, then ReLU's (no rotation, no moment)
+    # ReLU's launches, and on the chunked kernels the keys' token sums before the state pass
+    assert mirror_launches == {**launches, **({"_token_sums_kernel": 1} if kernel_path == "chunked" else {})}
+    # the angle as a constant: no moment, no angle gradient, and q, k, v's gradients as before
+    out = triton_ops.fused_linear_attention(q, k, v, angle.detach(), feature="rotate_relu")
+    assert moments[-1] is False
+    got = torch.autograd.grad(out.square().sum(), [q, k, v])
+    want = torch.autograd.grad(_reference(q, k, v, angle.detach(), "rotate_relu", "adjacent").square().sum(),
+                               [q, k, v])
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w, atol=1e-4, rtol=1e-4)
+
+
 def test_relu_and_elu_maps_use_the_fused_core(backend):
     q, k, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
     for name in ("relu", "elu"):
@@ -575,6 +617,12 @@ def test_custom_ops_pass_torch_library_opcheck():
     torch.library.opcheck(triton_ops._fused_forward, (q, k, v, None, 1, 0, 1e-6), test_utils=tests)
     torch.library.opcheck(triton_ops._token_sums, (k,), test_utils=tests)
     torch.library.opcheck(triton_ops._mirror_forward, (q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6), test_utils=tests)
+    # without the moment (inference): a state of one half, in the fake kernels too
+    with torch.no_grad():
+        for op, args in ((triton_ops._mirror_forward, (q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6, False)),
+                         (triton_ops._fused_forward, (q, k, v, angle, 2, 0, 1e-6, False))):
+            assert op(*args)[1].shape[0] == 1
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_backward_custom_ops_fake_kernels_match_strided_inputs():
@@ -833,4 +881,4 @@ def test_row_kernels_compile_for_an_h100():
     result = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_check.py"), "--quick",
                              "--kernels", "_row_"], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "10 configurations, 0 failed" in result.stdout, result.stdout[-3000:]
+    assert "13 configurations, 0 failed" in result.stdout, result.stdout[-3000:]

@@ -10,9 +10,12 @@ the kernels and never written to memory:
   MirrorLA's per-sample step once its static reflections are folded into the projections.
 
 Passes: a state pass over k and v, an output pass over q, and in the backward one pass over q (dq, dS, dz and
-the q part of d angle) and one over k and v (dk, dv and the k part of d angle). MirrorLA's op adds a pass of token
-sums over k before the state pass (which turns them into the angles) and, in the backward, one over k that takes
-the σ² path to dk, θ and γ. Two sets of kernels run these passes:
+the q part of d angle) and one over k and v (dk, dv). The k part of d angle needs no pass of its own: a rotation's
+training forward also sums the moment ``[Σ w vᵀ | Σ w]``, ``w = [y > 0]·y_p`` (y the rotated key, y_p its pair
+partner's), from which the backward gets it as ``sign·(dS ⊙ Σ w vᵀ + dz ⊙ Σ w)`` summed over v, before the k/v
+pass. MirrorLA's op adds a pass of token sums over k before the state pass (which turns them into the angles); its
+σ² path to θ, γ and dk then runs inside the k/v pass, which adds ``dS₁ + 2·dS₂·k`` to dk as it stores it. Two
+sets of kernels run these passes:
 
 - chunked kernels (long rows): one kernel per pass, each with many programs per (b, h) row, every program
   reducing a chunk of tokens into fp32 partials that are added in a fixed order (deterministic, no atomics);
@@ -94,7 +97,8 @@ def _swap_pairs(x, BN: tl.constexpr, BD: tl.constexpr, PAIRING: tl.constexpr):
 @triton.jit
 def _features(ptr, offs_n, offs_d, partner, nmask, dmask, s_n, s_d, cos, ssin, MAP: tl.constexpr,
               SWAP: tl.constexpr, PAIRING: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    """Load a tile ``[BN, BD]`` and map it: returns (φ, pre-activation y, partner pre-activation y_p) in fp32."""
+    """Load a tile ``[BN, BD]`` and map it: returns (φ, pre-activation y, partner pre-activation y_p, the tile x)
+    in fp32."""
     x = tl.load(ptr + offs_n[:, None] * s_n + offs_d[None, :] * s_d, mask=nmask[:, None] & dmask[None, :],
                 other=0.0).to(tl.float32)
     if MAP == 2:
@@ -114,7 +118,7 @@ def _features(ptr, offs_n, offs_d, partner, nmask, dmask, s_n, s_d, cos, ssin, M
         y = x
         y_p = x
         phi = x
-    return phi, y, y_p
+    return phi, y, y_p, x
 
 
 @triton.jit
@@ -179,8 +183,9 @@ def _load_state(ST, offs_d, offs_v, partner, dmask, vmask, DV: tl.constexpr):
 @triton.jit
 def _map_backward(dphi, left, state_p, bias_p, y, y_p, cos, ssin, sign, nmask, MAP: tl.constexpr,
                   SWAP: tl.constexpr, PAIRING: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                  IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """Through φ: the input's gradient ``[BN, BD]`` from dφ, and this tile's part of d angle per channel ``[BD]``.
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr, ANGLE_GRAD: tl.constexpr):
+    """Through φ: the input's gradient ``[BN, BD]`` from dφ, and (``ANGLE_GRAD``, else zeros) this tile's part of
+    d angle per channel ``[BD]``.
 
     For the rotation the partner's gradient is shuffled in registers (``SWAP``) or recomputed from the state rows in
     partner order, ``left · state_pᵀ + bias_p`` (the same product that gave ``dphi``, with the partner rows)."""
@@ -191,7 +196,10 @@ def _map_backward(dphi, left, state_p, bias_p, y, y_p, cos, ssin, sign, nmask, M
         else:
             g_p = tl.where(y_p > 0, _dot(left, tl.trans(state_p), IEEE, UPCAST) + bias_p, 0.0)
         dx = cos[None, :] * g - ssin[None, :] * g_p
-        d_angle = tl.sum(tl.where(nmask[:, None], g * y_p, 0.0), axis=0) * sign
+        if ANGLE_GRAD:
+            d_angle = tl.sum(tl.where(nmask[:, None], g * y_p, 0.0), axis=0) * sign
+        else:
+            d_angle = tl.zeros_like(sign)
     elif MAP == 1:
         dx = tl.where(y > 0, dphi, 0.0)
         d_angle = tl.zeros_like(sign)
@@ -210,20 +218,35 @@ def _map_backward(dphi, left, state_p, bias_p, y, y_p, cos, ssin, sign, nmask, M
 @triton.jit
 def _state_tiles(k_ptr, v_ptr, first, TILES, N, s_kn, s_kd, s_vn, s_vd, offs_d, offs_v, partner, dmask, vmask,
                  cos, ssin, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr,
-                 PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
-    """``[Σ φ(k) vᵀ, Σ φ(k)]`` (fp32 ``[BD, BDV]``, ``[BD]``) over the tiles ``first .. first + TILES``."""
+                 PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
+                 MOMENT: tl.constexpr):
+    """``[Σ φ(k) vᵀ, Σ φ(k)]`` (fp32 ``[BD, BDV]``, ``[BD]``) over the tiles ``first .. first + TILES``, and with
+    ``MOMENT`` (a rotation's training forward) the moment ``[Σ w vᵀ, Σ w]``, ``w = [y > 0]·y_p``: the k side of
+    the backward's d angle is ``sign·(Σ_v dS ⊙ Σ w vᵀ + dz ⊙ Σ w)`` (see :func:`_moment_angle`)."""
     acc = tl.zeros([BD, BDV], dtype=tl.float32)
     zacc = tl.zeros([BD], dtype=tl.float32)
+    if MOMENT:
+        macc = tl.zeros([BD, BDV], dtype=tl.float32)
+        mzacc = tl.zeros([BD], dtype=tl.float32)
+    else:  # never stored: placeholders the compiler drops
+        macc = tl.zeros([1, 1], dtype=tl.float32)
+        mzacc = tl.zeros([1], dtype=tl.float32)
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < N
-        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
-                                MAP, SWAP, PAIRING, BN, BD)
+        phi, y, y_p, _ = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
+                                   MAP, SWAP, PAIRING, BN, BD)
         v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
                     other=0.0)
         acc += _dot(tl.trans(phi.to(v.dtype)), v, IEEE, UPCAST)
         zacc += tl.sum(phi, axis=0)
-    return acc, zacc
+        if MOMENT:
+            w = tl.where(y > 0, y_p, 0.0)  # padded tokens and channels: y = 0, so w = 0
+            # w stays fp32 (TF32 dot): rounded to bf16 like φ above, the gradients of θ and γ lost precision (bf16
+            # inputs, N = 300, d = 32: relative error 3.3e-3 -> 4.8e-3 against an fp64 reference)
+            macc += _dot(tl.trans(w), v.to(tl.float32), IEEE, UPCAST)
+            mzacc += tl.sum(w, axis=0)
+    return acc, zacc, macc, mzacc
 
 
 @triton.jit
@@ -241,7 +264,7 @@ def _output_tiles(q_ptr, o_ptr, first, TILES, NQ, s_qn, s_qd, s_on, s_od, s, z, 
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < NQ
-        phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
+        phi, y, y_p, _ = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
                                 MAP, SWAP, PAIRING, BN, BD)
         num = _dot(phi, s, IEEE, UPCAST)
         den = tl.sum(phi * z[None, :], axis=1) + eps_n
@@ -263,7 +286,7 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < NQ
-        phi, y, y_p = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
+        phi, y, y_p, _ = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
                                 MAP, SWAP, PAIRING, BN, BD)
         do = tl.load(do_ptr + offs_n[:, None] * s_dn + offs_v[None, :] * s_dd, mask=nmask[:, None] & vmask[None, :],
                      other=0.0).to(tl.float32)
@@ -275,7 +298,7 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
         dden = tl.where(nmask, -tl.sum(phi * do_st, axis=1) * inv_den * inv_den, 0.0)
         dphi = do_st * inv_den[:, None] + dden[:, None] * z[None, :]
         dq, d_angle = _map_backward(dphi, dnum, s_p, dden[:, None] * z_p[None, :], y, y_p, cos, ssin, sign, nmask,
-                                    MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST)
+                                    MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST, True)
         dang += d_angle
         tl.store(dq_ptr + offs_n[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=nmask[:, None] & dmask[None, :])
@@ -286,29 +309,29 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
 
 @triton.jit
 def _dkv_tiles(k_ptr, v_ptr, dk_ptr, dv_ptr, first, TILES, N, s_kn, s_kd, s_vn, s_vd, ds, dz, ds_p, dz_p, offs_d,
-               offs_v, partner, sign, dmask, vmask, cos, ssin, D: tl.constexpr, DV: tl.constexpr,
+               offs_v, partner, sign, dmask, vmask, cos, ssin, ds1, ds2, D: tl.constexpr, DV: tl.constexpr,
                BD: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr,
-               UPCAST: tl.constexpr, SWAP: tl.constexpr):
+               UPCAST: tl.constexpr, SWAP: tl.constexpr, SIGMA: tl.constexpr):
     """The k/v pass of the backward over the tiles ``first .. first + TILES``, from the total dS and dz: stores dk
-    and dv (contiguous) and returns this range's d angle (k part), fp32."""
-    dang = tl.zeros([BD], dtype=tl.float32)
+    and dv (contiguous). With ``SIGMA`` (MirrorLA) dk includes the σ² path's ``dS₁ + 2·dS₂·k`` (``ds1``, ``ds2``
+    per channel). The k side of d angle is not summed here: it comes from the forward's moment."""
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < N
-        phi, y, y_p = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
-                                MAP, SWAP, PAIRING, BN, BD)
+        phi, y, y_p, x = _features(k_ptr, offs_n, offs_d, partner, nmask, dmask, s_kn, s_kd, cos, ssin,
+                                   MAP, SWAP, PAIRING, BN, BD)
         v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
                     other=0.0).to(tl.float32)
         dv = _dot(phi, ds, IEEE, UPCAST)
         tl.store(dv_ptr + offs_n[:, None] * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=nmask[:, None] & vmask[None, :])
         dphi = _dot(v, tl.trans(ds), IEEE, UPCAST) + dz[None, :]
-        dk, d_angle = _map_backward(dphi, v, ds_p, dz_p[None, :], y, y_p, cos, ssin, sign, nmask,
-                                    MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST)
-        dang += d_angle
+        dk, _ = _map_backward(dphi, v, ds_p, dz_p[None, :], y, y_p, cos, ssin, sign, nmask,
+                              MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST, False)
+        if SIGMA:
+            dk += ds1[None, :] + 2.0 * ds2[None, :] * x
         tl.store(dk_ptr + offs_n[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
                  mask=nmask[:, None] & dmask[None, :])
-    return dang
 
 
 @triton.jit
@@ -335,8 +358,10 @@ def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
                   SPART, THETA, GAMMA, SUMS, S_CHUNKS, n_tokens, eps_map,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                   MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  SWAP: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr, LOAD_MAP: tl.constexpr):
-    """PART[bh, chunk] = [Σ φ(k) vᵀ | Σ φ(k)] over the chunk's tokens, ``[BD, BDV + 1]`` → stored ``[D, DV + 1]``.
+                  SWAP: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr, LOAD_MAP: tl.constexpr,
+                  MOMENT: tl.constexpr):
+    """PART[0, bh, chunk] = [Σ φ(k) vᵀ | Σ φ(k)] over the chunk's tokens, ``[BD, BDV + 1]`` → stored
+    ``[D, DV + 1]``; with ``MOMENT`` also PART[1, bh, chunk] = the moment (see :func:`_state_tiles`).
 
     With ``ANGLES`` (MirrorLA) every program derives the row's rotation itself from the token-sum partials of the
     keys (``SPART``, see :func:`_mirror_angles`), which saves a launch; the first chunk's program stores the cos,
@@ -349,11 +374,14 @@ def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
                                            sign, dmask, D, BD, PAIRING, FORM)
         if chunk == 0:
             _store_rotation(COS, SSIN, SUMS, bh, cos, ssin, s1, s2, offs_d, dmask, D)
-    acc, zacc = _state_tiles(K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh, chunk * TILES, TILES, N,
-                             s_kn, s_kd, s_vn, s_vd, offs_d, offs_v, partner, dmask, vmask, cos, ssin,
-                             BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
-    _store_state(PART + (bh * tl.num_programs(1) + chunk) * D * (DV + 1), acc, zacc, offs_d, offs_v, dmask, vmask,
-                 DV)
+    acc, zacc, macc, mzacc = _state_tiles(K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh, chunk * TILES, TILES,
+                                          N, s_kn, s_kd, s_vn, s_vd, offs_d, offs_v, partner, dmask, vmask, cos,
+                                          ssin, BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST, SWAP, MOMENT)
+    base = PART + (bh * tl.num_programs(1) + chunk) * D * (DV + 1)
+    _store_state(base, acc, zacc, offs_d, offs_v, dmask, vmask, DV)
+    if MOMENT:
+        _store_state(base + tl.num_programs(0) * tl.num_programs(1) * D * (DV + 1), macc, mzacc, offs_d, offs_v,
+                     dmask, vmask, DV)
 
 
 @triton.jit
@@ -393,20 +421,53 @@ def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, 
 
 
 @triton.jit
-def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, DANG_PART, N, H, TILES,
-                        s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+def _moment_angle(MOM, ds, dz, rows, sign, dmask, vmask, offs_v, DV: tl.constexpr):
+    """The k side of d angle on the channels ``rows`` ``[BD]``: ``sign·(Σ_v dS ⊙ Σ w vᵀ + dz ⊙ Σ w)`` from the
+    forward's moment ``MOM [D, DV + 1]`` (see :func:`_state_tiles`) and the gradient state's rows ``ds``, ``dz`` of
+    the same channels. It equals the k/v pass's ``Σ_n [y > 0]·dφ·y_p`` with ``dφ = v dSᵀ + dz``: summing w vᵀ in
+    the forward lets the backward know the whole d angle before its k/v pass, which then adds the σ² path to dk
+    as it stores it (no pass over k and dk after it)."""
+    m = tl.load(MOM + rows[:, None] * (DV + 1) + offs_v[None, :], mask=dmask[:, None] & vmask[None, :], other=0.0)
+    mz = tl.load(MOM + rows * (DV + 1) + DV, mask=dmask, other=0.0)
+    return sign * (tl.sum(ds * m, axis=1) + dz * mz)
+
+
+@triton.jit
+def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, MOM, DANG_Q, DANG, SUMS, GAMMA, N, H, TILES, CHUNKS_Q,
+                        n_tokens, eps_map, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                         D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                         MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                        SWAP: tl.constexpr):
-    """dk, dv and the chunk's partial d angle (k part), from the total dS and dz."""
+                        SWAP: tl.constexpr, MOMENT: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr):
+    """dk and dv from the total dS and dz. With ``MOMENT`` (a rotation whose angle needs a gradient) each program
+    first adds up the row's d angle: the q side from the q pass's chunk partials ``DANG_Q [B·H, CHUNKS_Q, D]``, the
+    k side from the forward's moment (``MOM``: the forward's state ``[2, B·H, D, DV + 1]``, the moment its second
+    half). The row's first program stores it per channel into
+    ``DANG [B·H, D]``; with ``ANGLES`` (MirrorLA) it goes through the σ² path instead: dθ and dγ into
+    ``DANG [2, B·H, D/2]`` (first program) and ``dS₁ + 2·dS₂·k`` into dk (every program, on its tiles)."""
     bh, chunk, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
         COS, SSIN, H, D, DV, BD, BDV, PAIRING, MAP)
     ds, dz, ds_p, dz_p = _load_state(DSTATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
-    dang = _dkv_tiles(K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh, DK + bh * N * D, DV_OUT + bh * N * DV,
-                      chunk * TILES, TILES, N, s_kn, s_kd, s_vn, s_vd, ds, dz, ds_p, dz_p, offs_d, offs_v, partner,
-                      sign, dmask, vmask, cos, ssin, D, DV, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
+    ds1 = tl.zeros([BD], dtype=tl.float32)
+    ds2 = tl.zeros([BD], dtype=tl.float32)
     if MAP == 2:
-        tl.store(DANG_PART + (bh * tl.num_programs(1) + chunk) * D + offs_d, dang, mask=dmask)
+        if MOMENT:
+            mom = MOM + (tl.num_programs(0) + bh) * D * (DV + 1)
+            dang = _moment_angle(mom, ds, dz, offs_d, sign, dmask, vmask, offs_v, DV)
+            if ANGLES:  # σ² is per pair: both channels' d angle, the partner's from its rows of dS and the moment
+                dang += _moment_angle(mom, ds_p, dz_p, partner, -sign, dmask, vmask, offs_v, DV)
+            for c in range(0, CHUNKS_Q):  # in a fixed order: deterministic
+                row = DANG_Q + (bh * CHUNKS_Q + c) * D
+                dang += tl.load(row + offs_d, mask=dmask, other=0.0)
+                if ANGLES:
+                    dang += tl.load(row + partner, mask=dmask, other=0.0)
+            if ANGLES:
+                ds1, ds2 = _sigma_path(dang, SUMS, GAMMA, DANG, bh, h, tl.num_programs(0), sign, partner, offs_d,
+                                       dmask, n_tokens, eps_map, chunk == 0, D, PAIRING, FORM)
+            elif chunk == 0:
+                tl.store(DANG + bh * D + offs_d, dang, mask=dmask)
+    _dkv_tiles(K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh, DK + bh * N * D, DV_OUT + bh * N * DV,
+               chunk * TILES, TILES, N, s_kn, s_kd, s_vn, s_vd, ds, dz, ds_p, dz_p, offs_d, offs_v, partner,
+               sign, dmask, vmask, cos, ssin, ds1, ds2, D, DV, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP, ANGLES)
 
 
 @triton.jit
@@ -433,10 +494,12 @@ def _row_forward_kernel(Q, K, V, COS, SSIN, STATE, O, NQ, N, H, eps_n,
                         s_ob, s_oh, s_on, s_od, THETA, GAMMA, SUMS, n_tokens, eps_map,
                         D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                         MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                        SWAP: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr, LOAD_MAP: tl.constexpr):
+                        SWAP: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr, LOAD_MAP: tl.constexpr,
+                        MOMENT: tl.constexpr):
     """The whole forward of one (b, h) row in one program: (with ``ANGLES``, MirrorLA: the keys' token sums, the
-    rotation, stored with the sums for the backward), the state ``STATE[bh]`` (stored for the backward) and o.
-    The state stays in registers between its pass and the output pass. Needs ``SWAP`` when rotating."""
+    rotation, stored with the sums for the backward), the state ``STATE[0, bh]`` (stored for the backward; with
+    ``MOMENT`` the moment too, ``STATE[1, bh]``) and o. The state stays in registers between its pass and the
+    output pass. Needs ``SWAP`` when rotating."""
     bh, _, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
         COS, SSIN, H, D, DV, BD, BDV, PAIRING, LOAD_MAP)
     k_ptr = K + b * s_kb + h * s_kh
@@ -446,9 +509,13 @@ def _row_forward_kernel(Q, K, V, COS, SSIN, STATE, O, NQ, N, H, eps_n,
         cos, ssin = _angles_from_sums(s1, _swap_vector(s1, BD, PAIRING), s2, _swap_vector(s2, BD, PAIRING), THETA,
                                       GAMMA, h, sign, offs_d, dmask, n_tokens, eps_map, D, PAIRING, FORM)
         _store_rotation(COS, SSIN, SUMS, bh, cos, ssin, s1, s2, offs_d, dmask, D)
-    acc, zacc = _state_tiles(k_ptr, V + b * s_vb + h * s_vh, 0, tiles_k, N, s_kn, s_kd, s_vn, s_vd, offs_d, offs_v,
-                             partner, dmask, vmask, cos, ssin, BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
+    acc, zacc, macc, mzacc = _state_tiles(k_ptr, V + b * s_vb + h * s_vh, 0, tiles_k, N, s_kn, s_kd, s_vn, s_vd,
+                                          offs_d, offs_v, partner, dmask, vmask, cos, ssin, BD, BDV, BN, MAP,
+                                          PAIRING, IEEE, UPCAST, SWAP, MOMENT)
     _store_state(STATE + bh * D * (DV + 1), acc, zacc, offs_d, offs_v, dmask, vmask, DV)
+    if MOMENT:
+        _store_state(STATE + (tl.num_programs(0) + bh) * D * (DV + 1), macc, mzacc, offs_d, offs_v, dmask, vmask,
+                     DV)
     _output_tiles(Q + b * s_qb + h * s_qh, O + b * s_ob + h * s_oh, 0, tl.cdiv(NQ, BN), NQ, s_qn, s_qd, s_on, s_od,
                   acc, zacc, eps_n, offs_d, offs_v, partner, dmask, vmask, cos, ssin, BD, BN, MAP, PAIRING, IEEE,
                   UPCAST, SWAP)
@@ -460,11 +527,13 @@ def _row_backward_kernel(Q, K, V, COS, SSIN, STATE, DO, DQ, DK, DV_OUT, DANG, NQ
                          s_vb, s_vh, s_vn, s_vd, SUMS, GAMMA, n_tokens, eps_map,
                          D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                          MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                         SWAP: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr):
-    """The whole backward of one (b, h) row in one program: the q pass (dq, dS, dz; dS stays in registers), the k/v
-    pass (dk, dv), and with a rotation the row's d angle per channel ``DANG [B·H, D]``; with ``ANGLES`` (MirrorLA)
-    instead the σ² path: dθ and dγ of the row ``DANG [2, B·H, D/2]`` and a last pass dk += dS₁ + 2·dS₂·k.
-    Needs ``SWAP`` when rotating (the partner rows of dS are shuffled in registers, never reloaded)."""
+                         SWAP: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr, MOMENT: tl.constexpr):
+    """The whole backward of one (b, h) row in one program: the q pass (dq, dS, dz; dS stays in registers), then,
+    with ``MOMENT`` (a rotation whose angle needs a gradient), the row's d angle per channel from the q pass and
+    the forward's moment ``STATE[1, bh]``, stored into ``DANG [B·H, D]`` or with ``ANGLES`` (MirrorLA) taken
+    through the σ² path (dθ and dγ of the row into ``DANG [2, B·H, D/2]``), and the k/v pass (dk, dv; with
+    ``ANGLES`` dk includes dS₁ + 2·dS₂·k). Needs ``SWAP`` when rotating (the partner rows of dS are shuffled in
+    registers, never reloaded)."""
     bh, _, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
         COS, SSIN, H, D, DV, BD, BDV, PAIRING, MAP)
     s, z, s_p, z_p = _load_state(STATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
@@ -472,25 +541,22 @@ def _row_backward_kernel(Q, K, V, COS, SSIN, STATE, DO, DQ, DK, DV_OUT, DANG, NQ
                                tl.cdiv(NQ, BN), NQ, s_qn, s_qd, s_dn, s_dd, s, z, s_p, z_p, eps_n, offs_d, offs_v,
                                partner, sign, dmask, vmask, cos, ssin, D, BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST,
                                SWAP)
-    k_ptr = K + b * s_kb + h * s_kh
-    dk_ptr = DK + bh * N * D
-    # with SWAP (or no rotation) the partner rows of dS are never read: ds and dz stand in for them
-    dang_k = _dkv_tiles(k_ptr, V + b * s_vb + h * s_vh, dk_ptr, DV_OUT + bh * N * DV, 0, tl.cdiv(N, BN), N,
-                        s_kn, s_kd, s_vn, s_vd, ds, dz, ds, dz, offs_d, offs_v, partner, sign, dmask, vmask, cos,
-                        ssin, D, DV, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
+    ds1 = tl.zeros([BD], dtype=tl.float32)
+    ds2 = tl.zeros([BD], dtype=tl.float32)
     if MAP == 2:
-        dang = dang_q + dang_k
-        if ANGLES:
-            ds1, ds2 = _sigma_path(dang + _swap_vector(dang, BD, PAIRING), SUMS, GAMMA, DANG, bh, h,
-                                   tl.num_programs(0), sign, partner, offs_d, dmask, n_tokens, eps_map, True, D,
-                                   PAIRING, FORM)
-            # dk was stored by other threads of this program in the pass above: wait for every store first
-            tl.debug_barrier()
-            for t in range(0, tl.cdiv(N, BN)):
-                _add_sigma_grad(dk_ptr, k_ptr, _token_offsets(t, BN), N, s_kn, s_kd, ds1, ds2, offs_d, dmask,
-                                D)
-        else:
-            tl.store(DANG + bh * D + offs_d, dang, mask=dmask)
+        if MOMENT:
+            dang = dang_q + _moment_angle(STATE + (tl.num_programs(0) + bh) * D * (DV + 1), ds, dz, offs_d, sign,
+                                          dmask, vmask, offs_v, DV)
+            if ANGLES:  # σ² is per pair: both channels' d angle
+                ds1, ds2 = _sigma_path(dang + _swap_vector(dang, BD, PAIRING), SUMS, GAMMA, DANG, bh, h,
+                                       tl.num_programs(0), sign, partner, offs_d, dmask, n_tokens, eps_map, True, D,
+                                       PAIRING, FORM)
+            else:
+                tl.store(DANG + bh * D + offs_d, dang, mask=dmask)
+    # with SWAP (or no rotation) the partner rows of dS are never read: ds and dz stand in for them
+    _dkv_tiles(K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh, DK + bh * N * D, DV_OUT + bh * N * DV, 0,
+               tl.cdiv(N, BN), N, s_kn, s_kd, s_vn, s_vd, ds, dz, ds, dz, offs_d, offs_v, partner, sign, dmask, vmask,
+               cos, ssin, ds1, ds2, D, DV, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP, ANGLES)
 
 
 # ------------------------------------------------------------------------------------------------- launching
@@ -505,8 +571,8 @@ def _blocks(d: int, dv: int) -> tuple[int, int, int, int]:
 
 
 _MAX_GRID_Y = 65535
-"""CUDA's limit on a grid's second axis. The kernels with a program per tile of tokens (the output pass, the σ²
-path's dk pass) give each program several tiles beyond ``_MAX_GRID_Y`` tiles, 4M tokens of 64."""
+"""CUDA's limit on a grid's second axis. The kernel with a program per tile of tokens (the output pass) gives each
+program several tiles beyond ``_MAX_GRID_Y`` tiles, 4M tokens of 64."""
 
 
 def _grid_y(tiles: int) -> tuple[int, int]:
@@ -575,11 +641,13 @@ def _row_path(nq: int, n: int, bn: int, feature: int, swap: bool, max_tiles: int
     return max(nq, n) <= max_tiles * bn and (swap or feature != 2)
 
 
-def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mirror=None):
-    """o and the fp32 state ``[B·H, d, dv + 1]``, with per-channel ``cos``/``ssin`` ``[B·H, d]`` of the rotation
-    (None without one). ``mirror = (θ, γ, sums, Δα form, ε of Δα)``: the kernels compute the rotation from the
-    keys' token sums and fill ``cos``, ``ssin`` (``[B·H, d]``) and ``sums`` (``[B·H, 2, d]``), allocated by the
-    caller."""
+def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mirror=None, moment: bool = False):
+    """o and the fp32 state ``[1, B·H, d, dv + 1]``, with per-channel ``cos``/``ssin`` ``[B·H, d]`` of the
+    rotation (None without one). ``mirror = (θ, γ, sums, Δα form, ε of Δα)``: the kernels compute the rotation from
+    the keys' token sums and fill ``cos``, ``ssin`` (``[B·H, d]``) and ``sums`` (``[B·H, 2, d]``), allocated by
+    the caller. ``moment`` (a rotation's forward for training): the state is ``[2, B·H, d, dv + 1]``, its second
+    half the moment that gives the backward the k side of d angle (see :func:`_moment_angle`)."""
+    moment = moment and feature == 2
     if cos is None:
         cos = ssin = q  # never read: the kernels load them only when they rotate
     theta, gamma, sums, form, map_eps = mirror if mirror is not None else (q, q, q, 0, 0.0)
@@ -590,22 +658,23 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
     ieee = _ieee_dots(q.dtype)
     blocks = dict(D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_INTERPRETING,
                   SWAP=swap, num_warps=warps, num_stages=_STAGES)
-    angles = dict(ANGLES=mirror is not None, FORM=form, LOAD_MAP=0 if mirror is not None else feature)
+    angles = dict(ANGLES=mirror is not None, FORM=form, LOAD_MAP=0 if mirror is not None else feature,
+                  MOMENT=moment)
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
     if _row_path(nq, n, bn, feature, swap, kernel_tuning(q.device).row_max_tiles):
-        state = torch.empty(b * h, d, dv + 1, device=q.device, dtype=torch.float32)
+        state = torch.empty(1 + moment, b * h, d, dv + 1, device=q.device, dtype=torch.float32)
         _row_forward_kernel[(b * h,)](
             q, k, v, cos, ssin, state, out, nq, n, h, float(eps) * n, *q.stride(), *k.stride(), *v.stride(),
             *out.stride(), theta, gamma, sums, float(n), float(map_eps), **blocks, **angles)
         return out, state
     spart = _token_sum_parts(k) if mirror is not None else q
     chunks, per = _chunks(n, b * h, q.device, bn)
-    part = torch.empty(b * h, chunks, d, dv + 1, device=q.device, dtype=torch.float32)
+    part = torch.empty(1 + moment, b * h, chunks, d, dv + 1, device=q.device, dtype=torch.float32)
     _state_kernel[(b * h, chunks)](
         k, v, cos, ssin, part, n, h, per, *k.stride(), *v.stride(),
         spart, theta, gamma, sums, spart.shape[1] if mirror is not None else 1, float(n), float(map_eps),
         **blocks, **angles)
-    state = part.sum(1) if chunks > 1 else part[:, 0]
+    state = part.sum(2) if chunks > 1 else part[:, :, 0]  # state and moment: one reduction
     tiles, per = _grid_y(cdiv(nq, bn))
     _output_kernel[(b * h, tiles)](
         q, state, cos, ssin, out, nq, h, float(eps) * n, per, *q.stride(), *out.stride(), **blocks)
@@ -613,10 +682,15 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
 
 
 def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: int, eps: float, mirror=None):
-    """dq, dk, dv and, when rotating, the rotation angle's gradient per channel ``[B·H, d]`` (fp32; None without a
-    rotation). ``mirror = (θ, γ, sums, Δα form, ε of Δα)``: the σ² path too (to dk), and instead of the angle's
+    """dq, dk, dv and, when rotating with the moment in ``state`` (``[2, B·H, d, dv + 1]``, see
+    :func:`_forward_impl`), the rotation angle's gradient per channel ``[B·H, d]`` (fp32; None without a rotation
+    or a moment). ``mirror = (θ, γ, sums, Δα form, ε of Δα)``: the σ² path too (to dk), and instead of the angle's
     gradient ``[dθ; dγ]`` per row ``[2, B·H, d/2]``."""
     rotating = feature == 2
+    moment = rotating and state.shape[0] == 2
+    if mirror is not None and not moment:
+        raise RuntimeError("mirrorla: MirrorLA's backward needs its forward's moment (a state [2, B·H, d, dv + 1]), "
+                           f"got a state {tuple(state.shape)}: run the forward with moment=True")
     if cos is None:
         cos = ssin = q  # never read without a rotation
     b, h, nq, d = q.shape
@@ -631,11 +705,12 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     dq = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, h, n, d, device=q.device, dtype=k.dtype)
     dvv = torch.empty(b, h, n, dv, device=q.device, dtype=v.dtype)
-    # the σ² path's output: dθ and dγ per row
-    dtg = torch.empty(2, b * h, d // 2, device=q.device, dtype=torch.float32) if mirror is not None else None
+    # the angle's gradient: dθ and dγ per row (MirrorLA, through the σ² path), or per channel (a given angle)
+    if mirror is not None:
+        dang = torch.empty(2, b * h, d // 2, device=q.device, dtype=torch.float32)
+    else:  # without a moment the kernels store no angle gradient: a placeholder pointer
+        dang = torch.empty(b * h, d, device=q.device, dtype=torch.float32) if moment else state
     if _row_path(nq, n, bn, feature, swap, tuning.row_max_tiles):
-        dang = dtg if mirror is not None else (
-            torch.empty(b * h, d, device=q.device, dtype=torch.float32) if rotating else state)
         # both passes in one program hold more live tiles: eight warps halve the registers per thread (ptxas for
         # sm_90 at d = 64, bf16: spills of 1.7 KB per thread with four warps, 1.0 KB with eight)
         blocks["num_warps"] = max(warps, 8)
@@ -644,8 +719,8 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
         _row_backward_kernel[(b * h,)](
             q, k, v, cos, ssin, state, grad_out, dq, dk, dvv, dang, nq, n, h, float(eps) * n,
             *q.stride(), *grad_out.stride(), *k.stride(), *v.stride(), sums, gamma, float(n), float(map_eps),
-            ANGLES=mirror is not None, FORM=form, **blocks)
-        return dq, dk, dvv, dang if rotating else None
+            ANGLES=mirror is not None, FORM=form, MOMENT=moment, **blocks)
+        return dq, dk, dvv, dang if moment else None
     if ieee:
         # IEEE fp32 dots run on the FMA units with fp32 operand tiles in registers: with 64-token tiles ptxas (sm_90,
         # d = 64) spills 20–30 KB per thread in each backward kernel, with 16-token tiles and 8 warps nothing
@@ -663,18 +738,13 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
         *q.stride(), *grad_out.stride(), **blocks)
     dstate = dstate_part.sum(1)
     chunks_k, per_k = _chunks(n, b * h, q.device, bn)
-    dang_k = torch.empty(b * h, chunks_k, d, device=q.device, dtype=torch.float32) if rotating else state
+    # the k/v pass adds up the row's d angle itself (the q pass's partials and the forward's moment) and, for
+    # MirrorLA, adds the σ² path to dk as it stores it
     _backward_kv_kernel[(b * h, chunks_k)](
-        k, v, cos, ssin, dstate, dk, dvv, dang_k, n, h, per_k, *k.stride(), *v.stride(), **blocks)
-    if not rotating:
-        return dq, dk, dvv, None
-    if mirror is None:
-        return dq, dk, dvv, dang_q.sum(1) + dang_k.sum(1)
-    tiles, per = _grid_y(cdiv(n, _BLOCK_N))
-    _sums_grad_kernel[(b * h, tiles)](
-        dk, k, dang_q, dang_k, sums, gamma, dtg, n, h, chunks_q, chunks_k, float(n), float(map_eps), per,
-        *k.stride(), D=d, BD=bd, BN=_BLOCK_N, PAIRING=pairing, FORM=form)
-    return dq, dk, dvv, dtg
+        k, v, cos, ssin, dstate, dk, dvv, state, dang_q, dang, sums, gamma, n, h, per_k,
+        chunks_q, float(n), float(map_eps), *k.stride(), *v.stride(), MOMENT=moment, ANGLES=mirror is not None,
+        FORM=form, **blocks)
+    return dq, dk, dvv, dang if moment else None
 
 
 # ------------------------------------------------------------------------ GPUs too small for a configuration
@@ -694,13 +764,13 @@ _PAIR_NAMES = {code: name for name, code in _PAIRINGS.items()}
 _FORM_NAMES = {code: name for name, code in DELTA_FORM_CODES.items()}
 
 
-def _configuration(q, k, v, feature: int, pairing: int, mirror: bool) -> tuple:
-    """What selects the compiled kernels of a call: device, dtype, IEEE or TF32 dots, widths, map, pairing, op and
-    kernel path."""
+def _configuration(q, k, v, feature: int, pairing: int, mirror: bool, moment: bool) -> tuple:
+    """What selects the compiled kernels of a call: device, dtype, IEEE or TF32 dots, widths, map, pairing, op,
+    moment (training or inference kernels of a rotation) and kernel path."""
     nq, d = q.shape[2], q.shape[3]
     n, dv = k.shape[2], v.shape[3]
     bd, _, bn, _ = _blocks(d, dv)
-    return (str(q.device), q.dtype, _ieee_dots(q.dtype), d, dv, feature, pairing, mirror,
+    return (str(q.device), q.dtype, _ieee_dots(q.dtype), d, dv, feature, pairing, mirror, moment,
             _row_path(nq, n, bn, feature, _swap(d, bd, pairing), kernel_tuning(q.device).row_max_tiles))
 
 
@@ -712,7 +782,7 @@ they run the torch reference without compiling kernels that cannot launch."""
 _WARNED_WIDTHS: set[tuple[int, int]] = set()
 
 
-def _runs_kernels(q, k, v, feature: int, pairing: int, mirror: bool, direction: str) -> bool:
+def _runs_kernels(q, k, v, feature: int, pairing: int, mirror: bool, moment: bool, direction: str) -> bool:
     """False for heads wider than :data:`_MAX_WIDTH`, and where an earlier call found this configuration's kernels
     too large for the GPU: always in the forward's direction, and in the backward's also where the forward fell
     back (its saved state is a placeholder then). Costs two comparisons while no configuration has been too
@@ -726,13 +796,14 @@ def _runs_kernels(q, k, v, feature: int, pairing: int, mirror: bool, direction: 
         return False
     if not _TOO_LARGE:
         return True
-    configuration = _configuration(q, k, v, feature, pairing, mirror)
+    configuration = _configuration(q, k, v, feature, pairing, mirror, moment)
     return ((configuration, "forward") not in _TOO_LARGE
             and (direction == "forward" or (configuration, "backward") not in _TOO_LARGE))
 
 
-def _too_large(q, k, v, feature: int, pairing: int, mirror: bool, direction: str, error: OutOfResources) -> None:
-    configuration = _configuration(q, k, v, feature, pairing, mirror)
+def _too_large(q, k, v, feature: int, pairing: int, mirror: bool, moment: bool, direction: str,
+               error: OutOfResources) -> None:
+    configuration = _configuration(q, k, v, feature, pairing, mirror, moment)
     if (configuration, direction) in _TOO_LARGE:
         return
     _TOO_LARGE[(configuration, direction)] = str(error)
@@ -771,30 +842,33 @@ def _reference_grads(reference, inputs: tuple, grad_out: torch.Tensor) -> tuple:
 
 
 @on_tensor_device
-def _fused_forward_impl(q, k, v, angle, feature: int, pairing: int, eps: float):
+def _fused_forward_impl(q, k, v, angle, feature: int, pairing: int, eps: float, moment: bool = True):
+    """o and the state ``[1 or 2, B·H, d, dv + 1]``; ``moment``: a rotation's state carries the moment its
+    backward needs for the angle's gradient (see :func:`_forward_impl`)."""
     b, h, _, d = q.shape
-    if _runs_kernels(q, k, v, feature, pairing, False, "forward"):
+    moment = moment and feature == 2 and angle is not None
+    if _runs_kernels(q, k, v, feature, pairing, False, moment, "forward"):
         cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, _PAIR_NAMES[pairing], q.device)
         try:
-            return _forward_impl(q, k, v, cos, ssin, feature, pairing, eps)
+            return _forward_impl(q, k, v, cos, ssin, feature, pairing, eps, moment=moment)
         except OutOfResources as error:
-            _too_large(q, k, v, feature, pairing, False, "forward", error)
+            _too_large(q, k, v, feature, pairing, False, moment, "forward", error)
     out = _fused_reference(q, k, v, angle, feature, pairing, eps)
     # the state is a placeholder: the backward of a configuration whose forward fell back recomputes
-    return out, q.new_zeros(b * h, d, v.shape[3] + 1, dtype=torch.float32)
+    return out, q.new_zeros(1 + moment, b * h, d, v.shape[3] + 1, dtype=torch.float32)
 
 
 @on_tensor_device
 def _fused_backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing: int, eps: float):
     b, h, _, d = q.shape
-    rotating = feature == 2 and angle is not None
-    if _runs_kernels(q, k, v, feature, pairing, False, "backward"):
+    rotating = feature == 2 and angle is not None and state.shape[0] == 2  # the angle's gradient needs the moment
+    if _runs_kernels(q, k, v, feature, pairing, False, rotating, "backward"):
         pair_name = _PAIR_NAMES[pairing]
         cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, pair_name, q.device)
         try:
             dq, dk, dv, dang = _backward_impl(q, k, v, cos, ssin, state, grad_out, feature, pairing, eps)
         except OutOfResources as error:
-            _too_large(q, k, v, feature, pairing, False, "backward", error)
+            _too_large(q, k, v, feature, pairing, False, rotating, "backward", error)
         else:
             if not rotating:
                 return dq, dk, dv, None
@@ -805,7 +879,8 @@ def _fused_backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing:
     if rotating:
         return _reference_grads(lambda q_, k_, v_, a_: _fused_reference(q_, k_, v_, a_, feature, pairing, eps),
                                 (q, k, v, angle), grad_out)
-    return (*_reference_grads(lambda q_, k_, v_: _fused_reference(q_, k_, v_, None, feature, pairing, eps),
+    # the angle (if any) rotates but takes no gradient
+    return (*_reference_grads(lambda q_, k_, v_: _fused_reference(q_, k_, v_, angle, feature, pairing, eps),
                               (q, k, v), grad_out), None)
 
 
@@ -817,15 +892,16 @@ def _fused_backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing:
 
 @torch.library.custom_op("mirrorla::fused_linear_attention", mutates_args=())
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angle: torch.Tensor | None, feature: int,
-                   pairing: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fused_forward_impl(q, k, v, angle, feature, pairing, eps)
+                   pairing: int, eps: float, moment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused_forward_impl(q, k, v, angle, feature, pairing, eps, moment)
 
 
 @_fused_forward.register_fake
-def _(q, k, v, angle, feature, pairing, eps):
+def _(q, k, v, angle, feature, pairing, eps, moment=True):
     b, h, nq, d = q.shape
     dv = v.shape[3]
-    return (q.new_empty(b, h, nq, dv, dtype=v.dtype), q.new_empty(b * h, d, dv + 1, dtype=torch.float32))
+    halves = 2 if moment and feature == 2 and angle is not None else 1
+    return (q.new_empty(b, h, nq, dv, dtype=v.dtype), q.new_empty(halves, b * h, d, dv + 1, dtype=torch.float32))
 
 
 @torch.library.custom_op("mirrorla::fused_linear_attention_backward", mutates_args=())
@@ -839,13 +915,13 @@ def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angle: to
 
 @_fused_backward.register_fake
 def _(q, k, v, angle, state, grad_out, feature, pairing, eps):
-    dangle = angle.new_empty(angle.shape) if (angle is not None and feature == 2) else q.new_empty(0,
-                                                                                                  dtype=torch.float32)
+    rotating = angle is not None and feature == 2 and state.shape[0] == 2
+    dangle = angle.new_empty(angle.shape) if rotating else q.new_empty(0, dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dangle
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, angle, feature, pairing, eps = inputs
+    q, k, v, angle, feature, pairing, eps, _moment = inputs
     ctx.save_for_backward(q, k, v, angle, output[1])
     ctx.feature, ctx.pairing, ctx.eps = feature, pairing, eps
     ctx.set_materialize_grads(False)  # the state's gradient is never used: no zero tensor for it
@@ -854,7 +930,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_state):
     q, k, v, angle, state = ctx.saved_tensors
     dq, dk, dv, dangle = _fused_backward(q, k, v, angle, state, grad_out, ctx.feature, ctx.pairing, ctx.eps)
-    return dq, dk, dv, (dangle if angle is not None and ctx.feature == 2 else None), None, None, None
+    angle_grad = angle is not None and ctx.feature == 2 and state.shape[0] == 2
+    return dq, dk, dv, (dangle if angle_grad else None), None, None, None, None
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -864,8 +941,8 @@ class _FusedLinearAttention(torch.autograd.Function):
     """The eager twin of ``mirrorla::fused_linear_attention`` (same implementation, lighter dispatch)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, angle, feature, pairing, eps):
-        out, state = _fused_forward_impl(q, k, v, angle, feature, pairing, eps)
+    def forward(ctx, q, k, v, angle, feature, pairing, eps, moment):
+        out, state = _fused_forward_impl(q, k, v, angle, feature, pairing, eps, moment)
         ctx.save_for_backward(q, k, v, angle, state)
         ctx.feature, ctx.pairing, ctx.eps = feature, pairing, eps
         return out
@@ -876,7 +953,7 @@ class _FusedLinearAttention(torch.autograd.Function):
         q, k, v, angle, state = ctx.saved_tensors
         dq, dk, dv, dangle = _fused_backward_impl(q, k, v, angle, state, grad_out, ctx.feature, ctx.pairing,
                                                   ctx.eps)
-        return dq, dk, dv, dangle, None, None, None
+        return dq, dk, dv, dangle, None, None, None, None
 
 
 @torch.library.custom_op("mirrorla::token_sums", mutates_args=())
@@ -1040,44 +1117,6 @@ def _sigma_path(dang, SUMS, GAMMA, DTG, bh, h, BH, sign, partner, offs_d, dmask,
     return ds1, ds2
 
 
-@triton.jit
-def _add_sigma_grad(dk_ptr, k_ptr, offs_n, N, s_kn, s_kd, ds1, ds2, offs_d, dmask, D: tl.constexpr):
-    """dk += dS₁ + 2·dS₂·k on one tile of tokens, in place on the contiguous dk."""
-    mask = (offs_n < N)[:, None] & dmask[None, :]
-    k = tl.load(k_ptr + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=mask, other=0.0).to(tl.float32)
-    ptr = dk_ptr + offs_n[:, None] * D + offs_d[None, :]
-    dk = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr, (dk + ds1[None, :] + 2.0 * ds2[None, :] * k).to(dk_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _sums_grad_kernel(DK, K, DANG_Q, DANG_K, SUMS, GAMMA, DTG, N, H, CHUNKS_Q, CHUNKS_K, n_tokens, eps_map, TILES,
-                      s_kb, s_kh, s_kn, s_kd, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-                      PAIRING: tl.constexpr, FORM: tl.constexpr):
-    """The σ² path of the chunked backward, ``TILES`` tiles of keys per program (one below 4M tokens, see
-    :data:`_MAX_GRID_Y`): from the chunk partials of d angle per
-    channel (``DANG_Q [B·H, CHUNKS_Q, D]`` of the q pass, ``DANG_K`` of the k/v pass) the gradients of θ and γ of
-    this row (stored by the first tile's program into ``DTG [2, B·H, D/2]``) and dk += dS₁ + 2·dS₂·k."""
-    bh = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
-    h = bh % H
-    offs_d = tl.arange(0, BD)
-    dmask = offs_d < D
-    partner, sign = _partner(offs_d, D, PAIRING)
-    dang = tl.zeros([BD], dtype=tl.float32)
-    for c in range(0, CHUNKS_Q):
-        row = DANG_Q + (bh * CHUNKS_Q + c) * D
-        dang += tl.load(row + offs_d, mask=dmask, other=0.0) + tl.load(row + partner, mask=dmask, other=0.0)
-    for c in range(0, CHUNKS_K):
-        row = DANG_K + (bh * CHUNKS_K + c) * D
-        dang += tl.load(row + offs_d, mask=dmask, other=0.0) + tl.load(row + partner, mask=dmask, other=0.0)
-    ds1, ds2 = _sigma_path(dang, SUMS, GAMMA, DTG, bh, h, tl.num_programs(0), sign, partner, offs_d, dmask,
-                           n_tokens, eps_map, tile == 0, D, PAIRING, FORM)
-    for t in range(0, TILES):
-        _add_sigma_grad(DK + bh * N * D, K + (bh // H) * s_kb + h * s_kh, _token_offsets(tile * TILES + t, BN), N,
-                        s_kn, s_kd, ds1, ds2, offs_d, dmask, D)
-
-
 def _token_sums_impl(x: torch.Tensor) -> torch.Tensor:
     part = _token_sum_parts(x)
     return part.sum(1) if part.shape[1] > 1 else part[:, 0]
@@ -1095,24 +1134,26 @@ def _token_sum_parts(x: torch.Tensor) -> torch.Tensor:
 
 
 @on_tensor_device
-def _mirror_forward_impl(q, k, v, theta, gamma, pairing: int, form: int, map_eps: float, eps: float):
+def _mirror_forward_impl(q, k, v, theta, gamma, pairing: int, form: int, map_eps: float, eps: float,
+                         moment: bool = True):
     """Short rows: one launch (the row kernel). Longer ones: the keys' token-sum partials, then the state pass,
     whose programs derive the rotation from them (and store cos, signed sin and the token sums for the output and
-    backward), then the output pass."""
+    backward), then the output pass. ``moment``: the state also carries the moment the backward needs (training);
+    without it the state is ``[1, B·H, d, dv + 1]`` and there is no backward."""
     b, h, _, d = k.shape
     sums = torch.empty(b * h, 2, d, device=k.device, dtype=torch.float32)
     cos = torch.empty(b * h, d, device=k.device, dtype=torch.float32)
     ssin = torch.empty_like(cos)
-    if _runs_kernels(q, k, v, 2, pairing, True, "forward"):
+    if _runs_kernels(q, k, v, 2, pairing, True, moment, "forward"):
         try:
             out, state = _forward_impl(q, k, v, cos, ssin, 2, pairing, eps,
-                                       mirror=(theta, gamma, sums, form, map_eps))
+                                       mirror=(theta, gamma, sums, form, map_eps), moment=moment)
             return out, state, sums, cos, ssin
         except OutOfResources as error:
-            _too_large(q, k, v, 2, pairing, True, "forward", error)
+            _too_large(q, k, v, 2, pairing, True, moment, "forward", error)
     out = _mirror_reference(q, k, v, theta, gamma, pairing, form, map_eps, eps)
     # placeholders: the backward of a configuration whose forward fell back recomputes
-    state = q.new_zeros(b * h, d, v.shape[3] + 1, dtype=torch.float32)
+    state = q.new_zeros(1 + moment, b * h, d, v.shape[3] + 1, dtype=torch.float32)
     return out, state, sums.zero_(), cos.zero_(), ssin.zero_()
 
 
@@ -1120,13 +1161,13 @@ def _mirror_forward_impl(q, k, v, theta, gamma, pairing: int, form: int, map_eps
 def _mirror_backward_impl(q, k, v, theta, gamma, state, sums, cos, ssin, grad_out, pairing: int, form: int,
                           map_eps: float, eps: float):
     b, h, _, d = k.shape
-    if _runs_kernels(q, k, v, 2, pairing, True, "backward"):
+    if _runs_kernels(q, k, v, 2, pairing, True, True, "backward"):
         try:
             dq, dk, dv, dtg = _backward_impl(q, k, v, cos, ssin, state, grad_out, 2, pairing, eps,
                                              mirror=(theta, gamma, sums, form, map_eps))
             return dq, dk, dv, dtg.view(2, b, h, d // 2).sum(1)  # [dθ; dγ] over the batch: one launch for both
         except OutOfResources as error:
-            _too_large(q, k, v, 2, pairing, True, "backward", error)
+            _too_large(q, k, v, 2, pairing, True, True, "backward", error)
     dq, dk, dv, dtheta, dgamma = _reference_grads(
         lambda *inputs: _mirror_reference(*inputs, pairing, form, map_eps, eps), (q, k, v, theta, gamma), grad_out)
     return dq, dk, dv, torch.stack([dtheta, dgamma]).float()
@@ -1134,18 +1175,18 @@ def _mirror_backward_impl(q, k, v, theta, gamma, state, sums, cos, ssin, grad_ou
 
 @torch.library.custom_op("mirrorla::mirror_linear_attention", mutates_args=())
 def _mirror_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor,
-                    pairing: int, form: int, map_eps: float, eps: float
+                    pairing: int, form: int, map_eps: float, eps: float, moment: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(o, state, token sums, cos, signed sin)``: the last four are small fp32 tensors the backward reuses."""
-    return _mirror_forward_impl(q, k, v, theta, gamma, pairing, form, map_eps, eps)
+    return _mirror_forward_impl(q, k, v, theta, gamma, pairing, form, map_eps, eps, moment)
 
 
 @_mirror_forward.register_fake
-def _(q, k, v, theta, gamma, pairing, form, map_eps, eps):
+def _(q, k, v, theta, gamma, pairing, form, map_eps, eps, moment=True):
     b, h, nq, d = q.shape
     dv = v.shape[3]
     f32 = torch.float32
-    return (q.new_empty(b, h, nq, dv, dtype=v.dtype), q.new_empty(b * h, d, dv + 1, dtype=f32),
+    return (q.new_empty(b, h, nq, dv, dtype=v.dtype), q.new_empty(1 + moment, b * h, d, dv + 1, dtype=f32),
             q.new_empty(b * h, 2, d, dtype=f32), q.new_empty(b * h, d, dtype=f32), q.new_empty(b * h, d, dtype=f32))
 
 
@@ -1166,7 +1207,7 @@ def _(q, k, v, theta, gamma, state, sums, cos, ssin, grad_out, pairing, form, ma
 
 
 def _mirror_setup_context(ctx, inputs, output):
-    q, k, v, theta, gamma, pairing, form, map_eps, eps = inputs
+    q, k, v, theta, gamma, pairing, form, map_eps, eps, _moment = inputs
     _, state, sums, cos, ssin = output
     ctx.save_for_backward(q, k, v, theta, gamma, state, sums, cos, ssin)
     ctx.args = (pairing, form, map_eps, eps)
@@ -1175,7 +1216,7 @@ def _mirror_setup_context(ctx, inputs, output):
 
 def _mirror_backward_autograd(ctx, grad_out, *_grad_saved):
     dq, dk, dv, dtg = _mirror_backward(*ctx.saved_tensors, grad_out, *ctx.args)
-    return dq, dk, dv, dtg[0], dtg[1], None, None, None, None
+    return dq, dk, dv, dtg[0], dtg[1], None, None, None, None, None
 
 
 _mirror_forward.register_autograd(_mirror_backward_autograd, setup_context=_mirror_setup_context)
@@ -1185,8 +1226,9 @@ class _MirrorLinearAttention(torch.autograd.Function):
     """The eager twin of ``mirrorla::mirror_linear_attention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, theta, gamma, pairing, form, map_eps, eps):
-        out, state, sums, cos, ssin = _mirror_forward_impl(q, k, v, theta, gamma, pairing, form, map_eps, eps)
+    def forward(ctx, q, k, v, theta, gamma, pairing, form, map_eps, eps, moment):
+        out, state, sums, cos, ssin = _mirror_forward_impl(q, k, v, theta, gamma, pairing, form, map_eps, eps,
+                                                           moment)
         ctx.save_for_backward(q, k, v, theta, gamma, state, sums, cos, ssin)
         ctx.args = (pairing, form, map_eps, eps)
         return out
@@ -1195,7 +1237,7 @@ class _MirrorLinearAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         dq, dk, dv, dtg = _mirror_backward_impl(*ctx.saved_tensors, grad_out, *ctx.args)
-        return dq, dk, dv, dtg[0], dtg[1], None, None, None, None
+        return dq, dk, dv, dtg[0], dtg[1], None, None, None, None, None
 
 
 def _use_custom_ops() -> bool:
@@ -1214,7 +1256,10 @@ def fused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, an
     q, k, v and angle. Inputs are checked by the caller (:func:`mirrorla.ops.mapped_linear_attention`)."""
     if q.dtype == torch.float64:
         raise ValueError("the Triton kernels take fp32, bf16 or fp16 inputs, got float64 (use the torch backend)")
-    args = (q, k, v, angle if feature == "rotate_relu" else None, FEATURES[feature], _PAIRINGS[pairing], float(eps))
+    angle = angle if feature == "rotate_relu" else None
+    # the moment (for the angle's gradient) only where a backward will need it
+    moment = angle is not None and angle.requires_grad and torch.is_grad_enabled()
+    args = (q, k, v, angle, FEATURES[feature], _PAIRINGS[pairing], float(eps), moment)
     return _fused_forward(*args)[0] if _use_custom_ops() else _FusedLinearAttention.apply(*args)
 
 
@@ -1229,11 +1274,16 @@ def mirror_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     """MirrorLA's folded per-sample step and linear attention in one op (Triton): σ² of the folded keys
     ``k [B, H, N, d]``, ``Θ = θ + Δα(σ²)`` (θ, γ ``[H, d/2]``), ``φ = ReLU(R(2Θ)·)`` of q and k inside the
     attention kernels. Differentiable in q, k (also through σ²), v, θ and γ. One kernel launch each way for
-    rows of up to 512 tokens (d ≤ 64), four forward and three backward for longer rows."""
+    rows of up to 512 tokens (d ≤ 64); for longer rows three forward and two backward, as many passes over
+    memory backward as ReLU's (each way also one reduction of the chunks' partial states)."""
     if q.dtype == torch.float64:
         raise ValueError("the Triton kernels take fp32, bf16 or fp16 inputs, got float64 (use the torch backend)")
     # fp32 contiguous parameters (the usual case) pass as they are: two dispatcher calls each saved per forward
     theta32 = theta if theta.dtype == torch.float32 and theta.is_contiguous() else theta.float().contiguous()
     gamma32 = gamma if gamma.dtype == torch.float32 and gamma.is_contiguous() else gamma.float().contiguous()
-    args = (q, k, v, theta32, gamma32, _PAIRINGS[pairing], DELTA_FORM_CODES[delta_form], float(map_eps), float(eps))
+    # the moment only where a backward will need it
+    moment = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                          or theta32.requires_grad or gamma32.requires_grad)
+    args = (q, k, v, theta32, gamma32, _PAIRINGS[pairing], DELTA_FORM_CODES[delta_form], float(map_eps), float(eps),
+            moment)
     return _mirror_forward(*args)[0] if _use_custom_ops() else _MirrorLinearAttention.apply(*args)
