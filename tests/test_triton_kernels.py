@@ -305,6 +305,44 @@ def chunked_kernels():
         yield
 
 
+def test_several_programs_per_row_match_the_reference(backend, chunked_kernels, monkeypatch):
+    """One (b, h) row spread over several programs (here 3 for the queries' 300 tokens and 4 for the keys' 200): the
+    k/v pass adds the q pass's partial d angles and the moment itself, and every program adds the σ² path to its
+    own tiles of dk. MirrorLA and the rotation with a given angle match the torch backend in values and every
+    gradient."""
+    chunks = []
+    real = triton_ops._backward_kv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            chunks.append(grid[1])
+            return real[grid]
+
+    monkeypatch.setattr(triton_ops, "_backward_kv_kernel", Spy())
+    torch.manual_seed(0)
+    h, d = 1, 16
+    q = torch.randn(1, h, 300, d, requires_grad=True)
+    k, v = (torch.randn(1, h, 200, d, requires_grad=True) for _ in range(2))
+    angle = torch.randn(1, h, d // 2, requires_grad=True)
+    fmap = create_feature_map("mirror", h, d, delta_form="rsqrt")
+    with torch.no_grad():
+        fmap.gamma.normal_(0, 0.5)
+    calls = [("mirror", lambda: fmap.attend(q, k, v, folded=True), [q, k, v, fmap.theta, fmap.gamma], None),
+             ("rotate_relu", lambda: triton_ops.fused_linear_attention(q, k, v, angle, feature="rotate_relu"),
+              [q, k, v, angle], lambda: _reference(q, k, v, angle, "rotate_relu", "adjacent"))]
+    for name, call, inputs, reference in calls:
+        backend("triton")
+        out = call()
+        got = torch.autograd.grad(out.square().sum(), inputs)
+        backend("torch")
+        ref = reference() if reference is not None else call()
+        want = torch.autograd.grad(ref.square().sum(), inputs)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=name)
+        for a, w in zip(got, want, strict=True):
+            torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4, msg=name)
+    assert chunks == [4, 4]  # several programs per row on the keys' side, for both ops
+
+
 def test_tiles_beyond_the_grid_limit_share_programs(monkeypatch, chunked_kernels):
     """A CUDA grid's second axis holds at most 65,535 programs: beyond that many tiles of tokens (4M tokens) the
     output pass gives each program several tiles. Here the limit is lowered to 2 programs: the MirrorLA op's values
