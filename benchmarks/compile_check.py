@@ -9,7 +9,7 @@ spills. It fails (exit 1) when a configuration does not compile or needs more sh
 limit.
 
 usage: python benchmarks/compile_check.py [--arch 90] [--quick] [--kernels NAME,...] [--dtypes fp32,...]
-       [--precision highest|high] [--out FILE]
+       [--dims 64,...] [--precision highest|high] [--out FILE]
 
 Run it without ``TRITON_INTERPRET=1`` (the interpreter replaces the compiler). ``--quick``: bf16 and d = 64
 only; ``--kernels``: only the kernels whose name contains one of these parts; ``--precision high``: fp32 inputs
@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="bf16 and d = 64 only")
     p.add_argument("--kernels", default="", help="comma-separated parts of kernel names to compile (default: all)")
     p.add_argument("--dtypes", default="", help="comma-separated input dtypes (bf16, fp16, fp32; default: all)")
+    p.add_argument("--dims", default="", help="comma-separated head widths (default: 16, 48, 64, 128)")
     p.add_argument("--precision", default="highest", choices=("highest", "high", "medium"),
                    help="torch.set_float32_matmul_precision while recording: fp32 inputs take IEEE dots at "
                         "'highest' (the default), TF32 otherwise")
@@ -164,13 +165,20 @@ def main(argv=None) -> int:
         print(f"compile_check: --dtypes takes {', '.join(names)}, got {args.dtypes!r}", file=sys.stderr)
         return 2
     dtypes = [names[x] for x in wanted_dtypes] or None
+    try:
+        dims = [int(x) for x in args.dims.split(",") if x.strip()] or None
+    except ValueError:
+        dims = [0]
+    if dims is not None and any(not 2 <= x <= 128 or x % 2 for x in dims):
+        print(f"compile_check: --dims takes even head widths from 2 to 128, got {args.dims!r}", file=sys.stderr)
+        return 2
     torch.set_float32_matmul_precision(args.precision)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
     limit = SHARED_LIMIT.get(args.arch)
     wanted = [part for part in args.kernels.split(",") if part]
-    launches = record_launches(args.quick, dtypes=dtypes)
+    launches = record_launches(args.quick, dims=dims, dtypes=dtypes)
     configs = {key: kernel for key, kernel in distinct_configurations(launches).items()
                if not wanted or any(part in key[0] for part in wanted)}
     if not configs:

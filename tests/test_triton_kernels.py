@@ -493,12 +493,22 @@ def test_a_short_sequence_layer_step_launches_few_kernels(backend, monkeypatch):
 
 def test_rows_that_need_partner_loads_take_the_chunked_kernels(monkeypatch):
     """Half pairs in a head dim that is not a power of two cannot be shuffled in registers: such rotations take the
-    chunked kernels even when short (and still match the reference, see the fp32 cases)."""
+    chunked kernels even when short, where the partner channels' rows are loaded from memory, and still match the
+    torch backend in values and every gradient (MirrorLA here; the given rotation in the fp32 cases)."""
     launches = _count_launches(monkeypatch)
+    torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 17, 48, requires_grad=True) for _ in range(3))
-    theta, gamma = torch.randn(2, 24), torch.randn(2, 24)
-    triton_ops.mirror_linear_attention(q, k, v, theta, gamma, pairing="half").sum().backward()
-    assert "_row_forward_kernel" not in launches and launches["_state_kernel"] == 1
+    theta, gamma = torch.randn(2, 24, requires_grad=True), (0.5 * torch.randn(2, 24)).requires_grad_()
+    results = {}
+    for name in ("triton", "torch"):
+        out = triton_ops.mirror_linear_attention(q, k, v, theta, gamma, pairing="half") if name == "triton" else \
+            triton_ops._mirror_reference(q, k, v, theta, gamma, 1, 0, 1e-6, 1e-6)
+        results[name] = (out, torch.autograd.grad(out.square().sum(), [q, k, v, theta, gamma]))
+        if name == "triton":
+            assert "_row_forward_kernel" not in launches and launches["_state_kernel"] == 1
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
+    for label, a, w in zip(("q", "k", "v", "theta", "gamma"), results["triton"][1], results["torch"][1], strict=True):
+        torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4, msg=label)
     launches.clear()
     triton_ops.mirror_linear_attention(q, k, v, theta, gamma, pairing="adjacent").sum().backward()
     assert dict(launches) == {"_row_forward_kernel": 1, "_row_backward_kernel": 1}

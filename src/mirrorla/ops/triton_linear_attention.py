@@ -433,6 +433,23 @@ def _moment_angle(MOM, ds, dz, rows, sign, dmask, vmask, offs_v, DV: tl.constexp
 
 
 @triton.jit
+def _moment_angle_from_memory(MOM, DSTATE, rows, sign, dmask, DV: tl.constexpr, BDV: tl.constexpr):
+    """:func:`_moment_angle` with the gradient state's rows read from ``DSTATE [D, DV + 1]`` too, both a block of
+    16 columns at a time: a few registers (two whole ``[BD, BDV]`` fp32 tiles more at the start of the k/v pass
+    made ptxas spill up to 19 KB per thread at d = 128)."""
+    acc = tl.zeros_like(sign)
+    for v0 in tl.static_range(0, BDV, 16):
+        cols = v0 + tl.arange(0, 16)
+        offs = rows[:, None] * (DV + 1) + cols[None, :]
+        mask = dmask[:, None] & (cols < DV)[None, :]
+        acc += tl.sum(tl.load(MOM + offs, mask=mask, other=0.0) * tl.load(DSTATE + offs, mask=mask, other=0.0),
+                      axis=1)
+    mz = tl.load(MOM + rows * (DV + 1) + DV, mask=dmask, other=0.0)
+    dz = tl.load(DSTATE + rows * (DV + 1) + DV, mask=dmask, other=0.0)
+    return sign * (acc + dz * mz)
+
+
+@triton.jit
 def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, MOM, DANG_Q, DANG, SUMS, GAMMA, N, H, TILES, CHUNKS_Q,
                         n_tokens, eps_map, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                         D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
@@ -452,15 +469,17 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, MOM, DANG_Q, DANG, 
     if MAP == 2:
         if MOMENT:
             mom = MOM + (tl.num_programs(0) + bh) * D * (DV + 1)
-            dang = _moment_angle(mom, ds, dz, offs_d, sign, dmask, vmask, offs_v, DV)
-            if ANGLES:  # σ² is per pair: both channels' d angle, the partner's from its rows of dS and the moment
-                dang += _moment_angle(mom, ds_p, dz_p, partner, -sign, dmask, vmask, offs_v, DV)
+            dst = DSTATE + bh * D * (DV + 1)
+            dang = _moment_angle_from_memory(mom, dst, offs_d, sign, dmask, DV, BDV)
             for c in range(0, CHUNKS_Q):  # in a fixed order: deterministic
-                row = DANG_Q + (bh * CHUNKS_Q + c) * D
-                dang += tl.load(row + offs_d, mask=dmask, other=0.0)
-                if ANGLES:
-                    dang += tl.load(row + partner, mask=dmask, other=0.0)
-            if ANGLES:
+                dang += tl.load(DANG_Q + (bh * CHUNKS_Q + c) * D + offs_d, mask=dmask, other=0.0)
+            if ANGLES:  # σ² is per pair: both channels' d angle
+                if SWAP:
+                    dang += _swap_vector(dang, BD, PAIRING)
+                else:  # the partner's from its rows of dS and the moment, and its partials
+                    dang += _moment_angle_from_memory(mom, dst, partner, -sign, dmask, DV, BDV)
+                    for c in range(0, CHUNKS_Q):
+                        dang += tl.load(DANG_Q + (bh * CHUNKS_Q + c) * D + partner, mask=dmask, other=0.0)
                 ds1, ds2 = _sigma_path(dang, SUMS, GAMMA, DANG, bh, h, tl.num_programs(0), sign, partner, offs_d,
                                        dmask, n_tokens, eps_map, chunk == 0, D, PAIRING, FORM)
             elif chunk == 0:
