@@ -224,8 +224,9 @@ def test_chunked_backward_block_options_give_the_same_gradients(name, precision,
 def test_fp32_dots_follow_torchs_matmul_precision(path, monkeypatch, matmul_precision):
     """fp32 inputs: IEEE fp32 dots at torch's default matmul precision ("highest"), with the backward on the
     ``ieee_backward_blocks`` token tiles (16 × 8 warps: ptxas spills nothing there, 20–30 KB per thread with 64-token
-    tiles); TF32 dots where ``torch.set_float32_matmul_precision("high")`` allows them, as for torch's matmuls,
-    with the backward on ``backward_blocks``. Half-precision inputs ignore the setting."""
+    tiles), and so the training forward's state pass, which also sums the moment; TF32 dots where
+    ``torch.set_float32_matmul_precision("high")`` allows them, as for torch's matmuls, with the backward on
+    ``backward_blocks``. Half-precision inputs ignore the setting."""
     launches = []
     for name in ("_row_forward_kernel", "_row_backward_kernel", "_state_kernel", "_output_kernel",
                  "_backward_q_kernel", "_backward_kv_kernel"):
@@ -254,6 +255,8 @@ def test_fp32_dots_follow_torchs_matmul_precision(path, monkeypatch, matmul_prec
         backward = [call[2:] for call in calls if "backward" in call[0]]
         assert backward and all(blocks == ((16, 8) if ieee else (64, 8 if path == "row" else 4))
                                 for blocks in backward), (precision, dtype, backward)
+        state_pass = [call[2:] for call in calls if call[0] in ("_row_forward_kernel", "_state_kernel")]
+        assert state_pass == [(16, 8) if ieee else (64, 4)], (precision, dtype, state_pass)
 
 
 def _qkv_far_apart(batch_stride: int, token_stride: int, b: int, n: int, h: int = 2, d: int = 16):

@@ -679,20 +679,27 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
                   SWAP=swap, num_warps=warps, num_stages=_STAGES)
     angles = dict(ANGLES=mirror is not None, FORM=form, LOAD_MAP=0 if mirror is not None else feature,
                   MOMENT=moment)
+    tuning = kernel_tuning(q.device)
+    # the moment doubles the state pass's fp32 accumulators; IEEE fp32 dots also hold fp32 operand tiles in
+    # registers: with 64-token tiles ptxas (sm_90, d = 64) spilled 14 KB per thread in the state kernel and 25 KB in
+    # the row kernel, so that pass takes the IEEE backward's tiles (ieee_backward_blocks)
+    state_blocks = dict(blocks)
+    if moment and ieee:
+        state_blocks["BN"], state_blocks["num_warps"] = tuning.ieee_backward_blocks
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
-    if _row_path(nq, n, bn, feature, swap, kernel_tuning(q.device).row_max_tiles):
+    if _row_path(nq, n, bn, feature, swap, tuning.row_max_tiles):
         state = torch.empty(1 + moment, b * h, d, dv + 1, device=q.device, dtype=torch.float32)
         _row_forward_kernel[(b * h,)](
             q, k, v, cos, ssin, state, out, nq, n, h, float(eps) * n, *q.stride(), *k.stride(), *v.stride(),
-            *out.stride(), theta, gamma, sums, float(n), float(map_eps), **blocks, **angles)
+            *out.stride(), theta, gamma, sums, float(n), float(map_eps), **state_blocks, **angles)
         return out, state
     spart = _token_sum_parts(k) if mirror is not None else q
-    chunks, per = _chunks(n, b * h, q.device, bn)
+    chunks, per = _chunks(n, b * h, q.device, state_blocks["BN"])
     part = torch.empty(1 + moment, b * h, chunks, d, dv + 1, device=q.device, dtype=torch.float32)
     _state_kernel[(b * h, chunks)](
         k, v, cos, ssin, part, n, h, per, *k.stride(), *v.stride(),
         spart, theta, gamma, sums, spart.shape[1] if mirror is not None else 1, float(n), float(map_eps),
-        **blocks, **angles)
+        **state_blocks, **angles)
     state = part.sum(2) if chunks > 1 else part[:, :, 0]  # state and moment: one reduction
     tiles, per = _grid_y(cdiv(nq, bn))
     _output_kernel[(b * h, tiles)](
