@@ -348,30 +348,24 @@ def test_several_programs_per_row_match_the_reference(backend, chunked_kernels, 
 
 def test_tiles_beyond_the_grid_limit_share_programs(monkeypatch, chunked_kernels):
     """A CUDA grid's second axis holds at most 65,535 programs: beyond that many tiles of tokens (4M tokens) the
-    output pass gives each program several tiles. Here the limit is lowered to 2 programs: the MirrorLA op's values
-    and gradients are those of one tile per program."""
+    output pass (the one kernel with a program per tile) gives each program several tiles. Here the limit is
+    lowered to 2 programs: the MirrorLA op's output is that of one tile per program."""
     q, k, v, _, theta, gamma = _op_inputs(1, 2, 300, 16)  # 5 tiles of 64 tokens
-    grids, real = [], {name: getattr(triton_ops, name) for name in ("_output_kernel",)}
+    grids, real = [], triton_ops._output_kernel
 
     class Spy:
-        def __init__(self, name):
-            self.name = name
-
         def __getitem__(self, grid):
-            grids.append((self.name, grid[1]))
-            return real[self.name][grid]
+            grids.append(grid[1])
+            return real[grid]
 
-    for name in real:
-        monkeypatch.setattr(triton_ops, name, Spy(name))
+    monkeypatch.setattr(triton_ops, "_output_kernel", Spy())
     results = []
-    for limit in (65535, 2):
-        monkeypatch.setattr(triton_ops, "_MAX_GRID_Y", limit)
-        out = triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
-        results.append((out, torch.autograd.grad(out.square().sum(), [q, k, v, theta, gamma])))
-    assert grids == [("_output_kernel", 5), ("_output_kernel", 2)]
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
-    for a, w in zip(results[1][1], results[0][1], strict=True):
-        torch.testing.assert_close(a, w, rtol=0, atol=0)
+    with torch.no_grad():
+        for limit in (65535, 2):
+            monkeypatch.setattr(triton_ops, "_MAX_GRID_Y", limit)
+            results.append(triton_ops.mirror_linear_attention(q, k, v, theta, gamma))
+    assert grids == [5, 2]
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
 
 
 def test_launchers_make_their_tensors_device_current(monkeypatch):
