@@ -82,6 +82,21 @@ def test_fused_op_matches_reference_values_and_gradients_fp32(feature, pairing, 
         torch.testing.assert_close(a, w, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
 
 
+def _assert_triton_matches_torch(backend, calls) -> None:
+    """For each ``(name, call, inputs, reference)``: the output and the gradients of ``inputs`` on the Triton
+    backend equal the torch backend's (``reference()``, or ``call()`` again where it is None)."""
+    for name, call, inputs, reference in calls:
+        backend("triton")
+        out = call()
+        got = torch.autograd.grad(out.square().sum(), inputs)
+        backend("torch")
+        ref = reference() if reference is not None else call()
+        want = torch.autograd.grad(ref.square().sum(), inputs)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=name)
+        for a, w in zip(got, want, strict=True):
+            torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4, msg=name)
+
+
 def test_queries_and_keys_of_different_lengths(backend, kernel_path):
     """Spatial reduction (PVT) gives k and v fewer tokens than q: both ops, on both kernel paths, match the torch
     backend in values and every gradient."""
@@ -94,16 +109,7 @@ def test_queries_and_keys_of_different_lengths(backend, kernel_path):
     calls = [("relu", lambda: triton_ops.fused_linear_attention(q, k, v, feature="relu"), [q, k, v],
               lambda: _reference(q, k, v, None, "relu", "adjacent")),
              ("mirror", lambda: fmap.attend(q, k, v, folded=True), [q, k, v, fmap.theta, fmap.gamma], None)]
-    for name, call, inputs, reference in calls:
-        backend("triton")
-        out = call()
-        got = torch.autograd.grad(out.square().sum(), inputs)
-        backend("torch")
-        ref = reference() if reference is not None else call()
-        want = torch.autograd.grad(ref.square().sum(), inputs)
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=name)
-        for a, w in zip(got, want, strict=True):
-            torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4, msg=name)
+    _assert_triton_matches_torch(backend, calls)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -333,16 +339,7 @@ def test_several_programs_per_row_match_the_reference(backend, chunked_kernels, 
     calls = [("mirror", lambda: fmap.attend(q, k, v, folded=True), [q, k, v, fmap.theta, fmap.gamma], None),
              ("rotate_relu", lambda: triton_ops.fused_linear_attention(q, k, v, angle, feature="rotate_relu"),
               [q, k, v, angle], lambda: _reference(q, k, v, angle, "rotate_relu", "adjacent"))]
-    for name, call, inputs, reference in calls:
-        backend("triton")
-        out = call()
-        got = torch.autograd.grad(out.square().sum(), inputs)
-        backend("torch")
-        ref = reference() if reference is not None else call()
-        want = torch.autograd.grad(ref.square().sum(), inputs)
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=name)
-        for a, w in zip(got, want, strict=True):
-            torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4, msg=name)
+    _assert_triton_matches_torch(backend, calls)
     assert chunks == [4, 4]  # several programs per row on the keys' side, for both ops
 
 

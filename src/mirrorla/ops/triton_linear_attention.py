@@ -265,7 +265,7 @@ def _output_tiles(q_ptr, o_ptr, first, TILES, NQ, s_qn, s_qd, s_on, s_od, s, z, 
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < NQ
         phi, y, y_p, _ = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
-                                MAP, SWAP, PAIRING, BN, BD)
+                                   MAP, SWAP, PAIRING, BN, BD)
         num = _dot(phi, s, IEEE, UPCAST)
         den = tl.sum(phi * z[None, :], axis=1) + eps_n
         o = num / den[:, None]
@@ -287,7 +287,7 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < NQ
         phi, y, y_p, _ = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
-                                MAP, SWAP, PAIRING, BN, BD)
+                                   MAP, SWAP, PAIRING, BN, BD)
         do = tl.load(do_ptr + offs_n[:, None] * s_dn + offs_v[None, :] * s_dd, mask=nmask[:, None] & vmask[None, :],
                      other=0.0).to(tl.float32)
         # two matmuls, not three: with o = num / den and num = φ S, the product do·Sᵀ gives both the numerator's
@@ -884,10 +884,15 @@ def _fused_forward_impl(q, k, v, angle, feature: int, pairing: int, eps: float, 
     return out, q.new_zeros(1 + moment, b * h, d, v.shape[3] + 1, dtype=torch.float32)
 
 
+def _angle_grad(angle, feature: int, state: torch.Tensor) -> bool:
+    """Whether the fused op's backward gives the angle a gradient: a rotation whose forward stored the moment."""
+    return feature == 2 and angle is not None and state.shape[0] == 2
+
+
 @on_tensor_device
 def _fused_backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing: int, eps: float):
     b, h, _, d = q.shape
-    rotating = feature == 2 and angle is not None and state.shape[0] == 2  # the angle's gradient needs the moment
+    rotating = _angle_grad(angle, feature, state)
     if _runs_kernels(q, k, v, feature, pairing, False, rotating, "backward"):
         pair_name = _PAIR_NAMES[pairing]
         cos, ssin = _rotation(angle if feature == 2 else None, b, h, d, pair_name, q.device)
@@ -941,8 +946,8 @@ def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angle: to
 
 @_fused_backward.register_fake
 def _(q, k, v, angle, state, grad_out, feature, pairing, eps):
-    rotating = angle is not None and feature == 2 and state.shape[0] == 2
-    dangle = angle.new_empty(angle.shape) if rotating else q.new_empty(0, dtype=torch.float32)
+    dangle = angle.new_empty(angle.shape) if _angle_grad(angle, feature, state) else q.new_empty(0,
+                                                                                               dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dangle
 
 
@@ -956,8 +961,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_state):
     q, k, v, angle, state = ctx.saved_tensors
     dq, dk, dv, dangle = _fused_backward(q, k, v, angle, state, grad_out, ctx.feature, ctx.pairing, ctx.eps)
-    angle_grad = angle is not None and ctx.feature == 2 and state.shape[0] == 2
-    return dq, dk, dv, (dangle if angle_grad else None), None, None, None, None
+    return dq, dk, dv, (dangle if _angle_grad(angle, ctx.feature, state) else None), None, None, None, None
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
