@@ -32,10 +32,6 @@ import torch
 # largest dynamic shared memory per block (bytes) of the architectures this project meets
 SHARED_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-                torch.int32: "i32"}
-
-
 class _Recorder:
     """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the call instead of launching it."""
 
@@ -48,18 +44,6 @@ class _Recorder:
         return launch
 
 
-def _arg_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + _DTYPE_NAMES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for an argument of type {type(value).__name__}")
-
-
 def record_launches(quick: bool, dims=None, dtypes=None) -> list:
     """Run the ops' launchers (forward and backward of every op and path) with recording kernels; ``dims`` and
     ``dtypes`` override the head widths and input dtypes."""
@@ -67,10 +51,19 @@ def record_launches(quick: bool, dims=None, dtypes=None) -> list:
     from mirrorla.ops import triton_reflect
 
     calls: list = []
-    for module in (tla, triton_reflect):
-        for name, value in list(vars(module).items()):
-            if name.endswith("_kernel"):
-                setattr(module, name, _Recorder(name, value, calls))
+    kernels = [(module, name, value) for module in (tla, triton_reflect) for name, value in list(vars(module).items())
+               if name.endswith("_kernel")]
+    for module, name, value in kernels:
+        setattr(module, name, _Recorder(name, value, calls))
+    try:
+        _run_launchers(tla, triton_reflect, quick, dims, dtypes)
+    finally:  # the modules get their kernels back (a second recording, or a launch after it, finds real kernels)
+        for module, name, value in kernels:
+            setattr(module, name, value)
+    return calls
+
+
+def _run_launchers(tla, triton_reflect, quick: bool, dims, dtypes) -> None:
     dtypes = dtypes or ([torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32])
     dims = dims or ([64] if quick else [16, 48, 64, 128])
     lengths = [197, 4096]  # the row kernels (short rows) and the chunked ones
@@ -99,36 +92,49 @@ def record_launches(quick: bool, dims=None, dtypes=None) -> list:
             signs = torch.ones(64)
             triton_reflect._fold_forward(w, bias, u, signs, 2)
             triton_reflect._fold_backward(w, bias, w, bias, u, signs, 2, True)
-    return calls
 
 
-def distinct_configurations(calls: list) -> dict:
-    """{(kernel name, signature, constants, warps, stages): kernel}: one entry per compiled variant."""
+def _runtime_binder(kernel, arch: int):
+    """Triton's own argument binder for ``kernel`` on the target: the function ``JITFunction.run`` calls to turn a
+    launch's arguments into the compiled variant's key."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    return backend, create_function_from_signature(kernel.signature, kernel.params, backend)
+
+
+def distinct_configurations(calls: list, arch: int = 90) -> dict:
+    """{(kernel name, specialisation, warps, stages): (kernel, signature, constants, attributes)}: one entry per
+    variant Triton compiles at run time.
+
+    The arguments are bound and specialised as ``JITFunction.run`` does on a GPU: an int equal to 1 (a unit stride)
+    becomes a constant, and pointers aligned to 16 bytes and ints divisible by 16 carry that as an attribute. Without
+    that, the compiled code is a generic variant a GPU never runs (its loads along a unit stride not vectorised, its
+    address arithmetic and registers inflated)."""
     configs = {}
+    binders: dict = {}
     for name, kernel, args, kwargs in calls:
-        params = [p.name for p in kernel.params]
-        constexpr = {p.name for p in kernel.params if p.is_constexpr}
-        options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
-        constants = {key: value for key, value in kwargs.items() if key not in options}
-        signature = {}
-        runtime = iter(args)
-        for pname in params:
-            if pname in constexpr:
-                signature[pname] = "constexpr"
-            else:
-                signature[pname] = _arg_type(next(runtime))
-        key = (name, tuple(signature.items()), tuple(sorted(constants.items())), options.get("num_warps", 4),
-               options.get("num_stages", 3))
-        configs[key] = kernel
+        if name not in binders:
+            binders[name] = _runtime_binder(kernel, arch)
+        backend, binder = binders[name]
+        bound, specialization, options = binder(*args, **kwargs)
+        warps, stages = kwargs.get("num_warps", 4), kwargs.get("num_stages", 3)
+        key = (name, str(specialization), warps, stages)
+        if key in configs:
+            continue
+        _, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+        configs[key] = (kernel, signature, constexprs, attrs)
     return configs
 
 
-def compile_one(kernel, signature: dict, constants: dict, warps: int, stages: int, arch: int) -> dict:
+def compile_one(kernel, signature: dict, constexprs: dict, attrs: dict, warps: int, stages: int, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(kernel, signature, constexprs=constants)
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
     limit = SHARED_LIMIT.get(args.arch)
     wanted = [part for part in args.kernels.split(",") if part]
     launches = record_launches(args.quick, dims=dims, dtypes=dtypes)
-    configs = {key: kernel for key, kernel in distinct_configurations(launches).items()
+    configs = {key: value for key, value in distinct_configurations(launches, args.arch).items()
                if not wanted or any(part in key[0] for part in wanted)}
     if not configs:
         print(f"compile_check: no kernel matches --kernels {args.kernels!r}", file=sys.stderr)
@@ -190,14 +196,15 @@ def main(argv=None) -> int:
              "| kernel | dtype | constants | warps | shared B | registers | spill stores B | s |",
              "|---|---|---|---|---|---|---|---|"]
     failures = 0
-    for (name, signature, constants, warps, stages), kernel in sorted(configs.items(), key=lambda kv: kv[0][:1]):
-        sig = dict(signature)
-        dtype = next((t[1:] for t in sig.values() if t.startswith("*") and t != "*fp32"), "fp32")
-        shown = ",".join(f"{k}={v}" for k, v in constants if k in ("D", "MAP", "PAIRING", "SWAP", "ANGLES", "BN",
-                                                                   "MOMENT", "ONE_PROGRAM", "HAS_BIAS"))
+    for (name, _, warps, stages), (kernel, signature, constexprs, attrs) in sorted(configs.items(),
+                                                                                  key=lambda kv: kv[0][:1]):
+        dtype = next((t[1:] for t in signature.values() if t.startswith("*") and t != "*fp32"), "fp32")
+        constants = {kernel.arg_names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+        shown = ",".join(f"{k}={v}" for k, v in sorted(constants.items())
+                         if k in ("D", "MAP", "PAIRING", "SWAP", "ANGLES", "BN", "MOMENT", "ONE_PROGRAM", "HAS_BIAS"))
         start = time.perf_counter()
         try:
-            info = compile_one(kernel, sig, dict(constants), warps, stages, args.arch)
+            info = compile_one(kernel, signature, constexprs, attrs, warps, stages, args.arch)
         except Exception as error:  # report every failing configuration, not only the first
             failures += 1
             first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
