@@ -182,6 +182,28 @@ def test_mirror_op_half_precision_strided_inputs(dtype, kernel_path):
         torch.testing.assert_close(a.float(), w, atol=3e-2 * max(1.0, w.abs().max().item()), rtol=3e-2, msg=name)
 
 
+@pytest.mark.parametrize("op", ["mirror", "fused rotate_relu"])
+def test_the_normaliser_sums_the_features_the_state_sums(op, kernel_path):
+    """With bf16 inputs the state pass multiplies φ(k) rounded to bf16 into S; z must sum the same rounded values, or
+    the attention weights of a query no longer add up to one. With v all ones each column of S is z: equal to
+    fp32 rounding (z from the unrounded φ missed by about 1e-4 here), on both kernel paths; the moment's Σ w
+    (fp32 w) likewise equals its product with v."""
+    b, h, n, d = 2, 2, 197, 32
+    q, k, _ = (t.detach() for t in _strided_qkv(b, h, n, d, torch.bfloat16))
+    ones = torch.ones(b, h, n, d, dtype=torch.bfloat16)
+    if op == "mirror":
+        theta, gamma = torch.randn(h, d // 2), 0.5 * torch.randn(h, d // 2)
+        _, state, *_ = triton_ops._mirror_forward_impl(q, k, ones, theta, gamma, 0, 0, 1e-6, 1e-6, True)
+    else:
+        _, state = triton_ops._fused_forward_impl(q, k, ones, torch.randn(b, h, d // 2), 2, 0, 1e-6, True)
+    assert state.shape == (2, b * h, d, d + 1)
+    features, z = state[..., :d], state[..., d:]
+    torch.testing.assert_close(features[0], z[0].expand_as(features[0]), atol=0, rtol=1e-6)
+    # the moment's w = [y > 0]·y_p changes sign: equal up to fp32 sums of cancelling terms
+    scale = state[1].abs().max().item()
+    torch.testing.assert_close(features[1], z[1].expand_as(features[1]), atol=1e-5 * scale, rtol=0)
+
+
 
 @pytest.fixture
 def matmul_precision():

@@ -134,6 +134,16 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _ones_column(like, BN: tl.constexpr):
+    """``[BN, 16]`` in ``like``'s dtype, ones in the first column and zeros elsewhere: ``xᵀ · _ones_column`` sums
+    ``x [BN, BD]`` over its tokens on the tensor cores (16: tl.dot's narrowest operand), exactly for the operand
+    values the other products of the pass see."""
+    first = tl.arange(0, 16)[None, :] == 0
+    # built in fp32 and cast: Triton's interpreter has no bf16 constants
+    return tl.where(first, tl.full([BN, 16], 1.0, tl.float32), 0.0).to(like.dtype)
+
+
+@triton.jit
 def _token_offsets(tile, BN: tl.constexpr):
     """The token indices ``[BN]`` of a tile, 64-bit. Offsets past 2³¹ elements are real: a row's base (b · stride)
     in inputs of more than 2³¹ elements, a token's offset (n · stride) in a row of a strided qkv view longer than
@@ -223,14 +233,16 @@ def _state_tiles(k_ptr, v_ptr, first, TILES, N, s_kn, s_kd, s_vn, s_vd, offs_d, 
     """``[Σ φ(k) vᵀ, Σ φ(k)]`` (fp32 ``[BD, BDV]``, ``[BD]``) over the tiles ``first .. first + TILES``, and with
     ``MOMENT`` (a rotation's training forward) the moment ``[Σ w vᵀ, Σ w]``, ``w = [y > 0]·y_p``: the k side of
     the backward's d angle is ``sign·(Σ_v dS ⊙ Σ w vᵀ + dz ⊙ Σ w)`` (see :func:`_moment_angle`)."""
+    # the sums over tokens (z and the moment's Σ w) run on the tensor cores too, as products with a column of ones
+    # (_ones_column): a sum per tile on the CUDA cores costs cross-lane shuffles
     acc = tl.zeros([BD, BDV], dtype=tl.float32)
-    zacc = tl.zeros([BD], dtype=tl.float32)
+    zacc = tl.zeros([BD, 16], dtype=tl.float32)
     if MOMENT:
         macc = tl.zeros([BD, BDV], dtype=tl.float32)
-        mzacc = tl.zeros([BD], dtype=tl.float32)
+        mzacc = tl.zeros([BD, 16], dtype=tl.float32)
     else:  # never stored: placeholders the compiler drops
         macc = tl.zeros([1, 1], dtype=tl.float32)
-        mzacc = tl.zeros([1], dtype=tl.float32)
+        mzacc = tl.zeros([1, 16], dtype=tl.float32)
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < N
@@ -238,15 +250,18 @@ def _state_tiles(k_ptr, v_ptr, first, TILES, N, s_kn, s_kd, s_vn, s_vd, offs_d, 
                                    MAP, SWAP, PAIRING, BN, BD)
         v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_v[None, :] * s_vd, mask=nmask[:, None] & vmask[None, :],
                     other=0.0)
-        acc += _dot(tl.trans(phi.to(v.dtype)), v, IEEE, UPCAST)
-        zacc += tl.sum(phi, axis=0)
+        phi_t = tl.trans(phi.to(v.dtype))
+        acc += _dot(phi_t, v, IEEE, UPCAST)
+        zacc += _dot(phi_t, _ones_column(v, BN), IEEE, UPCAST)
         if MOMENT:
             w = tl.where(y > 0, y_p, 0.0)  # padded tokens and channels: y = 0, so w = 0
             # w stays fp32 (TF32 dot): rounded to bf16 like φ above, the gradients of θ and γ lost precision (bf16
             # inputs, N = 300, d = 32: relative error 3.3e-3 -> 4.8e-3 against an fp64 reference)
-            macc += _dot(tl.trans(w), v.to(tl.float32), IEEE, UPCAST)
-            mzacc += tl.sum(w, axis=0)
-    return acc, zacc, macc, mzacc
+            w_t = tl.trans(w)
+            v32 = v.to(tl.float32)
+            macc += _dot(w_t, v32, IEEE, UPCAST)
+            mzacc += _dot(w_t, _ones_column(v32, BN), IEEE, UPCAST)
+    return acc, tl.sum(zacc, axis=1), macc, tl.sum(mzacc, axis=1)
 
 
 @triton.jit
@@ -281,7 +296,7 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
     """The q pass of the backward over the tiles ``first .. first + TILES``: stores dq (contiguous ``[NQ, D]`` at
     ``dq_ptr``) and returns this range's dS, dz and d angle (q part), fp32."""
     ds_acc = tl.zeros([BD, BDV], dtype=tl.float32)
-    dz_acc = tl.zeros([BD], dtype=tl.float32)
+    dz_acc = tl.zeros([BD, 16], dtype=tl.float32)  # φᵀ·dden on the tensor cores, as z in _state_tiles
     dang = tl.zeros([BD], dtype=tl.float32)
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
@@ -302,9 +317,10 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
         dang += d_angle
         tl.store(dq_ptr + offs_n[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=nmask[:, None] & dmask[None, :])
-        ds_acc += _dot(tl.trans(phi), dnum, IEEE, UPCAST)
-        dz_acc += tl.sum(phi * dden[:, None], axis=0)
-    return ds_acc, dz_acc, dang
+        phi_t = tl.trans(phi)
+        ds_acc += _dot(phi_t, dnum, IEEE, UPCAST)
+        dz_acc += _dot(phi_t, _ones_column(dden[:, None], BN) * dden[:, None], IEEE, UPCAST)
+    return ds_acc, tl.sum(dz_acc, axis=1), dang
 
 
 @triton.jit
@@ -337,16 +353,18 @@ def _dkv_tiles(k_ptr, v_ptr, dk_ptr, dv_ptr, first, TILES, N, s_kn, s_kd, s_vn, 
 @triton.jit
 def _token_sum_tiles(x_ptr, first, TILES, N, s_xn, s_xd, offs_d, dmask, BD: tl.constexpr, BN: tl.constexpr):
     """Per-channel ``Σ x`` and ``Σ x²`` (fp32 ``[BD]``) over the tiles ``first .. first + TILES``."""
-    s1 = tl.zeros([BD], dtype=tl.float32)
-    s2 = tl.zeros([BD], dtype=tl.float32)
+    # tile-shaped accumulators, reduced over the tokens once after the loop: a reduction per tile costs cross-lane
+    # shuffles (ptxas sm_90, bf16, d = 64: 324 instructions per tile and thread, 64 of them shuffles)
+    s1 = tl.zeros([BN, BD], dtype=tl.float32)
+    s2 = tl.zeros([BN, BD], dtype=tl.float32)
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < N
         x = tl.load(x_ptr + offs_n[:, None] * s_xn + offs_d[None, :] * s_xd, mask=nmask[:, None] & dmask[None, :],
                     other=0.0).to(tl.float32)
-        s1 += tl.sum(x, axis=0)
-        s2 += tl.sum(x * x, axis=0)
-    return s1, s2
+        s1 += x
+        s2 += x * x
+    return tl.sum(s1, axis=0), tl.sum(s2, axis=0)
 
 
 # ------------------------------------------------------------------------------------------- chunked kernels
