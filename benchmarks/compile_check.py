@@ -3,10 +3,12 @@
 Triton's interpreter (how the tests run the kernels on a CPU) executes the kernels' Python, not the compiler: a
 kernel can pass every interpreter test and still fail to compile, need more shared memory than a GPU has, or
 spill registers. This tool runs the ops' real launchers on CPU tensors with every kernel replaced by a recorder,
-so it sees exactly the argument types and constants the dispatch produces, then compiles each distinct
-configuration for the target (Triton's bundled ptxas, no driver) and reports its shared memory, registers and
-spills. It fails (exit 1) when a configuration does not compile or needs more shared memory than the target's
-limit.
+binds and specialises each launch's arguments as Triton does at run time (unit strides become constants, 16-byte
+alignments attributes), then
+compiles each distinct configuration for the target (Triton's bundled ptxas, no driver) and reports its shared
+memory, registers, spills and the size of its longest loop in SASS (instructions and local-memory accesses per
+thread and iteration: for a token loop, the cost of one tile). It fails (exit 1) when a configuration does not
+compile or needs more shared memory than the target's limit.
 
 usage: python benchmarks/compile_check.py [--arch 90] [--quick] [--kernels NAME,...] [--dtypes fp32,...]
        [--dims 64,...] [--precision highest|high] [--out FILE]
@@ -137,7 +139,8 @@ def compile_one(kernel, signature: dict, constexprs: dict, attrs: dict, warps: i
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ptxas = tools / "ptxas"
     registers = spills = None
     if ptxas.exists():
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -150,7 +153,45 @@ def compile_one(kernel, signature: dict, constexprs: dict, attrs: dict, warps: i
         found = re.search(r"Used (\d+) registers", report)
         registers = int(found.group(1)) if found else None
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", report))
-    return {"shared": compiled.metadata.shared, "registers": registers, "spill_stores": spills}
+    loop, local = _hot_loop(compiled.asm["cubin"], tools / "nvdisasm")
+    return {"shared": compiled.metadata.shared, "registers": registers, "spill_stores": spills, "loop": loop,
+            "loop_local": local}
+
+
+def _shown(value) -> str:
+    return "" if value is None else "–" if value == 0 else str(value)
+
+
+def _hot_loop(cubin: bytes, nvdisasm: Path) -> tuple[int | None, int | None]:
+    """(instructions, local-memory loads and stores) of the kernel's longest loop in its SASS, per thread and
+    iteration: for the token loops, the cost of one tile. A loop the compiler unrolled away (one tile per program)
+    counts as no loop. None, None without nvdisasm."""
+    if not nvdisasm.exists():
+        return None, None
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        found = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if found:
+            instructions.append(found.group(1))
+    longest = []
+    for end, text in enumerate(instructions):
+        target = re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", text)
+        start = labels.get(target.group(1)) if target else None
+        if start is not None and start <= end and end + 1 - start > len(longest):
+            longest = instructions[start:end + 1]
+    if len(longest) < 2:  # a branch to itself: the trap loop every kernel ends with
+        return 0, 0
+    return len(longest), sum(1 for text in longest if re.search(r"\b(LDL|STL)\b", text))
 
 
 def main(argv=None) -> int:
@@ -193,8 +234,9 @@ def main(argv=None) -> int:
     lines = [f"# Triton kernels compiled for sm_{args.arch} (no GPU), Triton {__import__('triton').__version__}, "
              f"fp32 matmul precision {args.precision!r}",
              "", f"shared-memory limit per block: {limit if limit else 'unknown'} bytes", "",
-             "| kernel | dtype | constants | warps | shared B | registers | spill stores B | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| kernel | dtype | constants | warps | shared B | registers | spill stores B | loop instr | loop LDL/STL "
+             "| s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     failures = 0
     for (name, _, warps, stages), (kernel, signature, constexprs, attrs) in sorted(configs.items(),
                                                                                   key=lambda kv: kv[0][:1]):
@@ -208,13 +250,14 @@ def main(argv=None) -> int:
         except Exception as error:  # report every failing configuration, not only the first
             failures += 1
             first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-            lines.append(f"| {name} | {dtype} | {shown} | {warps} | FAILED: {first} | | | |")
+            lines.append(f"| {name} | {dtype} | {shown} | {warps} | FAILED: {first} | | | | | |")
             print(lines[-1], flush=True)
             continue
         over = limit is not None and info["shared"] > limit
         failures += over
         lines.append(f"| {name} | {dtype} | {shown} | {warps} | {info['shared']}{' OVER LIMIT' if over else ''} | "
-                     f"{info['registers']} | {info['spill_stores']} | {time.perf_counter() - start:.1f} |")
+                     f"{info['registers']} | {info['spill_stores']} | {_shown(info['loop'])} | "
+                     f"{_shown(info['loop_local'])} | {time.perf_counter() - start:.1f} |")
         print(lines[-1], flush=True)
     lines += ["", f"{len(configs)} configurations, {failures} failed"]
     print(lines[-1])
