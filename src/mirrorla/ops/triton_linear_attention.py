@@ -296,7 +296,7 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
     """The q pass of the backward over the tiles ``first .. first + TILES``: stores dq (contiguous ``[NQ, D]`` at
     ``dq_ptr``) and returns this range's dS, dz and d angle (q part), fp32."""
     ds_acc = tl.zeros([BD, BDV], dtype=tl.float32)
-    dz_acc = tl.zeros([BD, 16], dtype=tl.float32)  # φᵀ·dden on the tensor cores, as z in _state_tiles
+    dz_acc = tl.zeros([BD], dtype=tl.float32)
     dang = tl.zeros([BD], dtype=tl.float32)
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
@@ -317,10 +317,9 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
         dang += d_angle
         tl.store(dq_ptr + offs_n[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=nmask[:, None] & dmask[None, :])
-        phi_t = tl.trans(phi)
-        ds_acc += _dot(phi_t, dnum, IEEE, UPCAST)
-        dz_acc += _dot(phi_t, _ones_column(dden[:, None], BN) * dden[:, None], IEEE, UPCAST)
-    return ds_acc, tl.sum(dz_acc, axis=1), dang
+        ds_acc += _dot(tl.trans(phi), dnum, IEEE, UPCAST)
+        dz_acc += tl.sum(phi * dden[:, None], axis=0)
+    return ds_acc, dz_acc, dang
 
 
 @triton.jit
