@@ -739,15 +739,18 @@ def test_configurations_too_large_for_the_gpu_run_the_reference(op, direction, c
     back: its saved state is a placeholder). Through the custom op too, whose implementation runs where autograd
     does not record (what torch.compile calls)."""
     monkeypatch.setattr(triton_ops, "_TOO_LARGE", {})
-    name = {"row": "_row_{}_kernel", "chunked": "_{}_kernel"}[kernel_path]
-    name = name.format(direction if kernel_path == "row" else {"forward": "output", "backward": "backward_kv"}[
-        direction])
+    monkeypatch.setattr(triton_ops, "_ROW_TOO_LARGE", set())
+    # a row kernel too large hands its rows to the chunked kernels: here those do not fit either
+    names = [f"_{ {'forward': 'output', 'backward': 'backward_kv'}[direction] }_kernel"]
+    if kernel_path == "row":
+        names.append(f"_row_{direction}_kernel")
     call, inputs = next((c, x) for n, c, x in _op_calls() if n == op)
     out = call()
     want = (out.detach(), torch.autograd.grad(out.square().sum(), inputs))
 
-    too_large = _TooLargeKernel()
-    monkeypatch.setattr(triton_ops, name, too_large)
+    too_large = {name: _TooLargeKernel() for name in names}
+    for name, kernel in too_large.items():
+        monkeypatch.setattr(triton_ops, name, kernel)
     monkeypatch.setattr(triton_ops, "_use_custom_ops", lambda: custom)
     for attempt in range(2):
         with warnings.catch_warnings(record=True) as caught:
@@ -764,21 +767,54 @@ def test_configurations_too_large_for_the_gpu_run_the_reference(op, direction, c
         for x, a, w in zip(inputs, grads, want[1], strict=True):
             assert a.dtype == x.dtype and a.shape == x.shape
             torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4)
-    assert too_large.launches == 1  # the second call did not try that kernel again
+    assert all(kernel.launches == 1 for kernel in too_large.values())  # the second call did not try them again
     assert len(triton_ops._TOO_LARGE) == 1
+
+
+@pytest.mark.parametrize("op", FALLBACK_OPS)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_a_row_kernel_too_large_for_the_gpu_hands_its_rows_to_the_chunked_kernels(op, direction, monkeypatch):
+    """A row kernel holds a whole pass's state and tiles at once, so it can exceed a GPU's shared memory where the
+    chunked kernels fit (bf16 at d = 128 on compute capability 8.9: 131 KB against at most 80 KB). Then the chunked
+    kernels run that configuration, with their values and gradients and no warning, and the row kernel is not
+    tried again."""
+    monkeypatch.setattr(triton_ops, "_TOO_LARGE", {})
+    monkeypatch.setattr(triton_ops, "_ROW_TOO_LARGE", set())
+    call, inputs = next((c, x) for n, c, x in _op_calls() if n == op)
+    with forced_tuning(row_max_tiles=0):  # what the chunked kernels give
+        out = call()
+        want = (out.detach(), torch.autograd.grad(out.square().sum(), inputs))
+    too_large = _TooLargeKernel()
+    monkeypatch.setattr(triton_ops, f"_row_{direction}_kernel", too_large)
+    launches = _count_launches(monkeypatch)
+    with forced_tuning(row_max_tiles=10**9), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(2):
+            out = call()
+            grads = torch.autograd.grad(out.square().sum(), inputs)
+            torch.testing.assert_close(out, want[0], atol=1e-5, rtol=1e-5)
+            for a, w in zip(grads, want[1], strict=True):
+                torch.testing.assert_close(a, w, atol=1e-5, rtol=1e-5)
+    assert too_large.launches == 1
+    chunked = "_backward_kv_kernel" if direction == "backward" else "_output_kernel"
+    assert launches[chunked] == 2, dict(launches)
+    assert triton_ops._TOO_LARGE == {} and len(triton_ops._ROW_TOO_LARGE) == 1
 
 
 def test_other_configurations_keep_their_kernels_after_one_is_too_large(monkeypatch):
     """The fallback is per configuration: a head width the GPU cannot hold does not send other widths to the
     reference."""
     monkeypatch.setattr(triton_ops, "_TOO_LARGE", {})
+    monkeypatch.setattr(triton_ops, "_ROW_TOO_LARGE", set())
     launches = _count_launches(monkeypatch)
     q, k, v = (torch.randn(1, 2, 9, 32, requires_grad=True) for _ in range(3))
     with pytest.warns(RuntimeWarning, match="heads of width 32"):
-        real = triton_ops._row_backward_kernel
+        real = triton_ops._row_backward_kernel, triton_ops._backward_kv_kernel
         monkeypatch.setattr(triton_ops, "_row_backward_kernel", _TooLargeKernel())
+        monkeypatch.setattr(triton_ops, "_backward_kv_kernel", _TooLargeKernel())
         triton_ops.fused_linear_attention(q, k, v, feature="relu").sum().backward()
-        monkeypatch.setattr(triton_ops, "_row_backward_kernel", real)
+        monkeypatch.setattr(triton_ops, "_row_backward_kernel", real[0])
+        monkeypatch.setattr(triton_ops, "_backward_kv_kernel", real[1])
     launches.clear()
     q16, k16, v16 = (t[..., :16].detach().requires_grad_() for t in (q, k, v))
     triton_ops.fused_linear_attention(q16, k16, v16, feature="relu").sum().backward()
