@@ -805,7 +805,7 @@ _ROW_TOO_LARGE: set[tuple] = set()
 """``(device, dtype, IEEE dots, d, dv, map, pairing, MirrorLA, moment, direction)`` of the calls whose row kernel
 was too large for their GPU: they take the chunked kernels (no warning: the same values at the chunked kernels'
 speed), and only if those do not fit either the reference (:data:`_TOO_LARGE`). A row kernel holds a whole pass's
-state and tiles together: at d = 128 the bf16/fp16 row forward needs 131 KB of shared memory, more than the 99 KB of
+state and tiles together: at d = 128 the bf16/fp16 row forward needs 128 KB of shared memory, more than the 99 KB of
 compute capability 8.6/8.9, where the chunked forward kernels need at most 80 KB (``compile_check.py --arch 89``)."""
 
 _TOO_LARGE: dict[tuple, str] = {}
@@ -814,7 +814,7 @@ found too large for their GPU; their calls run the torch reference instead (one 
 
 Triton raises ``OutOfResources`` at a kernel's first launch on a device, before anything runs, when the compiled
 kernel needs more shared memory or threads per block than the GPU has. The backward kernels of heads wider than 64
-hold two 128 × 128 fp32 tiles and need up to 165 KB of shared memory per block: GPUs of compute capability 8.6
+hold two 128 × 128 fp32 tiles and need up to 160 KB of shared memory per block: GPUs of compute capability 8.6
 and 8.9 (RTX 30xx and 40xx, A10, L4, L40S) give 99 KB, 7.5 (T4) 64 KB. ``benchmarks/compile_check.py`` reports
 each configuration's needs for an architecture."""
 
