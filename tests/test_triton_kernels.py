@@ -775,7 +775,7 @@ def test_configurations_too_large_for_the_gpu_run_the_reference(op, direction, c
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_a_row_kernel_too_large_for_the_gpu_hands_its_rows_to_the_chunked_kernels(op, direction, monkeypatch):
     """A row kernel holds a whole pass's state and tiles at once, so it can exceed a GPU's shared memory where the
-    chunked kernels fit (bf16 at d = 128 on compute capability 8.9: 131 KB against at most 80 KB). Then the chunked
+    chunked kernels fit (bf16 at d = 128 on compute capability 8.9: 128 KB against at most 80 KB). Then the chunked
     kernels run that configuration, with their values and gradients and no warning, and the row kernel is not
     tried again."""
     monkeypatch.setattr(triton_ops, "_TOO_LARGE", {})
