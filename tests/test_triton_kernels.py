@@ -65,6 +65,10 @@ CASES = [  # (feature, pairing, N, d): every N and head dim of the issue, each m
 
 @pytest.mark.parametrize("feature, pairing, n, d", CASES)
 def test_fused_op_matches_reference_values_and_gradients_fp32(feature, pairing, n, d, backend, kernel_path):
+    if kernel_path == "row" and n > 512:
+        # 23 s of interpreter for the suite's time budget; rows over 512 tokens take the chunked kernels by default,
+        # and the row kernels' token loops over several tiles are checked at 197 tokens
+        pytest.skip("rows over 512 tokens: the chunked kernels' case")
     b, h = 2, 2
     q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
     angle = torch.randn(b, h, d // 2, requires_grad=True) if feature == "rotate_relu" else None
@@ -182,20 +186,16 @@ def test_mirror_op_half_precision_strided_inputs(dtype, kernel_path):
         torch.testing.assert_close(a.float(), w, atol=3e-2 * max(1.0, w.abs().max().item()), rtol=3e-2, msg=name)
 
 
-@pytest.mark.parametrize("op", ["mirror", "fused rotate_relu"])
-def test_the_normaliser_sums_the_features_the_state_sums(op, kernel_path):
+def test_the_normaliser_sums_the_features_the_state_sums(kernel_path):
     """With bf16 inputs the state pass multiplies φ(k) rounded to bf16 into S; z must sum the same rounded values, or
     the attention weights of a query no longer add up to one. With v all ones each column of S is z: equal to
-    fp32 rounding (z from the unrounded φ missed by about 1e-4 here), on both kernel paths; the moment's Σ w
-    (fp32 w) likewise equals its product with v."""
+    fp32 rounding (z from the unrounded φ missed by about 1e-4 here), on both kernel paths (MirrorLA's; a given
+    rotation's state pass is the same code); the moment's Σ w (fp32 w) likewise equals its product with v."""
     b, h, n, d = 2, 2, 197, 32
     q, k, _ = (t.detach() for t in _strided_qkv(b, h, n, d, torch.bfloat16))
     ones = torch.ones(b, h, n, d, dtype=torch.bfloat16)
-    if op == "mirror":
-        theta, gamma = torch.randn(h, d // 2), 0.5 * torch.randn(h, d // 2)
-        _, state, *_ = triton_ops._mirror_forward_impl(q, k, ones, theta, gamma, 0, 0, 1e-6, 1e-6, True)
-    else:
-        _, state = triton_ops._fused_forward_impl(q, k, ones, torch.randn(b, h, d // 2), 2, 0, 1e-6, True)
+    theta, gamma = torch.randn(h, d // 2), 0.5 * torch.randn(h, d // 2)
+    _, state, *_ = triton_ops._mirror_forward_impl(q, k, ones, theta, gamma, 0, 0, 1e-6, 1e-6, True)
     assert state.shape == (2, b * h, d, d + 1)
     features, z = state[..., :d], state[..., d:]
     torch.testing.assert_close(features[0], z[0].expand_as(features[0]), atol=0, rtol=1e-6)
@@ -771,7 +771,7 @@ def test_configurations_too_large_for_the_gpu_run_the_reference(op, direction, c
     assert len(triton_ops._TOO_LARGE) == 1
 
 
-@pytest.mark.parametrize("op", FALLBACK_OPS)
+@pytest.mark.parametrize("op", ["mirror", "fused relu"])  # the same fallback for every map: MirrorLA's and a plain one
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_a_row_kernel_too_large_for_the_gpu_hands_its_rows_to_the_chunked_kernels(op, direction, monkeypatch):
     """A row kernel holds a whole pass's state and tiles at once, so it can exceed a GPU's shared memory where the
