@@ -704,8 +704,8 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
     if moment and ieee:
         state_blocks["BN"], state_blocks["num_warps"] = tuning.ieee_backward_blocks
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
-    row_key = (str(q.device), q.dtype, ieee, d, dv, feature, pairing, mirror is not None, moment, "forward")
-    if _row_path(nq, n, bn, feature, swap, tuning.row_max_tiles) and row_key not in _ROW_TOO_LARGE:
+    row = (q, v, feature, pairing, mirror is not None, moment, "forward")
+    if _row_path(nq, n, bn, feature, swap, tuning.row_max_tiles) and not _row_kernel_too_large(*row):
         state = torch.empty(1 + moment, b * h, d, dv + 1, device=q.device, dtype=torch.float32)
         try:
             _row_forward_kernel[(b * h,)](
@@ -713,7 +713,7 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
                 *out.stride(), theta, gamma, sums, float(n), float(map_eps), **state_blocks, **angles)
             return out, state
         except OutOfResources:
-            _ROW_TOO_LARGE.add(row_key)  # the chunked kernels below, one tile at a time, may still fit
+            _ROW_TOO_LARGE.add(_row_key(*row))  # the chunked kernels below, one tile at a time, may still fit
     spart = _token_sum_parts(k) if mirror is not None else q
     chunks, per = _chunks(n, b * h, q.device, state_blocks["BN"])
     part = torch.empty(1 + moment, b * h, chunks, d, dv + 1, device=q.device, dtype=torch.float32)
@@ -757,8 +757,8 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
         dang = torch.empty(2, b * h, d // 2, device=q.device, dtype=torch.float32)
     else:  # without a moment the kernels store no angle gradient: a placeholder pointer
         dang = torch.empty(b * h, d, device=q.device, dtype=torch.float32) if moment else state
-    row_key = (str(q.device), q.dtype, ieee, d, dv, feature, pairing, mirror is not None, moment, "backward")
-    if _row_path(nq, n, bn, feature, swap, tuning.row_max_tiles) and row_key not in _ROW_TOO_LARGE:
+    row = (q, v, feature, pairing, mirror is not None, moment, "backward")
+    if _row_path(nq, n, bn, feature, swap, tuning.row_max_tiles) and not _row_kernel_too_large(*row):
         # both passes in one program hold more live tiles: eight warps halve the registers per thread (ptxas for
         # sm_90 at d = 64, bf16: spills of 1.7 KB per thread with four warps, 1.0 KB with eight)
         row_blocks = dict(blocks, num_warps=max(warps, 8))
@@ -771,7 +771,7 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
                 ANGLES=mirror is not None, FORM=form, MOMENT=moment, **row_blocks)
             return dq, dk, dvv, dang if moment else None
         except OutOfResources:
-            _ROW_TOO_LARGE.add(row_key)  # the chunked kernels below, one tile at a time, may still fit
+            _ROW_TOO_LARGE.add(_row_key(*row))  # the chunked kernels below, one tile at a time, may still fit
     if ieee:
         # IEEE fp32 dots run on the FMA units with fp32 operand tiles in registers: with 64-token tiles ptxas (sm_90,
         # d = 64) spills 20–30 KB per thread in each backward kernel, with 16-token tiles and 8 warps nothing
@@ -807,6 +807,17 @@ was too large for their GPU: they take the chunked kernels (no warning: the same
 speed), and only if those do not fit either the reference (:data:`_TOO_LARGE`). A row kernel holds a whole pass's
 state and tiles together: at d = 128 the bf16/fp16 row forward needs 128 KB of shared memory, more than the 99 KB of
 compute capability 8.6/8.9, where the chunked forward kernels need at most 80 KB (``compile_check.py --arch 89``)."""
+
+def _row_key(q, v, feature: int, pairing: int, mirror: bool, moment: bool, direction: str) -> tuple:
+    return (str(q.device), q.dtype, _ieee_dots(q.dtype), q.shape[3], v.shape[3], feature, pairing, mirror, moment,
+            direction)
+
+
+def _row_kernel_too_large(q, v, feature: int, pairing: int, mirror: bool, moment: bool, direction: str) -> bool:
+    """Whether an earlier call found this configuration's row kernel too large for the GPU (one comparison while
+    none has been)."""
+    return bool(_ROW_TOO_LARGE) and _row_key(q, v, feature, pairing, mirror, moment, direction) in _ROW_TOO_LARGE
+
 
 _TOO_LARGE: dict[tuple, str] = {}
 """``(configuration, "forward" or "backward")`` → Triton's message, for the kernel configurations this process
