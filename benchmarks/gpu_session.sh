@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, ordered so that each step can trust the one before: the kernels against the torch
-# backend on this GPU (gpu_check.py --kernels-only --quick, ~110 s on an H100), then this GPU's launch settings
-# (mirrorla tune: the row kernels against the chunked kernels, the backward block options; ~2 minutes), then
-# the host cost of the attention's pieces and eager DeiT-T training steps (gpu_profile.py --host --mode train,
-# ~40 s) and the snapshot (run_gpu.sh, ~270 s), both with the settings tune chose (MIRRORLA_TUNING). About 9
-# minutes on one H100, start-up excluded; each step has its own time limit, so a failing step costs only its own
-# results. Every step's exit code and duration go to $OUT/session.log, its console output to its log, which stays
-# LOG.partial where the step failed or was killed. The tuning entry to commit is $OUT/kernel_tuning.json (copy it
-# into src/mirrorla/ops/kernel_tuning.json), its evidence $OUT/tune/.
+# One GPU session's measurements, ordered so that each step can trust the one before and the speed targets come
+# before the diagnostics: the kernels against the torch backend on this GPU (gpu_check.py --kernels-only --quick,
+# ~110 s on an H100), then this GPU's launch settings (mirrorla tune: the row kernels against the chunked kernels,
+# the backward block options; ~2 minutes), then the snapshot (run_gpu.sh, ~270 s) and the host cost of the
+# attention's pieces and of eager DeiT-T training steps (gpu_profile.py --host --mode train, ~40 s), both with the
+# settings tune chose (MIRRORLA_TUNING). About 9 minutes on one H100, start-up excluded.
+#
+# Each step has its own time limit, and the whole session a budget (BUDGET seconds, default 570): a step gets at
+# most what is left of it, and a step with less than MIN_STEP seconds left (default 30) is skipped. So the session
+# ends, archive written, before a caller's own limit (a lent machine's 600 s per command) kills it, and a failing or
+# slow step costs only its own results. Every step's exit code and duration go to $OUT/session.log ("skipped" for a
+# step the budget left out), its console output to its log, which stays LOG.partial where the step failed or was
+# killed. The tuning entry to commit is $OUT/kernel_tuning.json (copy it into src/mirrorla/ops/kernel_tuning.json),
+# its evidence $OUT/tune/.
 # Usage: bash benchmarks/gpu_session.sh [PYTHON]     (OUT defaults to benchmarks/results/gpu)
 #        PACK=FILE.tgz also packs $OUT into one archive at the end, for machines that return only a few files.
 set -uo pipefail
 PY=${1:-python}
 OUT=${OUT:-benchmarks/results/gpu}
+BUDGET=${BUDGET:-570}
+MIN_STEP=${MIN_STEP:-30}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-src} PYTHONUNBUFFERED=1
 t0=$(date +%s)
@@ -20,20 +27,26 @@ t0=$(date +%s)
 step() {  # step NAME LIMIT_S LOG COMMAND...: run it with its console output in $OUT/LOG, log its exit code and time
     local name=$1 limit=$2 log=$3
     shift 3
+    local left=$(( BUDGET - ($(date +%s) - t0) ))
+    if [ "$left" -lt "$MIN_STEP" ]; then
+        echo "$name: skipped, ${left} s of the session's ${BUDGET} s budget left" | tee -a "$OUT/session.log"
+        return
+    fi
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
     timeout "$limit" "$@" > "$OUT/$log.partial" 2>&1
     local code=$?
     # a finished step's log takes its name; a failed or killed one stays LOG.partial, never passing as complete
     if [ "$code" -eq 0 ]; then mv "$OUT/$log.partial" "$OUT/$log"; fi
-    echo "$name: exit $code at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/session.log"
+    echo "$name: exit $code at $(( $(date +%s) - t0 )) s (limit ${limit} s)" | tee -a "$OUT/session.log"
 }
 step gpu_check 200 gpu_check.txt $PY benchmarks/gpu_check.py --kernels-only --quick
 rm -f "$OUT/kernel_tuning.json"  # this session's measurement only
 step tune 200 tune.log $PY -m mirrorla tune --out "$OUT/kernel_tuning.json" --report "$OUT/tune" --overwrite
 # the later steps run with the settings tune chose, where it finished
 if [ -f "$OUT/kernel_tuning.json" ]; then export MIRRORLA_TUNING="$OUT/kernel_tuning.json"; fi
+step run_gpu 420 run_gpu.log env OUT="$OUT" bash benchmarks/run_gpu.sh $PY
 step gpu_profile 120 gpu_profile.log $PY benchmarks/gpu_profile.py --host --mode train --attn relu,mirror \
     --out "$OUT/profile_host.txt"
-step run_gpu 420 run_gpu.log env OUT="$OUT" bash benchmarks/run_gpu.sh $PY
 if [ -n "${PACK:-}" ]; then
     # written beside and renamed when complete: a killed pack never leaves a truncated archive under its name
     tar czf "$PACK.partial" -C "$OUT" . && mv "$PACK.partial" "$PACK" && echo "packed $OUT into $PACK" \

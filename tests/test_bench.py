@@ -99,3 +99,71 @@ def test_a_failed_compiled_case_resets_the_compiler_and_the_others_are_measured(
     assert [r["status"] for r in out] == ["ok", "error"]
     assert "compilation failed" in out[1]["error"] and out[0]["median_ms"] > 0
     assert resets == [1]
+
+
+def _stub_python(tmp_path, slow_check: bool):
+    """An executable standing in for Python in benchmarks/gpu_session.sh: it logs each call (its arguments and
+    MIRRORLA_TUNING), writes the tuning file where `mirrorla tune --out FILE` is called, and sleeps in gpu_check
+    when ``slow_check``."""
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$* | tuning=${{MIRRORLA_TUNING:-}}" >> {calls}\n'
+        'case "$*" in\n'
+        f'  *gpu_check.py*) {"sleep 30" if slow_check else "echo ok"} ;;\n'
+        '  *"mirrorla tune"*) out=""; prev=""; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done;'
+        ' echo "{}" > "$out" ;;\n'
+        "esac\n")
+    stub.chmod(0o755)
+    return stub, calls
+
+
+def _gpu_session(tmp_path, stub, budget: int, min_step: int):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PACK": str(tmp_path / "results.tgz"), "BUDGET": str(budget),
+           "MIN_STEP": str(min_step)}
+    done = subprocess.run(["bash", str(root / "benchmarks/gpu_session.sh"), str(stub)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return out, (out / "session.log").read_text().splitlines()
+
+
+def test_gpu_session_runs_its_steps_in_order_with_the_settings_tune_chose(tmp_path):
+    import tarfile
+
+    stub, calls = _stub_python(tmp_path, slow_check=False)
+    out, log = _gpu_session(tmp_path, stub, budget=570, min_step=30)
+    assert [line.split(":")[0] for line in log] == ["gpu_check", "tune", "run_gpu", "gpu_profile", "packed " + str(out)
+                                                    + " into " + str(tmp_path / "results.tgz")]
+    assert all(" exit 0 " in line for line in log[:4]), log
+    assert (out / "gpu_check.txt").exists() and not list(out.glob("*.partial"))
+    lines = calls.read_text().splitlines()
+    # the checks and tune run with the library's settings; the snapshot and the profile with tune's
+    assert "gpu_check.py" in lines[0] and lines[0].endswith("tuning=")
+    assert "mirrorla tune" in lines[1] and lines[1].endswith("tuning=")
+    later = lines[2:]
+    assert any("bench op" in line for line in later) and "gpu_profile.py" in later[-1]
+    assert all(line.endswith(f"tuning={out / 'kernel_tuning.json'}") for line in later)
+    with tarfile.open(tmp_path / "results.tgz") as pack:
+        assert "./session.log" in pack.getnames()
+
+
+def test_gpu_session_keeps_within_its_budget_and_still_packs_what_it_has(tmp_path):
+    import tarfile
+
+    stub, calls = _stub_python(tmp_path, slow_check=True)
+    out, log = _gpu_session(tmp_path, stub, budget=3, min_step=2)
+    # gpu_check is cut at the budget (timeout's 124), not at its own 200 s; nothing after it starts
+    assert log[0].startswith("gpu_check: exit 124") and "(limit 3 s)" in log[0], log
+    assert [line.split(":")[0] for line in log[1:4]] == ["tune", "run_gpu", "gpu_profile"]
+    assert all("skipped" in line for line in log[1:4]), log
+    assert len(calls.read_text().splitlines()) == 1
+    assert (out / "gpu_check.txt.partial").exists() and not (out / "gpu_check.txt").exists()
+    with tarfile.open(tmp_path / "results.tgz") as pack:
+        assert {"./session.log", "./gpu_check.txt.partial"} <= set(pack.getnames())
