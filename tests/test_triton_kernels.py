@@ -596,6 +596,25 @@ def test_dispatch_rules(backend, monkeypatch):
         select_backend(x)
 
 
+def test_an_interpreter_that_cannot_run_the_kernels_is_an_error_that_says_what_to_install(backend, monkeypatch):
+    from mirrorla import backend as backend_module
+
+    problem = backend_module._interpreter_problem
+    # Triton before 3.7 converts one-element arrays to int, which NumPy 2.4 refuses (every kernel with a loop fails)
+    assert problem("3.6.0", "2.4.6") is not None and "numpy<2.4 or triton>=3.7" in problem("3.6.0", "2.4.6")
+    for triton_version, numpy_version in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.6"), ("3.8.0", "2.4.0rc1"),
+                                          ("3.10.1", "3.0.0"), (None, "2.4.6"), ("3.6.0", None)):
+        assert problem(triton_version, numpy_version) is None, (triton_version, numpy_version)
+    assert problem("3.6.1", "2.10.0") is not None  # minor versions compare as numbers, not strings
+    x = torch.randn(1, 1, 4, 4)
+    monkeypatch.setattr(backend_module, "_INTERPRETER_PROBLEM", problem("3.6.0", "2.4.6"))
+    backend("auto")
+    assert select_backend(x) == "torch"  # CPU tensors in auto mode never ask the interpreter
+    backend("triton")
+    with pytest.raises(RuntimeError, match=r"install numpy<2.4 or triton>=3.7"):
+        select_backend(x)
+
+
 def test_compile_fullgraph_through_the_custom_op(backend):
     backend("triton")
     fmap = create_feature_map("mirror", 2, 16)

@@ -198,6 +198,12 @@ def test_tune_command_refuses_what_it_cannot_measure(tmp_path, monkeypatch, caps
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["tune", "--device", "cpu", "--out", out, "--lengths", "0"]) == 2
     assert "--lengths must be" in capsys.readouterr().err
+    from mirrorla import backend
+
+    with monkeypatch.context() as patch:  # an interpreter that cannot run the kernels with this NumPy
+        patch.setattr(backend, "_INTERPRETER_PROBLEM", backend._interpreter_problem("3.6.0", "2.4.6"))
+        assert main(["tune", "--device", "cpu", "--out", out]) == 2
+        assert "install numpy<2.4 or triton>=3.7" in capsys.readouterr().err
     (tmp_path / "kt.json").write_text("[]")
     assert main(["tune", "--device", "cpu", "--out", out]) == 2
     assert '"format": 1' in capsys.readouterr().err

@@ -36,6 +36,7 @@ __all__ = [
     "cpu_kernels_status",
     "select_backend",
     "triton_available",
+    "triton_interpreter_problem",
 ]
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
@@ -61,11 +62,55 @@ def _triton_installed() -> bool:
     return _TRITON_INSTALLED
 
 
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as ``3.6.0`` or ``2.4.0rc1``."""
+    parts = [int("".join(ch for ch in part if ch.isdigit()) or 0) for part in version.split(".")[:2]]
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+def _interpreter_problem(triton_version: str | None, numpy_version: str | None) -> str | None:
+    """Why Triton's interpreter cannot run the kernels with these versions, or None.
+
+    Triton before 3.7 turns a loop bound passed as an argument (``range(0, TILES)``) into an int by converting a
+    one-element array, which NumPy 2.4 made an error (deprecated since 1.25): every kernel with such a loop fails
+    with "only 0-dimensional arrays can be converted to Python scalars". Triton 3.7 squeezes the array first."""
+    if triton_version is None or numpy_version is None:
+        return None
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run the kernels with "
+                f"NumPy {numpy_version}: install numpy<2.4 or triton>=3.7 (compiled kernels on a GPU are not "
+                "affected)")
+    return None
+
+
+def _installed_version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# read from the packages' metadata at import, for the reason of _TRITON_INSTALLED (triton itself is not imported)
+_INTERPRETER_PROBLEM = _interpreter_problem(_installed_version("triton"), _installed_version("numpy"))
+
+
 def triton_available(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on tensors of ``device``."""
+    """Whether the Triton kernels can run on tensors of ``device``. CPU tensors need ``TRITON_INTERPRET=1``; an
+    interpreter that cannot run them with the installed NumPy is an error that says what to install."""
     if device.type == "cuda":
         return _triton_installed()
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1" and _triton_installed()
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "0") != "1" or not _triton_installed():
+        return False
+    if _INTERPRETER_PROBLEM is not None:
+        raise RuntimeError(f"mirrorla: {_INTERPRETER_PROBLEM}")
+    return True
+
+
+def triton_interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with the installed Triton and NumPy (one line), or None."""
+    return _INTERPRETER_PROBLEM
 
 
 def select_backend(*tensors: torch.Tensor, has_triton: bool = True, has_cpu: bool = False) -> str:
@@ -79,10 +124,11 @@ def select_backend(*tensors: torch.Tensor, has_triton: bool = True, has_cpu: boo
     if setting == "torch":
         return "torch"
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if has_triton and setting in ("auto", "triton") and triton_available(device):
-        if setting == "triton" or device.type == "cuda":
-            if all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in tensors):
-                return "triton"
+    # auto takes Triton on CUDA only; CPU tensors (the interpreter) need it asked for
+    if has_triton and (setting == "triton" or (setting == "auto" and device.type == "cuda")):
+        if triton_available(device) and all(t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                            for t in tensors):
+            return "triton"
     if has_cpu and setting in ("auto", "cpu") and device.type == "cpu" and not wants_grad:
         return "cpu"
     return "torch"
