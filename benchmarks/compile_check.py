@@ -2,7 +2,8 @@
 
 Triton's interpreter (how the tests run the kernels on a CPU) executes the kernels' Python, not the compiler: a
 kernel can pass every interpreter test and still fail to compile, need more shared memory than a GPU has, or
-spill registers. This tool runs the ops' real launchers on CPU tensors with every kernel replaced by a recorder,
+spill registers. This tool runs the ops' real launchers on CPU tensors with every kernel replaced by a recorder
+(as on a GPU of the target's compute capability, which some launch settings follow),
 binds and specialises each launch's arguments as Triton does at run time (unit strides become constants, 16-byte
 alignments attributes), then
 compiles each distinct configuration for the target (Triton's bundled ptxas, no driver) and reports its shared
@@ -46,9 +47,10 @@ class _Recorder:
         return launch
 
 
-def record_launches(quick: bool, dims=None, dtypes=None) -> list:
-    """Run the ops' launchers (forward and backward of every op and path) with recording kernels; ``dims`` and
-    ``dtypes`` override the head widths and input dtypes."""
+def record_launches(quick: bool, dims=None, dtypes=None, arch: int = 90) -> list:
+    """Run the ops' launchers (forward and backward of every op and path) with recording kernels, as on a GPU of
+    compute capability ``arch`` (the launchers choose some launch settings by it); ``dims`` and ``dtypes`` override
+    the head widths and input dtypes."""
     from mirrorla.ops import triton_linear_attention as tla
     from mirrorla.ops import triton_reflect
 
@@ -57,11 +59,13 @@ def record_launches(quick: bool, dims=None, dtypes=None) -> list:
                if name.endswith("_kernel")]
     for module, name, value in kernels:
         setattr(module, name, _Recorder(name, value, calls))
+    capability, tla._CPU_CAPABILITY = tla._CPU_CAPABILITY, divmod(arch, 10)
     try:
         _run_launchers(tla, triton_reflect, quick, dims, dtypes)
     finally:  # the modules get their kernels back (a second recording, or a launch after it, finds real kernels)
         for module, name, value in kernels:
             setattr(module, name, value)
+        tla._CPU_CAPABILITY = capability
     return calls
 
 
@@ -225,7 +229,7 @@ def main(argv=None) -> int:
         return 2
     limit = SHARED_LIMIT.get(args.arch)
     wanted = [part for part in args.kernels.split(",") if part]
-    launches = record_launches(args.quick, dims=dims, dtypes=dtypes)
+    launches = record_launches(args.quick, dims=dims, dtypes=dtypes, arch=args.arch)
     configs = {key: value for key, value in distinct_configurations(launches, args.arch).items()
                if not wanted or any(part in key[0] for part in wanted)}
     if not configs:

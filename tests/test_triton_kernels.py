@@ -287,6 +287,34 @@ def test_fp32_dots_follow_torchs_matmul_precision(path, monkeypatch, matmul_prec
         assert state_pass == [(16, 8) if ieee else (64, 4)], (precision, dtype, state_pass)
 
 
+def test_the_row_backward_takes_eight_warps_on_hopper_and_four_before(monkeypatch):
+    """The row backward's warps follow the GPU's compute capability (ptxas counts in _row_backward_warps): eight
+    from sm_90 on, four before where the tiles allow (d ≤ 64; wider heads take eight everywhere), with the same
+    gradients; IEEE fp32 dots keep their own blocks."""
+    warps, real = [], triton_ops._row_backward_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                warps.append(kwargs["num_warps"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_ops, "_row_backward_kernel", Spy())
+    grads = {}
+    for d in (16, 128):
+        q, k, v, _, theta, gamma = _op_inputs(1, 2, 9, d)
+        q, k, v = (t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+        for capability in ((9, 0), (8, 0), (8, 9), (10, 0)):
+            monkeypatch.setattr(triton_ops, "_CPU_CAPABILITY", capability)
+            grads[d, capability] = torch.autograd.grad(
+                triton_ops.mirror_linear_attention(q, k, v, theta, gamma).float().square().sum(), (q, k, v, theta))
+        for a, b in zip(grads[d, (8, 0)], grads[d, (9, 0)], strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)  # the interpreter: warps change no arithmetic
+    assert warps == [8, 4, 4, 8, 8, 8, 8, 8]
+    assert triton_ops._capability(torch.device("cpu")) == (10, 0)  # CPU tensors: the setting, as compile_check sets
+
+
 def _qkv_far_apart(batch_stride: int, token_stride: int, b: int, n: int, h: int = 2, d: int = 16):
     """q, k, v ``[B, H, N, d]`` (bf16): views of one qkv tensor ``[B, N, 3, H, d]`` whose batch or token strides
     put elements more than 2³¹ elements from the start. Only the views' own elements are written: the OS commits

@@ -58,6 +58,11 @@ FEATURES = {"identity": 0, "relu": 1, "rotate_relu": 2}
 _PAIRINGS = {"adjacent": 0, "half": 1}
 _BLOCK_N = 64
 _SM_COUNT: dict[int, int] = {}
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+_CPU_CAPABILITY = (9, 0)
+"""The compute capability the launchers assume for CPU tensors (the interpreter): an H100's, the GPU the defaults
+were chosen for. ``benchmarks/compile_check.py --arch`` sets it, so the configurations it records for a GPU are the
+ones the dispatch launches there."""
 _STAGES = 2  # the token loops pipeline their loads two deep; three overflowed shared memory at d = 128
 
 
@@ -618,6 +623,26 @@ def _grid_y(tiles: int) -> tuple[int, int]:
     return cdiv(tiles, per), per
 
 
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of ``device`` (cached per GPU); :data:`_CPU_CAPABILITY` for CPU tensors."""
+    if device.type != "cuda":
+        return _CPU_CAPABILITY
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
+def _row_backward_warps(device: torch.device, warps: int) -> int:
+    """Warps of the row backward, whose one program holds both passes' tiles. On Hopper and later, eight: with four,
+    ptxas (sm_90, bf16, d = 64, MirrorLA) spills 824 B per thread, 163 local-memory accesses per tile, with eight
+    nothing, at about the same warp instructions per token (117 against 120). Before Hopper, four where the tiles
+    allow: without warp-group matmuls eight warps issue far more instructions per token (sm_80, bf16, d = 64: ReLU 171
+    against 98, MirrorLA 222 against 137, and more local-memory accesses per token, 9.1 against 7.1; sm_89 alike),
+    at the same occupancy (255 registers per thread: one program of eight warps or two of four per SM)."""
+    return max(warps, 8) if _capability(device) >= (9, 0) else warps
+
+
 def _ieee_dots(dtype: torch.dtype) -> bool:
     """Whether the matmuls of fp32 inputs run in IEEE fp32 (on the FMA units) rather than TF32 (tensor cores): as
     for torch's own fp32 matmuls, TF32 where ``torch.set_float32_matmul_precision("high")`` (or ``"medium"``)
@@ -759,9 +784,8 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
         dang = torch.empty(b * h, d, device=q.device, dtype=torch.float32) if moment else state
     row = (q, v, feature, pairing, mirror is not None, moment, "backward")
     if _row_path(nq, n, bn, feature, swap, tuning.row_max_tiles) and not _row_kernel_too_large(*row):
-        # both passes in one program hold more live tiles: eight warps halve the registers per thread (ptxas for
-        # sm_90 at d = 64, bf16: spills of 1.7 KB per thread with four warps, 1.0 KB with eight)
-        row_blocks = dict(blocks, num_warps=max(warps, 8))
+        # both passes in one program hold more live tiles: eight warps on Hopper, see _row_backward_warps
+        row_blocks = dict(blocks, num_warps=_row_backward_warps(q.device, warps))
         if ieee:  # IEEE fp32 dots: the fp32 token tile of the setting (see below)
             row_blocks["BN"], row_blocks["num_warps"] = tuning.ieee_backward_blocks
         try:
