@@ -634,13 +634,17 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _row_backward_warps(device: torch.device, warps: int) -> int:
-    """Warps of the row backward, whose one program holds both passes' tiles. On Hopper and later, eight: with four,
-    ptxas (sm_90, bf16, d = 64, MirrorLA) spills 824 B per thread, 163 local-memory accesses per tile, with eight
-    nothing, at about the same warp instructions per token (117 against 120). Before Hopper, four where the tiles
-    allow: without warp-group matmuls eight warps issue far more instructions per token (sm_80, bf16, d = 64: ReLU 171
-    against 98, MirrorLA 222 against 137, and more local-memory accesses per token, 9.1 against 7.1; sm_89 alike),
-    at the same occupancy (255 registers per thread: one program of eight warps or two of four per SM)."""
-    return max(warps, 8) if _capability(device) >= (9, 0) else warps
+    """Warps of the row backward, whose one program holds both passes' tiles: eight, except four on compute
+    capability 8.0 and 8.7 (A100, Orin) where the tiles allow (d ≤ 64).
+
+    On sm_90 four warps spill (ptxas, bf16, d = 64, MirrorLA: 824 B per thread, 163 local-memory accesses per tile;
+    eight: none) at about the same warp instructions per token (117 against 120). Without Hopper's warp-group matmuls
+    eight warps issue far more instructions per token (sm_80, bf16, d = 64: ReLU 171 against 98, MirrorLA 222
+    against 137, with 9.1 local-memory accesses per token against 7.1), and on sm_80 four cost no occupancy: at 255
+    registers per thread and 72 KB of shared memory, an SM holds one program of eight warps or two of four. sm_86
+    and sm_89 count alike, but their 100 KB of shared memory per SM hold one program, so four warps would halve the
+    warps per SM: they keep eight."""
+    return warps if _capability(device) in ((8, 0), (8, 7)) else max(warps, 8)
 
 
 def _ieee_dots(dtype: torch.dtype) -> bool:
