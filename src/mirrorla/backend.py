@@ -64,8 +64,9 @@ def _triton_installed() -> bool:
 
 def _release(version: str) -> tuple[int, int]:
     """(major, minor) of a version string such as ``3.6.0`` or ``2.4.0rc1``."""
-    parts = [int("".join(ch for ch in part if ch.isdigit()) or 0) for part in version.split(".")[:2]]
-    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+    major, minor = ([int("".join(ch for ch in part if ch.isdigit()) or 0) for part in version.split(".")[:2]]
+                    + [0, 0])[:2]
+    return major, minor
 
 
 def _interpreter_problem(triton_version: str | None, numpy_version: str | None) -> str | None:

@@ -57,8 +57,7 @@ __all__ = ["FEATURES", "fused_linear_attention", "mirror_linear_attention", "tok
 FEATURES = {"identity": 0, "relu": 1, "rotate_relu": 2}
 _PAIRINGS = {"adjacent": 0, "half": 1}
 _BLOCK_N = 64
-_SM_COUNT: dict[int, int] = {}
-_CAPABILITY: dict[int, tuple[int, int]] = {}
+_GPU_PROPERTIES: dict[int, object] = {}  # torch.cuda.get_device_properties per GPU index, read once
 _CPU_CAPABILITY = (9, 0)
 """The compute capability the launchers assume for CPU tensors (the interpreter): an H100's, the GPU the defaults
 were chosen for. ``benchmarks/compile_check.py --arch`` sets it, so the configurations it records for a GPU are the
@@ -623,14 +622,20 @@ def _grid_y(tiles: int) -> tuple[int, int]:
     return cdiv(tiles, per), per
 
 
+def _gpu_properties(device: torch.device):
+    """``torch.cuda.get_device_properties`` of the CUDA ``device``, cached per GPU (the launchers ask every call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _GPU_PROPERTIES:
+        _GPU_PROPERTIES[index] = torch.cuda.get_device_properties(index)
+    return _GPU_PROPERTIES[index]
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
-    """The compute capability of ``device`` (cached per GPU); :data:`_CPU_CAPABILITY` for CPU tensors."""
+    """The compute capability of ``device``; :data:`_CPU_CAPABILITY` for CPU tensors."""
     if device.type != "cuda":
         return _CPU_CAPABILITY
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index]
+    properties = _gpu_properties(device)
+    return properties.major, properties.minor
 
 
 def _row_backward_warps(device: torch.device, warps: int) -> int:
@@ -663,10 +668,7 @@ def _chunks(n: int, bh: int, device: torch.device, block_n: int = _BLOCK_N) -> t
     """(programs per (b, h) row, tiles per program): enough programs to fill the GPU, each looping over tiles."""
     tiles = cdiv(n, block_n)
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _SM_COUNT:
-            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        target = 4 * _SM_COUNT[index]
+        target = 4 * _gpu_properties(device).multi_processor_count
     else:
         target = 4  # the interpreter: few, long programs are fastest
     chunks = max(1, min(tiles, cdiv(target, max(bh, 1))))  # an empty batch (B·H = 0) launches an empty grid
@@ -835,6 +837,7 @@ was too large for their GPU: they take the chunked kernels (no warning: the same
 speed), and only if those do not fit either the reference (:data:`_TOO_LARGE`). A row kernel holds a whole pass's
 state and tiles together: at d = 128 the bf16/fp16 row forward needs 128 KB of shared memory, more than the 99 KB of
 compute capability 8.6/8.9, where the chunked forward kernels need at most 80 KB (``compile_check.py --arch 89``)."""
+
 
 def _row_key(q, v, feature: int, pairing: int, mirror: bool, moment: bool, direction: str) -> tuple:
     return (str(q.device), q.dtype, _ieee_dots(q.dtype), q.shape[3], v.shape[3], feature, pairing, mirror, moment,

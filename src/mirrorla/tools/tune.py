@@ -397,8 +397,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 (its times "
                          "say nothing about a GPU; for checking this tool only)")
-    if device.type == "cpu" and triton_interpreter_problem():
-        raise ValueError(triton_interpreter_problem())
+    problem = triton_interpreter_problem() if device.type == "cpu" else None
+    if problem:
+        raise ValueError(problem)
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"--device must be cuda[:N] or cpu, got {args.device!r}")
     if device.type == "cuda" and device.index is not None:
