@@ -147,6 +147,13 @@ def test_compiled_training_matches_eager_and_resumes_eager(tmp_path, monkeypatch
     a = load_file(tmp_path / "eager" / "last.safetensors")
     b = load_file(tmp_path / "compiled" / "last.safetensors")
     assert a.keys() == b.keys()
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-3
+    # The traced and eager graphs round differently (outputs agree to ~4e-7), and AdamW turns such differences in
+    # gradients near zero into whole steps of ±lr on single weights (0.0037 on one qkv weight after 4 steps on an
+    # AVX-512 CPU), so no elementwise bound is portable. The relative distance of all model weights is: 3e-4 here,
+    # against 9e-3 between the eager run's weights after one epoch and after two.
+    model_keys = [k for k in a if k.startswith("model.")]
+    distance = sum((a[k].float() - b[k].float()).square().sum() for k in model_keys).sqrt()
+    size = sum(a[k].float().square().sum() for k in model_keys).sqrt()
+    assert model_keys and distance / size < 2e-3, (distance / size).item()
     with pytest.raises(ValueError, match="compile must be one of none, default, reduce-overhead"):
         TrainConfig(compile="fast")
