@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mirrorla import LinearAttention, list_attentions
 from mirrorla.ops import linear_attention_reference
@@ -151,3 +152,77 @@ def test_attn_head_dim_must_agree():
     LinearAttention(32, 4, attn_head_dim=8)
     with pytest.raises(ValueError, match="attn_head_dim must be None or dim / num_heads = 8"):
         LinearAttention(32, 4, attn_head_dim=16)
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records the operators that would make the host wait for a GPU: a value read back (``.item()``, ``bool()``,
+    ``int()``), a tensor made from host data (``torch.tensor``: a blocking copy to the GPU) and operators whose
+    output size depends on values. On the CPU they cost nothing, so only the operators show them."""
+
+    SYNCING = ("aten::_local_scalar_dense", "aten::lift_fresh", "aten::nonzero", "aten::masked_select",
+               "aten::_unique2", "aten::unique_consecutive", "aten::repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCING:
+            self.found.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_host_sync_recorder_sees_reads_and_host_data():
+    """The check below is only as good as its list of operators: this fails if torch renames them."""
+    with _HostSyncs() as syncs:
+        x = torch.tensor([1.0, -2.0])
+        bool(x.sum() > 0)
+        x.nonzero()
+    assert syncs.found == ["aten::lift_fresh", "aten::_local_scalar_dense", "aten::nonzero"]
+
+
+MIRROR_CONFIGS = [{}, {"pairing": "half"}, {"variance_scope": "running"}, {"variance_scope": "token"},
+                  {"delta_form": "rsqrt", "cross_head": False}, {"variance": False},
+                  {"variance": False, "block": False}, {"variance": False, "pairing": "half"}]
+SYNC_CASES = ([("mirror", kw) for kw in MIRROR_CONFIGS]
+              + [(attn, {}) for attn in list_attentions() if attn != "mirror"])
+
+
+SYNC_IDS = [f"{attn}-{','.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for attn, kw in SYNC_CASES]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("attn, kwargs", SYNC_CASES, ids=SYNC_IDS)
+def test_a_training_and_an_inference_step_never_wait_for_the_gpu(attn, kwargs, backend, monkeypatch):
+    """No host syncs in a layer's step, on every path a GPU takes (the Triton kernels, and the torch reference
+    that MIRRORLA_BACKEND=torch and configurations the kernels do not take run): a sync stalls the launch queue,
+    and a CUDA graph cannot capture it."""
+    if backend == "triton":
+        pytest.importorskip("mirrorla.ops.triton_linear_attention")
+    monkeypatch.setenv("MIRRORLA_BACKEND", backend)
+    layer = LinearAttention(64, 2, attn=attn, attn_kwargs=kwargs)
+    x = torch.randn(2, 17, 64, requires_grad=True)
+    layer(x).sum().backward()  # first calls may build caches
+    layer.eval()(x)
+    with _HostSyncs() as syncs:
+        layer.train()(x).sum().backward()
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+            layer(x)  # the cached fold
+    assert syncs.found == []
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_whole_model_step_never_waits_for_the_gpu(backend, monkeypatch):
+    if backend == "triton":
+        pytest.importorskip("mirrorla.ops.triton_linear_attention")
+    monkeypatch.setenv("MIRRORLA_BACKEND", backend)
+    model = timm.create_model("mirrorla_deit_tiny_patch16_224", img_size=32, num_classes=4, depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    with _HostSyncs() as syncs:
+        model(x).sum().backward()
+        with torch.no_grad():
+            model.eval()(x)
+    assert syncs.found == []

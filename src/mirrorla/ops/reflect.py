@@ -89,7 +89,7 @@ def block_reflect(x: torch.Tensor, theta: torch.Tensor, *, pairing: str = "adjac
     two_theta = 2.0 * theta
     cos = torch.cos(two_theta).to(x.dtype).unsqueeze(-1)  # [..., d/2, 1]
     sin = torch.sin(two_theta).to(x.dtype).unsqueeze(-1)
-    sign = torch.tensor([-1.0, 1.0], dtype=x.dtype, device=x.device)
+    sign = torch.arange(-1, 2, 2, dtype=x.dtype, device=x.device)  # [−1, 1], made on the device: no host copy
     # y = (−c·x0 − s·x1, −s·x0 + c·x1) = sign ⊙ c ⊙ x − s ⊙ swap(x)
     y = torch.addcmul(-sin * pairs.flip(-1), cos * sign, pairs)
     return unpair_channels(y, pairing)
@@ -358,7 +358,7 @@ def rotate_pairs(*xs: torch.Tensor, angle: torch.Tensor, pairing: str = "adjacen
         if cos is None or cos.dtype != x.dtype:
             cos = torch.cos(angle).to(x.dtype).unsqueeze(-1)
             sin = torch.sin(angle).to(x.dtype).unsqueeze(-1)
-        sign = torch.tensor([-1.0, 1.0], dtype=x.dtype, device=x.device)
+        sign = torch.arange(-1, 2, 2, dtype=x.dtype, device=x.device)  # [−1, 1]
         # (c·x0 − s·x1, c·x1 + s·x0) = c ⊙ x + s ⊙ sign ⊙ swap(x)
         out.append(unpair_channels(torch.addcmul(cos * pairs, sin * sign, pairs.flip(-1)), pairing))
     return tuple(out)
