@@ -156,8 +156,9 @@ def test_attn_head_dim_must_agree():
 
 class _HostSyncs(TorchDispatchMode):
     """Records the operators that would make the host wait for a GPU: a value read back (``.item()``, ``bool()``,
-    ``int()``), a tensor made from host data (``torch.tensor``: a blocking copy to the GPU) and operators whose
-    output size depends on values. On the CPU they cost nothing, so only the operators show them."""
+    ``int()``), a tensor made from host data (``torch.tensor(..., device="cuda")`` copies it and waits) and
+    operators whose output size depends on values. On the CPU they cost nothing, so only the operators show them.
+    ``x[i] = number`` also shows as ``lift_fresh`` though a GPU does not wait for it: the check errs strict."""
 
     SYNCING = ("aten::_local_scalar_dense", "aten::lift_fresh", "aten::nonzero", "aten::masked_select",
                "aten::_unique2", "aten::unique_consecutive", "aten::repeat_interleave")
