@@ -1,5 +1,6 @@
 """Training end to end on real bundled data: learning, resume equivalence, DDP, checkpoints, compare."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mirrorla.tools import train as train_module
 from mirrorla.tools.checkpoint import CheckpointError, load_checkpoint
 from mirrorla.tools.cli import main
 from mirrorla.tools.train import TrainConfig, evaluate_checkpoint, train
@@ -51,6 +53,38 @@ def test_resume_reaches_the_same_weights(tmp_path):
     log_b = (tmp_path / "resumed" / "log.csv").read_text().splitlines()
     strip = lambda rows: [r.split(",")[:7] for r in rows]  # noqa: E731  drop timing columns
     assert strip(log_a) == strip(log_b)
+
+
+def test_a_diverged_run_is_one_line_that_names_its_step_and_keeps_the_last_epoch(tmp_path, monkeypatch, capsys):
+    """The loss turns NaN at epoch 2, step 3 of 5. The host reads the loss back only every few steps (a read makes
+    it wait for a GPU), yet the error names that step; the run keeps epoch 1's checkpoint, with finite weights."""
+    calls = []
+    make_recipe = train_module._recipe
+
+    def poisoned_recipe(*args, **kwargs):
+        recipe = make_recipe(*args, **kwargs)
+        criterion = recipe.criterion
+
+        def poisoned(logits, target):
+            calls.append(1)
+            loss = criterion(logits, target)
+            return loss * float("nan") if len(calls) == 5 + 3 else loss
+
+        return dataclasses.replace(recipe, criterion=poisoned)
+
+    monkeypatch.setattr(train_module, "_recipe", poisoned_recipe)
+    run = tmp_path / "run"
+    code = main(["train", "--model", "mirrorla_pvt_nano", "--data", "digits", "--epochs", "2", "--batch-size", "64",
+                 "--train-subset", "320", "--no-progress", "--out", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(calls) == 10, err  # the read after the epoch's last step raised
+    assert err.startswith("mirrorla train: error: loss became nan at epoch 2, step 3; ") and "\n" not in err, err
+    assert f"{run} keeps the checkpoint of epoch 1" in err
+    state, _ = load_checkpoint(run)
+    assert state["epoch"] == 1
+    weights = load_file(run / "last.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    assert len((run / "log.csv").read_text().strip().splitlines()) == 2  # header + epoch 1
 
 
 def test_two_process_cpu_ddp(tmp_path):

@@ -190,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
-        # a user's mistake: one line that names it, never a traceback (CheckpointError is a ValueError)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            FloatingPointError) as err:
+        # a user's mistake (or a run that diverged): one line that names it, never a traceback (CheckpointError is
+        # a ValueError)
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"mirrorla {args.command}: error: {message}", file=sys.stderr)
         return 2

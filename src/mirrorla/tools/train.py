@@ -116,17 +116,22 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, i
     """Top-1, top-5 and mean cross-entropy of ``model`` over ``loader`` (summed across ranks)."""
     info = info or DistInfo(device=device)
     model.eval()
-    loss_sum = correct1 = correct5 = count = 0.0
+    # summed on the device and read once at the end: a read per batch would make the host wait for the GPU
+    loss_t = torch.zeros((), dtype=torch.float64, device=device)
+    correct1_t = torch.zeros((), dtype=torch.int64, device=device)
+    correct5_t = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            loss_t += F.cross_entropy(logits, y, reduction="sum").double()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += (top[:, 0] == y).sum().item()
-            correct5 += (top == y[:, None]).any(dim=1).sum().item()
+            correct1_t += (top[:, 0] == y).sum()
+            correct5_t += (top == y[:, None]).any(dim=1).sum()
             count += y.numel()
-    loss_sum, correct1, correct5, count = _all_reduce_sum([loss_sum, correct1, correct5, count], info)
+    loss_sum, correct1, correct5 = torch.stack([loss_t, correct1_t.double(), correct5_t.double()]).tolist()
+    loss_sum, correct1, correct5, count = _all_reduce_sum([loss_sum, correct1, correct5, float(count)], info)
     count = max(count, 1.0)
     return {"loss": loss_sum / count, "top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count}
 
@@ -470,15 +475,28 @@ def _training_set(config: TrainConfig, data):
     return torch.utils.data.Subset(data.train, sorted(order.tolist()))
 
 
+READ_EVERY = 10
+"""Training steps between reads of the step's numbers (loss, accuracy, whether the loss stayed finite) back to
+the host. A read makes the host wait for the GPU; one per step would keep the host from queueing the next step's
+kernels while the GPU still runs this one's."""
+
+
 def _train_epoch(ddp_model, model, loader, recipe: _Recipe, config: TrainConfig, info: DistInfo, epoch: int
                  ) -> tuple[float, float, float, float]:
-    """One epoch; returns (loss sum, correct, images seen, seconds) of this rank."""
+    """One epoch; returns (loss sum, correct, images seen, seconds) of this rank.
+
+    A non-finite loss is an error naming its step. It is noticed on the device at that step and raised at the
+    next read (at most ``READ_EVERY`` steps later), always before the epoch's checkpoint is written."""
     steps_per_epoch = len(loader)
     seed_everything(config.seed * 100_003 + epoch * 101 + info.rank)
     loader.sampler.set_epoch(epoch)
     ddp_model.train()
     t0 = time.perf_counter()
     loss_sum = correct = seen = 0.0
+    loss_t = torch.zeros((), dtype=torch.float64, device=info.device)  # Σ loss · batch, as the host would sum it
+    correct_t = torch.zeros((), dtype=torch.int64, device=info.device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=info.device)  # the first step with a non-finite loss
+    bad_loss = torch.zeros((), dtype=torch.float32, device=info.device)
     bar = tqdm(loader, desc=f"{config.attn} epoch {epoch + 1}/{config.epochs}", leave=False,
                disable=not (config.progress and info.is_main), dynamic_ncols=True)
     cuda_graphs = config.compile == "reduce-overhead" and info.device.type == "cuda"
@@ -492,8 +510,9 @@ def _train_epoch(ddp_model, model, loader, recipe: _Recipe, config: TrainConfig,
         with _autocast(config, info.device):
             logits = ddp_model(x)
         loss = recipe.criterion(logits.float(), target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+        new_bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
+        first_bad = torch.where(new_bad, step, first_bad)
+        bad_loss = torch.where(new_bad, loss.detach(), bad_loss)
         recipe.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.clip_grad:
@@ -503,9 +522,15 @@ def _train_epoch(ddp_model, model, loader, recipe: _Recipe, config: TrainConfig,
         if recipe.ema is not None:
             recipe.ema.update(model, step=epoch * steps_per_epoch + step + 1)
         n = y.numel()
-        loss_sum += loss.item() * n
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_t += loss.detach().double() * n
+        correct_t += (logits.argmax(1) == y).sum()
         seen += n
+        if (step + 1) % READ_EVERY and step + 1 < steps_per_epoch:
+            continue
+        loss_sum, correct, bad_step, bad_value = torch.stack(
+            [loss_t, correct_t.double(), first_bad.double(), bad_loss.double()]).tolist()
+        if bad_step >= 0:
+            raise FloatingPointError(f"loss became {bad_value} at epoch {epoch + 1}, step {int(bad_step) + 1}")
         elapsed = time.perf_counter() - t0
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                         img_s=f"{seen * info.world_size / max(elapsed, 1e-9):.0f}")
@@ -574,7 +599,12 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
 
     end_epoch = config.epochs if stop_after is None else min(config.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end_epoch):
-        sums = _train_epoch(ddp_model, model, train_loader, recipe, config, info, epoch)
+        try:
+            sums = _train_epoch(ddp_model, model, train_loader, recipe, config, info, epoch)
+        except FloatingPointError as err:  # the run diverged: say what is kept, in one line
+            kept = (f"{out} keeps the checkpoint of epoch {epoch}" if epoch > 0 and out is not None
+                    else "no epoch finished, so no checkpoint was written")
+            raise FloatingPointError(f"{err}; {kept}. A lower --lr or a --clip-grad may help") from None
         loss_sum, correct, seen, seconds_sum = _all_reduce_sum(list(sums), info)
         epoch_seconds = seconds_sum / info.world_size  # mean over ranks
         train_seconds += epoch_seconds
