@@ -2,9 +2,10 @@
 # One GPU session's measurements, ordered so that each step can trust the one before and the speed targets come
 # before the diagnostics: the kernels against the torch backend on this GPU (gpu_check.py --kernels-only --quick,
 # ~110 s on an H100), then this GPU's launch settings (mirrorla tune: the row kernels against the chunked kernels,
-# the backward block options; ~2 minutes), then the snapshot (run_gpu.sh, ~270 s) and the host cost of the
-# attention's pieces and of eager DeiT-T training steps (gpu_profile.py --host --mode train, ~40 s), both with the
-# settings tune chose (MIRRORLA_TUNING). About 9 minutes on one H100, start-up excluded.
+# the backward block options; ~2 minutes), then the snapshot (run_gpu.sh, ~270 s) and the profile: the host cost
+# of the attention's pieces, the op's kernels at 65,536 tokens and eager DeiT-T training steps (gpu_profile.py
+# --host --mode train --op 65536, ~45 s), both with the settings tune chose (MIRRORLA_TUNING). About 9 minutes on
+# one H100, start-up excluded.
 #
 # Each step has its own time limit, and the whole session a budget (BUDGET seconds, default 570): a step gets at
 # most what is left of it, and a step with less than MIN_STEP seconds left (default 30) is skipped. So the session
@@ -45,8 +46,9 @@ step tune 200 tune.log $PY -m mirrorla tune --out "$OUT/kernel_tuning.json" --re
 # the later steps run with the settings tune chose, where it finished
 if [ -f "$OUT/kernel_tuning.json" ]; then export MIRRORLA_TUNING="$OUT/kernel_tuning.json"; fi
 step run_gpu 420 run_gpu.log env OUT="$OUT" bash benchmarks/run_gpu.sh $PY
+# --op 65536: the op's kernels at the targets' longest rows, one by one (which pass holds MirrorLA's extra time)
 step gpu_profile 120 gpu_profile.log $PY benchmarks/gpu_profile.py --host --mode train --attn relu,mirror \
-    --out "$OUT/profile_host.txt"
+    --op 65536 --out "$OUT/profile_host.txt"
 if [ -n "${PACK:-}" ]; then
     # written beside and renamed when complete: a killed pack never leaves a truncated archive under its name
     tar czf "$PACK.partial" -C "$OUT" . && mv "$PACK.partial" "$PACK" && echo "packed $OUT into $PACK" \
