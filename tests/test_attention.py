@@ -1,11 +1,15 @@
 """LinearAttention: shapes, grids, prefix tokens, batch independence, low precision and timm integration."""
 
+import os
+import sys
+from unittest import mock
+
 import pytest
 import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mirrorla import LinearAttention, list_attentions
+from mirrorla import LinearAttention, create_feature_map, list_attentions
 from mirrorla.ops import linear_attention_reference
 
 C, HEADS = 48, 3
@@ -155,17 +159,41 @@ def test_attn_head_dim_must_agree():
 
 
 class _HostSyncs(TorchDispatchMode):
-    """Records the operators that would make the host wait for a GPU: a value read back (``.item()``, ``bool()``,
-    ``int()``), a tensor made from host data (``torch.tensor(..., device="cuda")`` copies it and waits) and
-    operators whose output size depends on values. On the CPU they cost nothing, so only the operators show them.
+    """Records what would make the host wait for a GPU: operators that read a value back (``.item()``, ``bool()``,
+    ``int()``, ``torch.equal``), make a tensor from host data (``torch.tensor(..., device="cuda")`` copies it and
+    waits) or have a value-dependent size; and the library's own calls of ``Tensor.tolist``, ``numpy`` and ``cpu``,
+    which dispatch no operator on a CPU tensor. On the CPU none of these costs anything, so only this shows them.
     ``x[i] = number`` also shows as ``lift_fresh`` though a GPU does not wait for it: the check errs strict."""
 
-    SYNCING = ("aten::_local_scalar_dense", "aten::lift_fresh", "aten::nonzero", "aten::masked_select",
+    SYNCING = ("aten::_local_scalar_dense", "aten::lift_fresh", "aten::equal", "aten::nonzero", "aten::masked_select",
                "aten::_unique2", "aten::unique_consecutive", "aten::repeat_interleave")
+    METHODS = ("tolist", "numpy", "cpu")
 
     def __init__(self):
         super().__init__()
         self.found: list[str] = []
+        self._patches = [mock.patch.object(torch.Tensor, name, self._recorded(name)) for name in self.METHODS]
+
+    def _recorded(self, name: str):
+        original = getattr(torch.Tensor, name)
+
+        def method(tensor, *args, **kwargs):
+            # the library's own calls only: Triton's interpreter reads CPU tensors through numpy, a GPU never does
+            if f"{os.sep}mirrorla{os.sep}" in sys._getframe(1).f_code.co_filename:
+                self.found.append(f"Tensor.{name}")
+            return original(tensor, *args, **kwargs)
+
+        return method
+
+    def __enter__(self):
+        for patch in self._patches:
+            patch.start()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for patch in self._patches:
+            patch.stop()
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func._schema.name in self.SYNCING:
@@ -174,12 +202,19 @@ class _HostSyncs(TorchDispatchMode):
 
 
 def test_the_host_sync_recorder_sees_reads_and_host_data():
-    """The check below is only as good as its list of operators: this fails if torch renames them."""
+    """The check below is only as good as its lists: this fails if torch renames the operators."""
+    tolist = torch.Tensor.tolist
+    fmap = create_feature_map("mirror", 2, 32)
     with _HostSyncs() as syncs:
         x = torch.tensor([1.0, -2.0])
         bool(x.sum() > 0)
+        torch.equal(x, x)
         x.nonzero()
-    assert syncs.found == ["aten::lift_fresh", "aten::_local_scalar_dense", "aten::nonzero"]
+        x.tolist()  # not the library's call: not recorded
+        fmap._decode_config(fmap._config_code())  # the library's: reads a checkpoint's config code with tolist
+    assert syncs.found == ["aten::lift_fresh", "aten::_local_scalar_dense", "aten::equal", "aten::nonzero",
+                           "aten::lift_fresh", "Tensor.tolist"]
+    assert torch.Tensor.tolist is tolist  # restored
 
 
 MIRROR_CONFIGS = [{}, {"pairing": "half"}, {"variance_scope": "running"}, {"variance_scope": "token"},
