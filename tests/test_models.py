@@ -1,10 +1,12 @@
 """The model zoo: every registered model builds, runs and trains; sizes match the published ones."""
 
+import copy
 import re
 
 import pytest
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mirrorla
 from mirrorla import LinearAttention
@@ -106,6 +108,38 @@ def test_forward_intermediates_shapes():
     swin = timm.create_model("mirrorla_swin_tiny_patch4_window7_224", features_only=True, img_size=224)
     assert [tuple(f.shape) for f in swin(torch.randn(1, 3, 224, 224))] == [
         (1, 56, 56, 96), (1, 28, 28, 192), (1, 14, 14, 384), (1, 7, 7, 768)]
+
+
+class _OperatorCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attn, shifted", [("mirror", 3), ("softmax", 5)])
+def test_swin_shifted_window_masks_are_built_once_at_the_configured_size(attn, shifted):
+    """timm builds a shifted block's mask in every forward when any image size is allowed; here the configured size
+    reads a buffer (about 25 operators fewer per shifted block and step). Outputs equal timm's per-forward masks,
+    at the configured 224² and at 96², where the masks are still built per forward."""
+    model = timm.create_model("mirrorla_swin_tiny_patch4_window7_224", num_classes=3, attn=attn).eval()
+    per_forward = copy.deepcopy(model)
+    kept = [m for m in per_forward.modules() if getattr(m, "static_attn_mask", None) is not None]
+    assert len(kept) == shifted  # every shifted block of the windowed stages (stage 4 is one window: no shift)
+    for block in kept:
+        block.static_attn_mask = None
+    for size, fewer in ((224, 20 * shifted), (96, 0)):
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad(), _OperatorCount() as ops:
+            out = model(x)
+        with torch.no_grad(), _OperatorCount() as ops_per_forward:
+            expected = per_forward(x)
+        assert torch.equal(out, expected), size
+        assert (ops_per_forward.count - ops.count >= fewer) if fewer else ops.count == ops_per_forward.count, (
+            size, ops.count, ops_per_forward.count)
 
 
 def test_timm_model_surface():

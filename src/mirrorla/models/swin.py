@@ -7,12 +7,38 @@ from typing import Any
 
 import torch
 from timm.models import generate_default_cfgs, register_model
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
 from ._helpers import build, check_attn, default_cfg, feature_map_no_weight_decay, is_softmax, swap_in
 from .blocks import NHWCGridBlock
 
 __all__ = ["MirrorSwinTransformer"]
+
+
+class _StaticMaskSwinBlock(SwinTransformerBlock):
+    """timm's shifted-window block, whose attention mask at its configured resolution is a buffer built once.
+
+    With ``strict_img_size=False`` (any image size, as here) timm builds every shifted block's mask again in each
+    forward: about 25 small operators per block and step, each a kernel launch on a GPU. This block reads the
+    buffer when the (padded) input has the configured size, device and dtype, and builds the mask as timm does
+    for any other input."""
+
+    def _init_buffers(self) -> None:
+        super()._init_buffers()
+        mask = None
+        if self.dynamic_mask:
+            weight = self.norm1.weight
+            mask = super().get_attn_mask(device=weight.device, dtype=weight.dtype)
+        self.register_buffer("static_attn_mask", mask, persistent=False)
+
+    def get_attn_mask(self, x: torch.Tensor | None = None, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        mask = self.static_attn_mask
+        if x is not None and mask is not None and mask.device == x.device and mask.dtype == x.dtype:
+            padded = tuple(-(-r // w) * w for r, w in zip(self.input_resolution, self.window_size, strict=True))
+            if tuple(x.shape[1:3]) == padded:
+                return mask
+        return super().get_attn_mask(x, device, dtype)
 
 
 class MirrorSwinTransformer(SwinTransformer):
@@ -45,10 +71,13 @@ class MirrorSwinTransformer(SwinTransformer):
         if bad:
             raise ValueError(f"global_stages must index the {len(self.layers)} stages, got {bad}")
         self.global_stages = tuple(sorted(global_stages))
-        for i in self.global_stages:
-            stage = self.layers[i]
+        for i, stage in enumerate(self.layers):
             for j, blk in enumerate(stage.blocks):
-                swap_in(stage.blocks, str(j), NHWCGridBlock.like_swin_block(blk, self.attn, self.attn_kwargs))
+                if i in self.global_stages:
+                    swap_in(stage.blocks, str(j), NHWCGridBlock.like_swin_block(blk, self.attn, self.attn_kwargs))
+                elif type(blk) is SwinTransformerBlock:  # the same module, its mask kept (timm builds the blocks)
+                    blk.__class__ = _StaticMaskSwinBlock
+                    blk._init_buffers()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
