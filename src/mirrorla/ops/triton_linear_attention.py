@@ -198,8 +198,9 @@ def _load_state(ST, offs_d, offs_v, partner, dmask, vmask, DV: tl.constexpr):
 def _map_backward(dphi, left, state_p, bias_p, y, y_p, cos, ssin, sign, nmask, MAP: tl.constexpr,
                   SWAP: tl.constexpr, PAIRING: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                   IEEE: tl.constexpr, UPCAST: tl.constexpr, ANGLE_GRAD: tl.constexpr):
-    """Through φ: the input's gradient ``[BN, BD]`` from dφ, and (``ANGLE_GRAD``, else zeros) this tile's part of
-    d angle per channel ``[BD]``.
+    """Through φ: the input's gradient ``[BN, BD]`` from dφ, and (``ANGLE_GRAD`` with a rotation, else zeros) this
+    tile's terms of d angle, ``[y > 0]·dφ·y_p`` per token and channel ``[BN, BD]`` (padded tokens 0), which the
+    caller sums over tokens and multiplies by the channel's sign.
 
     For the rotation the partner's gradient is shuffled in registers (``SWAP``) or recomputed from the state rows in
     partner order, ``left · state_pᵀ + bias_p`` (the same product that gave ``dphi``, with the partner rows)."""
@@ -211,7 +212,7 @@ def _map_backward(dphi, left, state_p, bias_p, y, y_p, cos, ssin, sign, nmask, M
             g_p = tl.where(y_p > 0, _dot(left, tl.trans(state_p), IEEE, UPCAST) + bias_p, 0.0)
         dx = cos[None, :] * g - ssin[None, :] * g_p
         if ANGLE_GRAD:
-            d_angle = tl.sum(tl.where(nmask[:, None], g * y_p, 0.0), axis=0) * sign
+            d_angle = tl.where(nmask[:, None], g * y_p, 0.0)
         else:
             d_angle = tl.zeros_like(sign)
     elif MAP == 1:
@@ -296,12 +297,27 @@ def _output_tiles(q_ptr, o_ptr, first, TILES, NQ, s_qn, s_qd, s_on, s_od, s, z, 
 def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s, z, s_p, z_p, eps_n, offs_d,
               offs_v, partner, sign, dmask, vmask, cos, ssin, D: tl.constexpr, BD: tl.constexpr,
               BDV: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr,
-              UPCAST: tl.constexpr, SWAP: tl.constexpr):
+              UPCAST: tl.constexpr, SWAP: tl.constexpr, DOT_SUMS: tl.constexpr):
     """The q pass of the backward over the tiles ``first .. first + TILES``: stores dq (contiguous ``[NQ, D]`` at
-    ``dq_ptr``) and returns this range's dS, dz and d angle (q part), fp32."""
+    ``dq_ptr``) and returns this range's dS, dz and d angle (q part), fp32. ``DOT_SUMS``: the sums over tokens on
+    the tensor cores (below)."""
+    # dz and d angle are sums over the tokens. With DOT_SUMS they are products with a [BN, 16] block that holds
+    # dden, or ones, in its first column (as the forward sums z), reduced over that block once after the loop: a
+    # sum over the token axis per tile crosses the warps (shuffles, shared memory and a barrier per tile). The
+    # chunked q kernel takes it: ptxas, sm_90, bf16, d = 64, its loop 1,165 -> 1,002 instructions per tile for
+    # ReLU and 1,819 -> 1,534 for MirrorLA, whose spill stores halve (472 -> 236 B). The row backward does not: its
+    # eight warps and the k/v pass's live values left it 963 -> 1,227 instructions and 336 B of new spills. The
+    # products round their operands to TF32 as dS's does (2-3e-4 relative on these sums against fp64); IEEE fp32
+    # dots would run on the FMA units, so there the plain sums stay too.
     ds_acc = tl.zeros([BD, BDV], dtype=tl.float32)
-    dz_acc = tl.zeros([BD], dtype=tl.float32)
-    dang = tl.zeros([BD], dtype=tl.float32)
+    if IEEE or not DOT_SUMS:
+        dz_acc = tl.zeros([BD], dtype=tl.float32)
+        dang = tl.zeros([BD], dtype=tl.float32)
+    else:
+        dz_acc = tl.zeros([BD, 16], dtype=tl.float32)
+        dang = tl.zeros([BD, 16], dtype=tl.float32)
+        first_column = tl.arange(0, 16)[None, :] == 0
+        ones = tl.where(first_column, tl.full([BN, 16], 1.0, tl.float32), 0.0)
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < NQ
@@ -318,11 +334,21 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
         dphi = do_st * inv_den[:, None] + dden[:, None] * z[None, :]
         dq, d_angle = _map_backward(dphi, dnum, s_p, dden[:, None] * z_p[None, :], y, y_p, cos, ssin, sign, nmask,
                                     MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST, True)
-        dang += d_angle
+        if (IEEE or not DOT_SUMS) and MAP == 2:
+            dang += tl.sum(d_angle, axis=0) * sign
         tl.store(dq_ptr + offs_n[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=nmask[:, None] & dmask[None, :])
-        ds_acc += _dot(tl.trans(phi), dnum, IEEE, UPCAST)
-        dz_acc += tl.sum(phi * dden[:, None], axis=0)
+        phi_t = tl.trans(phi)
+        ds_acc += _dot(phi_t, dnum, IEEE, UPCAST)
+        if IEEE or not DOT_SUMS:
+            dz_acc += tl.sum(phi * dden[:, None], axis=0)
+        else:
+            dz_acc += _dot(phi_t, tl.where(first_column, dden[:, None], 0.0), IEEE, UPCAST)
+            if MAP == 2:
+                dang += _dot(tl.trans(d_angle), ones, IEEE, UPCAST)
+    if DOT_SUMS and not IEEE:  # over the [BD, 16] blocks' columns (only the first is not zero)
+        dz_acc = tl.sum(dz_acc, axis=1)
+        dang = tl.sum(dang, axis=1) * sign
     return ds_acc, dz_acc, dang
 
 
@@ -434,7 +460,7 @@ def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, 
     ds_acc, dz_acc, dang = _dq_tiles(Q + b * s_qb + h * s_qh, DO + b * s_db + h * s_dh, DQ + bh * NQ * D,
                                      chunk * TILES, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s, z, s_p, z_p, eps_n,
                                      offs_d, offs_v, partner, sign, dmask, vmask, cos, ssin,
-                                     D, BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST, SWAP)
+                                     D, BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST, SWAP, True)
     _store_state(DSTATE_PART + (bh * tl.num_programs(1) + chunk) * D * (DV + 1), ds_acc, dz_acc, offs_d, offs_v,
                  dmask, vmask, DV)
     if MAP == 2:  # only a rotation has an angle to differentiate (DANG_PART is a placeholder otherwise)
@@ -580,7 +606,7 @@ def _row_backward_kernel(Q, K, V, COS, SSIN, STATE, DO, DQ, DK, DV_OUT, DANG, NQ
     ds, dz, dang_q = _dq_tiles(Q + b * s_qb + h * s_qh, DO + b * s_db + h * s_dh, DQ + bh * NQ * D, 0,
                                tl.cdiv(NQ, BN), NQ, s_qn, s_qd, s_dn, s_dd, s, z, s_p, z_p, eps_n, offs_d, offs_v,
                                partner, sign, dmask, vmask, cos, ssin, D, BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST,
-                               SWAP)
+                               SWAP, False)
     ds1 = tl.zeros([BD], dtype=tl.float32)
     ds2 = tl.zeros([BD], dtype=tl.float32)
     if MAP == 2:
