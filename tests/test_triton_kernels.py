@@ -315,6 +315,36 @@ def test_the_row_backward_takes_four_warps_on_an_a100_and_eight_elsewhere(monkey
     assert triton_ops._capability(torch.device("cpu")) == (10, 0)  # CPU tensors: the setting, as compile_check sets
 
 
+def test_the_chunked_q_pass_sums_over_tokens_on_the_tensor_cores_only_where_that_pays(monkeypatch):
+    """DOT_SUMS (ptxas counts in _token_sums_on_dots): compute capability 9 and up at 64-wide tiles, plain sums on
+    sm_80/sm_89 and at d = 16; both forms give the same gradients (the interpreter's matmuls are fp32)."""
+    flags, real = [], triton_ops._backward_q_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                flags.append(kwargs["DOT_SUMS"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_ops, "_backward_q_kernel", Spy())
+    grads = {}
+    with forced_tuning(row_max_tiles=0):
+        for d in (16, 64):
+            q, k, v, _, theta, gamma = _op_inputs(1, 2, 70, d)
+            q, k, v = (t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+            for capability in ((9, 0), (8, 9), (10, 0)):
+                monkeypatch.setattr(triton_ops, "_CPU_CAPABILITY", capability)
+                out = triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
+                grads[d, capability] = torch.autograd.grad(out.float().square().sum(), (q, k, v, theta, gamma))
+    assert flags == [False, False, False, True, False, True]
+    for dots, plain in zip(grads[64, (9, 0)], grads[64, (8, 9)], strict=True):
+        torch.testing.assert_close(dots.float(), plain.float(), rtol=1e-2 if dots.dtype == torch.bfloat16 else 1e-4,
+                                   atol=1e-5)
+    for a, b in zip(grads[16, (9, 0)], grads[16, (8, 9)], strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # both plain: the same arithmetic
+
+
 def _qkv_far_apart(batch_stride: int, token_stride: int, b: int, n: int, h: int = 2, d: int = 16):
     """q, k, v ``[B, H, N, d]`` (bf16): views of one qkv tensor ``[B, N, 3, H, d]`` whose batch or token strides
     put elements more than 2³¹ elements from the start. Only the views' own elements are written: the OS commits

@@ -303,12 +303,11 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
     the tensor cores (below)."""
     # dz and d angle are sums over the tokens. With DOT_SUMS they are products with a [BN, 16] block that holds
     # dden, or ones, in its first column (as the forward sums z), reduced over that block once after the loop: a
-    # sum over the token axis per tile crosses the warps (shuffles, shared memory and a barrier per tile). The
-    # chunked q kernel takes it: ptxas, sm_90, bf16, d = 64, its loop 1,165 -> 1,002 instructions per tile for
-    # ReLU and 1,819 -> 1,534 for MirrorLA, whose spill stores halve (472 -> 236 B). The row backward does not: its
-    # eight warps and the k/v pass's live values left it 963 -> 1,227 instructions and 336 B of new spills. The
-    # products round their operands to TF32 as dS's does (2-3e-4 relative on these sums against fp64); IEEE fp32
-    # dots would run on the FMA units, so there the plain sums stay too.
+    # sum over the token axis per tile crosses the warps (shuffles, shared memory and a barrier per tile). Where
+    # that pays is _token_sums_on_dots; the row backward never takes it (its eight warps and the k/v pass's live
+    # values left it 963 -> 1,227 instructions and 336 B of new spills). The products round their operands to
+    # TF32 as dS's does (2-3e-4 relative on these sums against fp64); IEEE fp32 dots would run on the FMA units,
+    # so there the plain sums stay too.
     ds_acc = tl.zeros([BD, BDV], dtype=tl.float32)
     if IEEE or not DOT_SUMS:
         dz_acc = tl.zeros([BD], dtype=tl.float32)
@@ -452,15 +451,15 @@ def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, 
                        s_qb, s_qh, s_qn, s_qd, s_db, s_dh, s_dn, s_dd,
                        D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                        MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                       SWAP: tl.constexpr):
-    """dq, and the chunk's partial dS, dz and d angle (q part)."""
+                       SWAP: tl.constexpr, DOT_SUMS: tl.constexpr):
+    """dq, and the chunk's partial dS, dz and d angle (q part); ``DOT_SUMS``: see :func:`_token_sums_on_dots`."""
     bh, chunk, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
         COS, SSIN, H, D, DV, BD, BDV, PAIRING, MAP)
     s, z, s_p, z_p = _load_state(STATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
     ds_acc, dz_acc, dang = _dq_tiles(Q + b * s_qb + h * s_qh, DO + b * s_db + h * s_dh, DQ + bh * NQ * D,
                                      chunk * TILES, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s, z, s_p, z_p, eps_n,
                                      offs_d, offs_v, partner, sign, dmask, vmask, cos, ssin,
-                                     D, BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST, SWAP, True)
+                                     D, BD, BDV, BN, MAP, PAIRING, IEEE, UPCAST, SWAP, DOT_SUMS)
     _store_state(DSTATE_PART + (bh * tl.num_programs(1) + chunk) * D * (DV + 1), ds_acc, dz_acc, offs_d, offs_v,
                  dmask, vmask, DV)
     if MAP == 2:  # only a rotation has an angle to differentiate (DANG_PART is a placeholder otherwise)
@@ -678,6 +677,17 @@ def _row_backward_warps(device: torch.device, warps: int) -> int:
     return warps if _capability(device) in ((8, 0), (8, 7)) else max(warps, 8)
 
 
+def _token_sums_on_dots(device: torch.device, bd: int, bdv: int) -> bool:
+    """Whether the chunked q pass sums dz and its part of d angle over the tokens on the tensor cores (``DOT_SUMS``,
+    see :func:`_dq_tiles`): on GPUs of compute capability 9 and up (warp-group matmuls), at 64-wide tiles
+    (33 ≤ d ≤ 64). ptxas, bf16/fp16: on sm_90 at d = 48 and 64 the loop per tile shrinks by 12–16% (ReLU 1,165 ->
+    1,002, MirrorLA 1,819 -> 1,534 at d = 64) and MirrorLA's spill stores halve; at d = 16 it grows by 9–13% and at
+    d = 128 MirrorLA's adjacent pairs start to spill (160 B). On sm_80/sm_89, whose matmuls stage the blocks
+    through shared memory, the kernel's shared memory grows by 28–75% at d = 64, which on sm_89 (99 KB per SM)
+    halves ReLU's programs per SM and puts 10 more configurations over its limit."""
+    return _capability(device)[0] >= 9 and max(bd, bdv) == 64
+
+
 def _ieee_dots(dtype: torch.dtype) -> bool:
     """Whether the matmuls of fp32 inputs run in IEEE fp32 (on the FMA units) rather than TF32 (tensor cores): as
     for torch's own fp32 matmuls, TF32 where ``torch.set_float32_matmul_precision("high")`` (or ``"medium"``)
@@ -842,7 +852,7 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     dang_q = torch.empty(b * h, chunks_q, d, device=q.device, dtype=torch.float32) if rotating else state
     _backward_q_kernel[(b * h, chunks_q)](
         q, state, cos, ssin, grad_out, dq, dstate_part, dang_q, nq, h, float(eps) * n, per_q,
-        *q.stride(), *grad_out.stride(), **blocks)
+        *q.stride(), *grad_out.stride(), DOT_SUMS=_token_sums_on_dots(q.device, bd, bdv), **blocks)
     dstate = dstate_part.sum(1)
     chunks_k, per_k = _chunks(n, b * h, q.device, bn)
     # the k/v pass adds up the row's d angle itself (the q pass's partials and the forward's moment) and, for
