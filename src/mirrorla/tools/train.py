@@ -602,7 +602,8 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, stop_after: 
         try:
             sums = _train_epoch(ddp_model, model, train_loader, recipe, config, info, epoch)
         except FloatingPointError as err:  # the run diverged: say what is kept, in one line
-            kept = (f"{out} keeps the checkpoint of epoch {epoch}" if epoch > 0 and out is not None
+            where = out if out is not None else "the run directory"  # ranks other than 0 do not know it
+            kept = (f"{where} keeps the checkpoint of epoch {epoch}" if epoch > 0
                     else "no epoch finished, so no checkpoint was written")
             raise FloatingPointError(f"{err}; {kept}. A lower --lr or a --clip-grad may help") from None
         loss_sum, correct, seen, seconds_sum = _all_reduce_sum(list(sums), info)
