@@ -9,6 +9,7 @@ import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import mirrorla
 from mirrorla import LinearAttention, create_feature_map, list_attentions
 from mirrorla.ops import linear_attention_reference
 
@@ -158,6 +159,9 @@ def test_attn_head_dim_must_agree():
         LinearAttention(32, 4, attn_head_dim=16)
 
 
+_PACKAGE_DIR = os.path.dirname(mirrorla.__file__) + os.sep  # the library's files (a checkout may be named mirrorla)
+
+
 class _HostSyncs(TorchDispatchMode):
     """Records what would make the host wait for a GPU: operators that read a value back (``.item()``, ``bool()``,
     ``int()``, ``torch.equal``), make a tensor from host data (``torch.tensor(..., device="cuda")`` copies it and
@@ -179,7 +183,7 @@ class _HostSyncs(TorchDispatchMode):
 
         def method(tensor, *args, **kwargs):
             # the library's own calls only: Triton's interpreter reads CPU tensors through numpy, a GPU never does
-            if f"{os.sep}mirrorla{os.sep}" in sys._getframe(1).f_code.co_filename:
+            if sys._getframe(1).f_code.co_filename.startswith(_PACKAGE_DIR):
                 self.found.append(f"Tensor.{name}")
             return original(tensor, *args, **kwargs)
 
