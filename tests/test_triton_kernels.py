@@ -213,6 +213,25 @@ def matmul_precision():
     torch.set_float32_matmul_precision(previous)
 
 
+def _record_launches(monkeypatch, names, record) -> list:
+    """Wrap each kernel of ``names`` so that every launch first appends ``record(name, grid, kwargs)`` to the
+    returned list, then runs."""
+    calls = []
+    for name in names:
+        real = getattr(triton_ops, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, real=real):
+                def launch(*args, **kwargs):
+                    calls.append(record(name, grid, kwargs))
+                    return real[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(triton_ops, name, Spy())
+    return calls
+
+
+
 @pytest.mark.parametrize("precision, setting", [("high", "backward_blocks"), ("highest", "ieee_backward_blocks")])
 @pytest.mark.parametrize("name", ["mirror", "fused rotate_relu", "fused relu"])
 def test_chunked_backward_block_options_give_the_same_gradients(name, precision, setting, monkeypatch,
@@ -229,16 +248,9 @@ def test_chunked_backward_block_options_give_the_same_gradients(name, precision,
                                           [q, k, v, angle]),
                     "fused relu": (lambda: triton_ops.fused_linear_attention(q, k, v, feature="relu"),
                                    [q, k, v])}[name]
-    tiles, real = [], triton_ops._backward_kv_kernel
-
-    class Spy:  # records the token tile each backward launch used
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                tiles.append((kwargs["BN"], kwargs["num_warps"], grid[1]))
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(triton_ops, "_backward_kv_kernel", Spy())
+    # the token tile, warps and chunks of each backward launch
+    tiles = _record_launches(monkeypatch, ["_backward_kv_kernel"],
+                             lambda _, grid, kw: (kw["BN"], kw["num_warps"], grid[1]))
     grads = {}
     for blocks in ((64, 4), (32, 8)):
         with forced_tuning(row_max_tiles=0, **{setting: blocks}):
@@ -255,19 +267,9 @@ def test_fp32_dots_follow_torchs_matmul_precision(path, monkeypatch, matmul_prec
     tiles), and so the training forward's state pass, which also sums the moment; TF32 dots where
     ``torch.set_float32_matmul_precision("high")`` allows them, as for torch's matmuls, with the backward on
     ``backward_blocks``. Half-precision inputs ignore the setting."""
-    launches = []
-    for name in ("_row_forward_kernel", "_row_backward_kernel", "_state_kernel", "_output_kernel",
-                 "_backward_q_kernel", "_backward_kv_kernel"):
-        real = getattr(triton_ops, name)
-
-        class Spy:
-            def __getitem__(self, grid, name=name, real=real):
-                def launch(*args, **kwargs):
-                    launches.append((name, kwargs["IEEE"], kwargs["BN"], kwargs["num_warps"]))
-                    return real[grid](*args, **kwargs)
-                return launch
-
-        monkeypatch.setattr(triton_ops, name, Spy())
+    launches = _record_launches(monkeypatch, ("_row_forward_kernel", "_row_backward_kernel", "_state_kernel",
+                                              "_output_kernel", "_backward_q_kernel", "_backward_kv_kernel"),
+                                lambda name, _, kw: (name, kw["IEEE"], kw["BN"], kw["num_warps"]))
     q, k, v, _, theta, gamma = _op_inputs(1, 2, 70, 16)
     seen = {}
     with forced_tuning(row_max_tiles=10**9 if path == "row" else 0):
@@ -291,16 +293,7 @@ def test_the_row_backward_takes_four_warps_on_an_a100_and_eight_elsewhere(monkey
     """The row backward's warps follow the GPU's compute capability (ptxas counts in _row_backward_warps): four on
     sm_80 where the tiles allow (d ≤ 64; wider heads take eight everywhere), eight elsewhere (sm_89's shared memory
     holds one program per SM), with the same gradients."""
-    warps, real = [], triton_ops._row_backward_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                warps.append(kwargs["num_warps"])
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(triton_ops, "_row_backward_kernel", Spy())
+    warps = _record_launches(monkeypatch, ["_row_backward_kernel"], lambda _, grid, kw: kw["num_warps"])
     grads = {}
     for d in (16, 128):
         q, k, v, _, theta, gamma = _op_inputs(1, 2, 9, d)
@@ -318,16 +311,7 @@ def test_the_row_backward_takes_four_warps_on_an_a100_and_eight_elsewhere(monkey
 def test_the_chunked_q_pass_sums_over_tokens_on_the_tensor_cores_only_where_that_pays(monkeypatch):
     """DOT_SUMS (ptxas counts in _token_sums_on_dots): compute capability 9 and up at 64-wide tiles, plain sums on
     sm_80/sm_89 and at d = 16; both forms give the same gradients (the interpreter's matmuls are fp32)."""
-    flags, real = [], triton_ops._backward_q_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                flags.append(kwargs["DOT_SUMS"])
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(triton_ops, "_backward_q_kernel", Spy())
+    flags = _record_launches(monkeypatch, ["_backward_q_kernel"], lambda _, grid, kw: kw["DOT_SUMS"])
     grads = {}
     with forced_tuning(row_max_tiles=0):
         for d in (16, 64):
@@ -593,21 +577,8 @@ def test_the_moment_is_summed_only_for_a_backward(kernel_path, monkeypatch):
     input needs a gradient, and MirrorLA's backward then takes as many launches as ReLU's: its σ² path runs inside
     the k/v pass. A rotation whose angle needs no gradient gets none, and the right gradients for q, k, v."""
     launches = _count_launches(monkeypatch)
-    moments = []
-    for name in ("_row_forward_kernel", "_state_kernel"):
-        counting = getattr(triton_ops, name)
-
-        class Spy:
-            def __init__(self, inner):
-                self.inner = inner
-
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    moments.append(kwargs["MOMENT"])
-                    return self.inner[grid](*args, **kwargs)
-                return launch
-
-        monkeypatch.setattr(triton_ops, name, Spy(counting))
+    moments = _record_launches(monkeypatch, ("_row_forward_kernel", "_state_kernel"),  # over the counting ones
+                               lambda _, grid, kw: kw["MOMENT"])
     q, k, v, angle, theta, gamma = _op_inputs(1, 2, 100, 16)
     with torch.no_grad():
         triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
