@@ -135,6 +135,27 @@ def distinct_configurations(calls: list, arch: int = 90) -> dict:
     return configs
 
 
+def size_dependent_variants(calls: list, arch: int = 90, values=(1, 48, 1001)) -> list[str]:
+    """The launches whose sizes (integer arguments other than strides: token, head and tile counts) select the
+    compiled variant, each as "kernel: size = value". This tool compiles the variants of the sizes it records, so
+    a variant chosen by size (Triton specialises an integer equal to 1 or divisible by 16) could run on a GPU
+    unchecked: a one-tile chunk on a large GPU, one head. The kernels leave their sizes unspecialised
+    (``sizes_jit``), so this list is empty."""
+    import inspect
+
+    known = distinct_configurations(calls, arch)
+    found = []
+    for name, kernel, args, kwargs in calls:
+        params = list(inspect.signature(kernel.fn).parameters)
+        sizes = [i for i, a in enumerate(args)
+                 if isinstance(a, int) and not isinstance(a, bool) and not params[i].startswith("s_")]
+        for value in values:
+            changed = tuple(value if i in sizes else a for i, a in enumerate(args))
+            if not set(distinct_configurations([(name, kernel, changed, kwargs)], arch)) <= set(known):
+                found.append(f"{name}: sizes = {value}")
+    return sorted(set(found))
+
+
 def compile_one(kernel, signature: dict, constexprs: dict, attrs: dict, warps: int, stages: int, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -157,45 +178,112 @@ def compile_one(kernel, signature: dict, constexprs: dict, attrs: dict, warps: i
         found = re.search(r"Used (\d+) registers", report)
         registers = int(found.group(1)) if found else None
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", report))
-    loop, local = _hot_loop(compiled.asm["cubin"], tools / "nvdisasm")
+    sass = _disassemble(compiled.asm["cubin"], tools / "nvdisasm")
+    loop, local = _hot_loop(sass) if sass is not None else (None, None)
+    uninitialised = uninitialised_uniform_reads(sass) if sass is not None else None
     return {"shared": compiled.metadata.shared, "registers": registers, "spill_stores": spills, "loop": loop,
-            "loop_local": local}
+            "loop_local": local, "uninitialised": uninitialised}
 
 
 def _shown(value) -> str:
     return "" if value is None else "–" if value == 0 else str(value)
 
 
-def _hot_loop(cubin: bytes, nvdisasm: Path) -> tuple[int | None, int | None]:
-    """(instructions, local-memory loads and stores) of the kernel's longest loop in its SASS, per thread and
-    iteration: for the token loops, the cost of one tile. A loop the compiler unrolled away (one tile per program)
-    counts as no loop. None, None without nvdisasm."""
+def _disassemble(cubin: bytes, nvdisasm: Path) -> str | None:
+    """The cubin's SASS as nvdisasm prints it; None without nvdisasm."""
     if not nvdisasm.exists():
-        return None, None
+        return None
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
+
+
+def _instructions(sass: str):
+    """(address, instruction text without its predicate guard) per SASS instruction, in layout order, and the
+    labels {name: index of the instruction they mark}."""
     instructions, labels = [], {}
     for line in sass.splitlines():
         label = re.match(r"\s*\.(L_x_\d+):", line)
         if label:
             labels[label.group(1)] = len(instructions)
             continue
-        found = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        found = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         if found:
-            instructions.append(found.group(1))
+            instructions.append((found.group(1), found.group(2)))
+    return instructions, labels
+
+
+def _hot_loop(sass: str) -> tuple[int, int]:
+    """(instructions, local-memory loads and stores) of the kernel's longest loop in its SASS, per thread and
+    iteration: for the token loops, the cost of one tile. A loop the compiler unrolled away (one tile per program)
+    counts as no loop."""
+    instructions, labels = _instructions(sass)
+    texts = [text for _, text in instructions]
     longest = []
-    for end, text in enumerate(instructions):
+    for end, text in enumerate(texts):
         target = re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", text)
         start = labels.get(target.group(1)) if target else None
         if start is not None and start <= end and end + 1 - start > len(longest):
-            longest = instructions[start:end + 1]
+            longest = texts[start:end + 1]
     if len(longest) < 2:  # a branch to itself: the trap loop every kernel ends with
         return 0, 0
     return len(longest), sum(1 for text in longest if re.search(r"\b(LDL|STL)\b", text))
+
+
+# SASS instructions whose first operand is read, not written
+_NO_DESTINATION = ("ST", "STS", "STG", "STL", "STSM", "RED", "REDG", "ATOMS", "BAR", "MEMBAR", "FENCE", "BRA", "BRX",
+                   "EXIT", "RET", "CALL", "BSSY", "BSYNC", "WARPSYNC", "NOP", "DEPBAR", "ERRBAR", "CCTL", "YIELD",
+                   "WARPGROUP", "SYNCS", "UTMALDG", "UTMASTG", "UTMAPF", "UBLKCP", "USTS")
+
+
+def _uniform_registers(operand: str, pair: bool) -> list[int]:
+    """The uniform registers an operand names: ``UR4`` (``UR4:UR5`` when ``pair``, a 64-bit value outside a memory
+    address), ``desc[UR4]`` (a 64-bit memory descriptor, ``UR4:UR5``)."""
+    found = []
+    pair = pair and "[" not in operand  # an address inside [...] is 32 bits whatever the data's width
+    for match in re.finditer(r"(desc\[)?\bUR(\d+)(\.64)?\b", operand):
+        n = int(match.group(2))
+        found += [n, n + 1] if pair or match.group(1) or match.group(3) else [n]
+    return found
+
+
+def uninitialised_uniform_reads(sass: str) -> list[tuple[str, str, str]]:
+    """(address, register, instruction) for each read of a uniform register that no instruction before it (in the
+    kernel's layout order) writes: a miscompile. The ptxas of CUDA 12.8 (Triton 3.6) built a wgmma shared-memory
+    descriptor from such a register in a state kernel unrolled to one tile, which read shared memory out of bounds
+    on an H200 (compute-sanitizer), an error that neither the interpreter nor ptxas reports.
+
+    Uniform registers (``UR``) hold the wgmma descriptors and the kernel's uniform addresses. A value a loop
+    carries is written before the loop, so layout order is a safe stand-in for "written on every path before"
+    here. The registers an instruction implies are counted: ``.64`` pairs, a ``.WIDE`` result's pair,
+    ``desc[URn]`` pairs, and a wgmma's ``gdesc[URn]`` (``URn+2:URn+3``, the B descriptor, and ``URn:URn+1`` too
+    when A comes from shared memory)."""
+    written: set[int] = set()
+    found = []
+    for address, text in _instructions(sass)[0]:
+        text = re.sub(r"^@!?U?P(?:T|\d+)\s+", "", text)  # the guard predicate
+        opcode, _, rest = text.partition(" ")
+        operands = [part.strip() for part in rest.split(",")] if rest else []
+        base = opcode.split(".")[0]
+        pair = ".64" in opcode  # 64-bit operands: register pairs
+        reads, writes = [], []
+        for i, operand in enumerate(operands):
+            descriptor = re.search(r"gdesc\[UR(\d+)\]", operand)
+            if descriptor:
+                n = int(descriptor.group(1))
+                a_in_registers = i > 0 and re.match(r"R\d+$", operands[i - 1])
+                reads += [n + 2, n + 3] if a_in_registers else [n, n + 1, n + 2, n + 3]
+            elif i == 0 and not operand.startswith("[") and base not in _NO_DESTINATION \
+                    and not base.startswith("HGMMA"):
+                writes += _uniform_registers(operand, pair or ".WIDE" in opcode)  # .WIDE: a 64-bit result
+            else:
+                reads += _uniform_registers(operand, pair)
+        found += [(address, f"UR{r}", text) for r in dict.fromkeys(reads) if r not in written]
+        written.update(writes)
+    return found
 
 
 def main(argv=None) -> int:
@@ -230,6 +318,11 @@ def main(argv=None) -> int:
     limit = SHARED_LIMIT.get(args.arch)
     wanted = [part for part in args.kernels.split(",") if part]
     launches = record_launches(args.quick, dims=dims, dtypes=dtypes, arch=args.arch)
+    by_size = size_dependent_variants(launches, args.arch)
+    if by_size:  # variants this tool would not compile: its report would not cover what a GPU runs
+        print("compile_check: these kernels compile other variants for other sizes (make their size arguments "
+              f"unspecialised, see mirrorla.ops._launch.sizes_jit): {'; '.join(by_size)}", file=sys.stderr)
+        return 1
     configs = {key: value for key, value in distinct_configurations(launches, args.arch).items()
                if not wanted or any(part in key[0] for part in wanted)}
     if not configs:
@@ -239,8 +332,8 @@ def main(argv=None) -> int:
              f"fp32 matmul precision {args.precision!r}",
              "", f"shared-memory limit per block: {limit if limit else 'unknown'} bytes", "",
              "| kernel | dtype | constants | warps | shared B | registers | spill stores B | loop instr | loop LDL/STL "
-             "| s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| uninitialised UR reads | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     failures = 0
     for (name, _, warps, stages), (kernel, signature, constexprs, attrs) in sorted(configs.items(),
                                                                                   key=lambda kv: kv[0][:1]):
@@ -254,14 +347,18 @@ def main(argv=None) -> int:
         except Exception as error:  # report every failing configuration, not only the first
             failures += 1
             first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-            lines.append(f"| {name} | {dtype} | {shown} | {warps} | FAILED: {first} | | | | | |")
+            lines.append(f"| {name} | {dtype} | {shown} | {warps} | FAILED: {first} | | | | | | |")
             print(lines[-1], flush=True)
             continue
         over = limit is not None and info["shared"] > limit
-        failures += over
+        uninitialised = info["uninitialised"]
+        failures += over or bool(uninitialised)
+        # a miscompile: the first offending instruction, as compute-sanitizer would name its address
+        reads = (f"{len(uninitialised)} MISCOMPILED: {uninitialised[0][1]} at {uninitialised[0][0]} "
+                 f"({uninitialised[0][2]})" if uninitialised else "–" if uninitialised is not None else "")
         lines.append(f"| {name} | {dtype} | {shown} | {warps} | {info['shared']}{' OVER LIMIT' if over else ''} | "
                      f"{info['registers']} | {info['spill_stores']} | {_shown(info['loop'])} | "
-                     f"{_shown(info['loop_local'])} | {time.perf_counter() - start:.1f} |")
+                     f"{_shown(info['loop_local'])} | {reads} | {time.perf_counter() - start:.1f} |")
         print(lines[-1], flush=True)
     lines += ["", f"{len(configs)} configurations, {failures} failed"]
     print(lines[-1])

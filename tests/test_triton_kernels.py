@@ -1030,3 +1030,89 @@ def test_row_kernels_compile_for_an_h100():
                              "--kernels", "_row_"], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "13 configurations, 0 failed" in result.stdout, result.stdout[-3000:]
+
+
+def _compile_check_module():
+    """``benchmarks/compile_check.py`` as a module (it is a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_check.py"
+    spec = importlib.util.spec_from_file_location("compile_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The miscompile seen on an H200 (ptxas of CUDA 12.8, the state kernel unrolled to one tile): the second k step's
+# wgmma descriptor is built from UR7, which nothing wrote, so the wgmma read shared memory out of bounds.
+_MISCOMPILED_SASS = """
+        /*0a00*/                   S2UR UR5, SR_CgaCtaId ;
+        /*18f0*/                   USHF.R.U32.HI UR6, URZ, 0x4, UR5 ;
+        /*1940*/                   USGXT.U32 UR6, UR6, 0xe ;
+        /*1ed0*/                   UMOV UR14, UR6 ;
+        /*1ee0*/                   UMOV UR15, 0xc0000010 ;
+        /*1ef0*/                   WARPGROUP.ARRIVE ;
+        /*1f00*/                   HGMMA.64x16x16.F32.BF16 R96, R24, gdesc[UR12].tnspB, RZ, !UPT ;
+        /*1f10*/                   UIADD3 UR4, UP0, UR7, 0x20, URZ ;
+        /*1f20*/                   UIADD3.X UR7, UR7, -0x3ffffff0, URZ, UP0, !UPT ;
+        /*1f30*/                   UMOV UR6, UR4 ;
+        /*1f40*/                   HGMMA.64x16x16.F32.BF16 R96, R28, gdesc[UR4].tnspB, R96 ;
+"""
+# The same descriptors built correctly (CUDA 12.9's ptxas), with the operands that imply register pairs: .64 values,
+# a .WIDE result, desc[] memory descriptors, a 32-bit address inside a .64 store, a guarded instruction
+_SOUND_SASS = """
+        /*0000*/                   ULDC.64 UR8, c[0x0][0x208] ;
+        /*0010*/                   S2UR UR5, SR_CgaCtaId ;
+        /*0020*/                   UIMAD.WIDE.U32 UR10, UR5, 0x4, URZ ;
+        /*0030*/                   LDG.E.64 R2, desc[UR8][R2.64] ;
+        /*0040*/                   STS.64 [R64+UR5], R60 ;
+        /*0050*/                   USHF.R.U32.HI UR6, URZ, 0x4, UR5 ;
+        /*0060*/                   UMOV UR7, 0xc0000010 ;
+        /*0070*/                   UMOV UR14, UR6 ;
+        /*0080*/                   UMOV UR15, UR7 ;
+        /*0090*/                   HGMMA.64x16x16.F32.BF16 R96, R24, gdesc[UR12].tnspB, RZ, !UPT ;
+        /*00a0*/                   UIADD3.64 UR14, UR6, 0x20, URZ ;
+        /*00b0*/                   @P0 UIADD3 UR4, UR11, 0x1, URZ ;
+        /*00c0*/                   HGMMA.64x16x16.F32.BF16 R96, R28, gdesc[UR12].tnspB, R96 ;
+"""
+
+
+def test_compile_check_finds_reads_of_uniform_registers_nothing_wrote():
+    """compile_check's miscompile check: the wgmma descriptor made from an unwritten register is found (its address
+    is the instruction compute-sanitizer named), a sound kernel's registers are not."""
+    check = _compile_check_module().uninitialised_uniform_reads
+    found = check(_MISCOMPILED_SASS)
+    assert [(address, register) for address, register, _ in found] == [("1f10", "UR7"), ("1f20", "UR7")]
+    assert check(_SOUND_SASS) == []
+    # the B descriptor of a wgmma whose A comes from registers is UR14:UR15: its unwritten half is found (the
+    # second wgmma's descriptor is written whole by the .64 add before it)
+    found = check(_SOUND_SASS.replace("UMOV UR15, UR7", "UMOV UR16, UR7"))
+    assert [(address, register) for address, register, _ in found] == [("0090", "UR15")]
+
+
+def test_kernels_compile_one_variant_whatever_the_sizes():
+    """Launches that differ only in sizes (tokens, heads, tiles per program, column counts of the fold) bind to
+    the same compiled variant. Triton would otherwise compile another for a size of 1 or a multiple of 16, and
+    which of those a GPU runs depends on the batch and its SM count, so compile_check on a CPU would miss some:
+    the one-tile state kernel that ptxas of CUDA 12.8 miscompiled was such a variant. (A subprocess: compile_check
+    needs Triton's compiler, which TRITON_INTERPRET replaces.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    root = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root / "src")
+    script = (f"import sys; sys.path.insert(0, {str(root / 'benchmarks')!r}); import compile_check as c; "
+              "launches = c.record_launches(quick=True); "
+              "print(sorted({name for name, *_ in launches})); print(c.size_dependent_variants(launches))")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names, variants = result.stdout.strip().splitlines()[-2:]
+    for kernel in ("_state_kernel", "_output_kernel", "_backward_q_kernel", "_backward_kv_kernel",
+                   "_token_sums_kernel", "_row_forward_kernel", "_row_backward_kernel", "_fold_rows_kernel"):
+        assert kernel in names
+    assert variants == "[]"

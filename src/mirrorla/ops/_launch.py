@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 
 
 def cdiv(a: int, b: int) -> int:
@@ -37,3 +38,17 @@ def on_tensor_device(launcher):
         return launcher(*args, **kwargs)
 
     return run
+
+
+def sizes_jit(*sizes: str):
+    """``@triton.jit`` that does not specialise the kernel on the size arguments ``sizes`` (token, head and tile
+    counts); unit strides and 16-byte alignments still are.
+
+    Triton compiles a separate variant for an integer argument equal to 1 or divisible by 16. For sizes those
+    variants depend on the batch and the GPU's SM count (a chunk of one tile on a large GPU, one head), so
+    ``benchmarks/compile_check.py`` on a CPU could not know which of them a GPU will run. One such variant broke
+    on Hopper: with one tile per program the state kernel's loop was unrolled away, and the ptxas of Triton 3.6
+    (CUDA 12.8) built a wgmma descriptor from an uninitialised register there, so the kernel read shared memory
+    out of bounds (an illegal memory access, or silently wrong sums). With the sizes unspecialised, each
+    configuration compiles to the one variant compile_check checks."""
+    return triton.jit(do_not_specialize=sizes)

@@ -48,7 +48,7 @@ from torch.autograd.function import once_differentiable
 from triton.runtime import OutOfResources
 
 from ..backend import DELTA_FORM_CODES
-from ._launch import cdiv, next_power_of_2, on_tensor_device
+from ._launch import cdiv, next_power_of_2, on_tensor_device, sizes_jit
 from .reference import _linear_attention_torch, folded_mirror_map_reference, rotate_relu_reference
 from .tuning import kernel_tuning
 
@@ -66,6 +66,7 @@ _STAGES = 2  # the token loops pipeline their loads two deep; three overflowed s
 
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton reads it when @triton.jit runs
+
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -398,7 +399,7 @@ def _token_sum_tiles(x_ptr, first, TILES, N, s_xn, s_xd, offs_d, dmask, BD: tl.c
 # ------------------------------------------------------------------------------------------- chunked kernels
 
 
-@triton.jit
+@sizes_jit("N", "H", "TILES", "S_CHUNKS")
 def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
                   s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                   SPART, THETA, GAMMA, SUMS, S_CHUNKS, n_tokens, eps_map,
@@ -430,7 +431,7 @@ def _state_kernel(K, V, COS, SSIN, PART, N, H, TILES,
                      dmask, vmask, DV)
 
 
-@triton.jit
+@sizes_jit("NQ", "H", "TILES")
 def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n, TILES,
                    s_qb, s_qh, s_qn, s_qd, s_ob, s_oh, s_on, s_od,
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
@@ -446,7 +447,7 @@ def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n, TILES,
                   UPCAST, SWAP)
 
 
-@triton.jit
+@sizes_jit("NQ", "H", "TILES")
 def _backward_q_kernel(Q, STATE, COS, SSIN, DO, DQ, DSTATE_PART, DANG_PART, NQ, H, eps_n, TILES,
                        s_qb, s_qh, s_qn, s_qd, s_db, s_dh, s_dn, s_dd,
                        D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
@@ -495,7 +496,7 @@ def _moment_angle_from_memory(MOM, DSTATE, rows, sign, dmask, DV: tl.constexpr, 
     return sign * (acc + dz * mz)
 
 
-@triton.jit
+@sizes_jit("N", "H", "TILES", "CHUNKS_Q")
 def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, MOM, DANG_Q, DANG, SUMS, GAMMA, N, H, TILES, CHUNKS_Q,
                         n_tokens, eps_map, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                         D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
@@ -535,7 +536,7 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, MOM, DANG_Q, DANG, 
                sign, dmask, vmask, cos, ssin, ds1, ds2, D, DV, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP, ANGLES)
 
 
-@triton.jit
+@sizes_jit("N", "H", "TILES")
 def _token_sums_kernel(X, PART, N, H, TILES, s_xb, s_xh, s_xn, s_xd,
                        D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
     """PART[bh, chunk] = [Σ x, Σ x²] per channel over the chunk's tokens (fp32)."""
@@ -553,7 +554,7 @@ def _token_sums_kernel(X, PART, N, H, TILES, s_xb, s_xh, s_xn, s_xd,
 # ----------------------------------------------------------------------------------------------- row kernels
 
 
-@triton.jit
+@sizes_jit("NQ", "N", "H")
 def _row_forward_kernel(Q, K, V, COS, SSIN, STATE, O, NQ, N, H, eps_n,
                         s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                         s_ob, s_oh, s_on, s_od, THETA, GAMMA, SUMS, n_tokens, eps_map,
@@ -586,7 +587,7 @@ def _row_forward_kernel(Q, K, V, COS, SSIN, STATE, O, NQ, N, H, eps_n,
                   UPCAST, SWAP)
 
 
-@triton.jit
+@sizes_jit("NQ", "N", "H")
 def _row_backward_kernel(Q, K, V, COS, SSIN, STATE, DO, DQ, DK, DV_OUT, DANG, NQ, N, H, eps_n,
                          s_qb, s_qh, s_qn, s_qd, s_db, s_dh, s_dn, s_dd, s_kb, s_kh, s_kn, s_kd,
                          s_vb, s_vh, s_vn, s_vd, SUMS, GAMMA, n_tokens, eps_map,
@@ -642,7 +643,7 @@ program several tiles beyond ``_MAX_GRID_Y`` tiles, 4M tokens of 64."""
 
 def _grid_y(tiles: int) -> tuple[int, int]:
     """(programs, tiles per program) for ``tiles`` tiles on the grid's second axis: one tile per program up to
-    :data:`_MAX_GRID_Y` (Triton specialises the 1, so those kernels compile as before)."""
+    the kernels loop over their ``TILES`` (not specialised, see :func:`sizes_jit`)."""
     per = cdiv(tiles, _MAX_GRID_Y)
     return cdiv(tiles, per), per
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._launch import cdiv, on_tensor_device
+from ._launch import cdiv, on_tensor_device, sizes_jit
 
 __all__ = ["reflect_projection_rows_triton"]
 
@@ -105,7 +105,7 @@ def _fold_columns(SRC, DST, U, S, offs_j, jmask, s_r, s_c, d_r, d_c, R, C, GROUP
     _copy_rows(SRC, DST, offs_j, jmask, s_r, s_c, d_r, d_c, GROUPS * C, R, BC)
 
 
-@triton.jit
+@sizes_jit("R", "C_IN", "C", "GROUPS", "NS")
 def _fold_rows_kernel(W, BIAS, U, S, OUT_W, OUT_B, R, C_IN, C, GROUPS, NS, s_wr, s_wc, s_b,
                       HAS_BIAS: tl.constexpr, HAS_SIGNS: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr):
     pid = tl.program_id(0)
@@ -163,7 +163,7 @@ def _fold_backward_block(block, GW, GB, W, BIAS, U, S, DW, DB, PART, R, C_IN, C,
                                    NS, scale, 0, HAS_SIGNS, BC)
 
 
-@triton.jit
+@sizes_jit("R", "C_IN", "C", "GROUPS", "NS")
 def _fold_rows_backward_kernel(GW, GB, W, BIAS, U, S, DW, DB, PART, DU, R, C_IN, C, GROUPS, NS, s_gr, s_gc, s_gb,
                                s_wr, s_wc, s_b, HAS_BIAS: tl.constexpr, HAS_SIGNS: tl.constexpr, BC: tl.constexpr,
                                BJ: tl.constexpr, ONE_PROGRAM: tl.constexpr, NEED_U: tl.constexpr):
@@ -210,7 +210,7 @@ def _unit_grad(PART, U, DU, P, C, scale, BC: tl.constexpr):
         tl.store(DU + offs, ((d_unit - unit * half_dot) * scale).to(DU.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
+@sizes_jit("P", "C")
 def _unit_grad_kernel(PART, U, DU, P, C, BC: tl.constexpr):
     """du from the shares of the column-block programs (one program)."""
     _unit_grad(PART, U, DU, P, C, _unit_scale(U, C, BC), BC)
