@@ -50,7 +50,11 @@ step run_gpu 420 run_gpu.log env OUT="$OUT" bash benchmarks/run_gpu.sh $PY
 step gpu_profile 120 gpu_profile.log $PY benchmarks/gpu_profile.py --host --mode train --attn relu,mirror \
     --op 65536 --out "$OUT/profile_host.txt"
 if [ -n "${PACK:-}" ]; then
-    # written beside and renamed when complete: a killed pack never leaves a truncated archive under its name
-    tar czf "$PACK.partial" -C "$OUT" . && mv "$PACK.partial" "$PACK" && echo "packed $OUT into $PACK" \
-        | tee -a "$OUT/session.log"
+    # written outside $OUT and renamed when complete: a killed pack never leaves a truncated archive under its name,
+    # and a PACK inside $OUT is neither archived into itself (tar: "file changed as we read it") nor an old one
+    # packed again
+    packing=$(mktemp "${TMPDIR:-/tmp}/gpu_session_pack.XXXXXX")
+    tar czf "$packing" -C "$OUT" --exclude "./${PACK##*/}" . && mv "$packing" "$PACK" \
+        && echo "packed $OUT into $PACK" | tee -a "$OUT/session.log"
+    rm -f "$packing"
 fi

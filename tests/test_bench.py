@@ -122,14 +122,14 @@ def _stub_python(tmp_path, slow_check: bool):
     return stub, calls
 
 
-def _gpu_session(tmp_path, stub, budget: int, min_step: int):
+def _gpu_session(tmp_path, stub, budget: int, min_step: int, pack=None):
     import os
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PACK": str(tmp_path / "results.tgz"), "BUDGET": str(budget),
+    env = {**os.environ, "OUT": str(out), "PACK": str(pack or tmp_path / "results.tgz"), "BUDGET": str(budget),
            "MIN_STEP": str(min_step)}
     done = subprocess.run(["bash", str(root / "benchmarks/gpu_session.sh"), str(stub)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=60)
@@ -170,3 +170,18 @@ def test_gpu_session_keeps_within_its_budget_and_still_packs_what_it_has(tmp_pat
     assert (out / "gpu_check.txt.partial").exists() and not (out / "gpu_check.txt").exists()
     with tarfile.open(tmp_path / "results.tgz") as pack:
         assert {"./session.log", "./gpu_check.txt.partial"} <= set(pack.getnames())
+
+
+def test_gpu_session_packs_into_its_own_output_directory(tmp_path):
+    """PACK inside OUT (how a lent machine returns one archive from its output folder): the archive holds the
+    session's files and not itself, also when a second session packs over the first's archive."""
+    import tarfile
+
+    stub, _ = _stub_python(tmp_path, slow_check=False)
+    for _ in range(2):
+        out, log = _gpu_session(tmp_path, stub, budget=570, min_step=30, pack=tmp_path / "out" / "results.tgz")
+        assert log[-1] == f"packed {out} into {out / 'results.tgz'}", log
+        with tarfile.open(out / "results.tgz") as pack:
+            names = pack.getnames()
+        assert {"./session.log", "./gpu_check.txt", "./kernel_tuning.json"} <= set(names)
+        assert not any("results.tgz" in name for name in names), names
