@@ -549,6 +549,52 @@ def test_a_short_sequence_layer_step_launches_few_kernels(backend, monkeypatch):
         assert dict(launches) == want, attn
 
 
+def test_while_a_cuda_graph_records_the_launchers_choose_by_device_time(backend, monkeypatch):
+    """A replayed CUDA graph costs no host time per launch: while one records, the fold's backward runs a program
+    per column block plus du's launch (not one program), and rows longer than the default's 8 tiles take the
+    chunked kernels even where the GPU's tuning (timed with launches issued one by one) gives the row kernels
+    longer rows. Same values and gradients either way."""
+    from mirrorla import LinearAttention
+    from mirrorla.ops import triton_reflect
+
+    backend("triton")
+    launches = _count_launches(monkeypatch)
+    torch.manual_seed(0)
+    layer = LinearAttention(32, 2, attn="mirror")
+    x = torch.randn(1, 576, 32, requires_grad=True)  # 9 tiles of 64 tokens
+    results = {}
+    for capturing in (False, True):
+        monkeypatch.setattr(triton_ops, "graph_capturing", lambda device, capturing=capturing: capturing)
+        monkeypatch.setattr(triton_reflect, "graph_capturing", lambda device, capturing=capturing: capturing)
+        launches.clear()
+        with forced_tuning(row_max_tiles=64):
+            out = layer(x, grid_size=(24, 24))
+            results[capturing] = (out, torch.autograd.grad(out.square().sum(), [x, *layer.parameters()]))
+        if capturing:
+            assert "_row_forward_kernel" not in launches and launches["_state_kernel"] == 1
+            assert launches["_fold_rows_backward_kernel"] == 1 and launches["_unit_grad_kernel"] == 1
+        else:
+            assert launches["_row_forward_kernel"] == 1 and launches["_row_backward_kernel"] == 1
+            assert launches["_fold_rows_backward_kernel"] == 1 and "_unit_grad_kernel" not in launches
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-4, rtol=1e-4)
+    for a, w in zip(results[True][1], results[False][1], strict=True):
+        torch.testing.assert_close(a, w, atol=2e-4, rtol=2e-4)
+
+
+def test_the_row_limit_while_a_cuda_graph_records(monkeypatch):
+    """_row_max_tiles: the GPU's row_max_tiles, capped at the default's 8 tiles only while a graph records."""
+    for tuned in (3, 8, 64):
+        with forced_tuning(row_max_tiles=tuned):
+            tuning = triton_ops.kernel_tuning(torch.device("cpu"))
+            for capturing, want in ((False, tuned), (True, min(tuned, 8))):
+                monkeypatch.setattr(triton_ops, "graph_capturing", lambda device, capturing=capturing: capturing)
+                assert triton_ops._row_max_tiles(torch.device("cpu"), tuning) == want
+    # on a CPU tensor nothing records: the helper asks CUDA only for CUDA tensors
+    from mirrorla.ops._launch import graph_capturing
+
+    assert graph_capturing(torch.device("cpu")) is False
+
+
 def test_rows_that_need_partner_loads_take_the_chunked_kernels(monkeypatch):
     """Half pairs in a head dim that is not a power of two cannot be shuffled in registers: such rotations take the
     chunked kernels even when short, where the partner channels' rows are loaded from memory, and still match the

@@ -20,9 +20,10 @@ sets of kernels run these passes:
 - chunked kernels (long rows): one kernel per pass, each with many programs per (b, h) row, every program
   reducing a chunk of tokens into fp32 partials that are added in a fixed order (deterministic, no atomics);
 - row kernels (rows of at most ``row_max_tiles`` token tiles, 8 unless :mod:`mirrorla.ops.tuning` has a
-  measurement for the GPU): one program per row runs every pass of the forward, another every pass of the
-  backward, with the state and dS kept in registers between passes: one launch each way, where short rows cost
-  more host time per launch than GPU time (DeiT-T at 224²).
+  measurement for the GPU, and at most 8 while a CUDA graph records, see :func:`_row_max_tiles`): one program per
+  row runs every pass of the forward, another every pass of the backward, with the state and dS kept in registers
+  between passes: one launch each way, where short rows cost more host time per launch than GPU time (DeiT-T at
+  224²).
 
 q, k and v are read in their own dtype (and may be strided views of a qkv tensor); states, normalisers and
 gradients of the angle are fp32; the matmuls run on tensor cores (bf16/fp16 inputs with fp32 accumulation, tf32
@@ -48,9 +49,9 @@ from torch.autograd.function import once_differentiable
 from triton.runtime import OutOfResources
 
 from ..backend import DELTA_FORM_CODES
-from ._launch import cdiv, next_power_of_2, on_tensor_device, sizes_jit
+from ._launch import cdiv, graph_capturing, next_power_of_2, on_tensor_device, sizes_jit
 from .reference import _linear_attention_torch, folded_mirror_map_reference, rotate_relu_reference
-from .tuning import kernel_tuning
+from .tuning import DEFAULT_TUNING, kernel_tuning
 
 __all__ = ["FEATURES", "fused_linear_attention", "mirror_linear_attention", "token_sums_triton"]
 
@@ -737,6 +738,16 @@ def _pair_sum(per_channel: torch.Tensor, pairing: str) -> torch.Tensor:
     return per_channel.unflatten(-1, (2, d // 2)).sum(-2)
 
 
+def _row_max_tiles(device: torch.device, tuning) -> int:
+    """The longest row (token tiles) the row kernels run on ``device``: its ``tuning.row_max_tiles`` (see
+    :mod:`mirrorla.ops.tuning`), at most the default's while a CUDA graph records the launches. ``mirrorla tune``
+    times calls issued one by one, where the row kernels save host time per launch (one program per row, one launch
+    each way); replayed graphs have no such cost, and one program per row leaves most of a GPU idle on long rows
+    (24 programs for B·H = 24 on a 132-SM H200), so there the rows beyond the default's take the chunked kernels."""
+    tiles = tuning.row_max_tiles
+    return min(tiles, DEFAULT_TUNING.row_max_tiles) if graph_capturing(device) else tiles
+
+
 def _row_path(nq: int, n: int, bn: int, feature: int, swap: bool, max_tiles: int) -> bool:
     """Whether the row kernels run the op: rows of at most ``max_tiles`` token tiles (``row_max_tiles``, a per-GPU
     setting of :mod:`mirrorla.ops.tuning`, measured by ``mirrorla tune``)."""
@@ -773,7 +784,7 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
         state_blocks["BN"], state_blocks["num_warps"] = tuning.ieee_backward_blocks
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
     row = (q, v, feature, pairing, mirror is not None, moment, "forward")
-    if _row_path(nq, n, bn, feature, swap, tuning.row_max_tiles) and not _row_kernel_too_large(*row):
+    if _row_path(nq, n, bn, feature, swap, _row_max_tiles(q.device, tuning)) and not _row_kernel_too_large(*row):
         state = torch.empty(1 + moment, b * h, d, dv + 1, device=q.device, dtype=torch.float32)
         try:
             _row_forward_kernel[(b * h,)](
@@ -826,7 +837,7 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     else:  # without a moment the kernels store no angle gradient: a placeholder pointer
         dang = torch.empty(b * h, d, device=q.device, dtype=torch.float32) if moment else state
     row = (q, v, feature, pairing, mirror is not None, moment, "backward")
-    if _row_path(nq, n, bn, feature, swap, tuning.row_max_tiles) and not _row_kernel_too_large(*row):
+    if _row_path(nq, n, bn, feature, swap, _row_max_tiles(q.device, tuning)) and not _row_kernel_too_large(*row):
         # both passes in one program hold more live tiles: eight warps on Hopper, see _row_backward_warps
         row_blocks = dict(blocks, num_warps=_row_backward_warps(q.device, warps))
         if ieee:  # IEEE fp32 dots: the fp32 token tile of the setting (see below)
@@ -908,7 +919,7 @@ def _configuration(q, k, v, feature: int, pairing: int, mirror: bool, moment: bo
     n, dv = k.shape[2], v.shape[3]
     bd, _, bn, _ = _blocks(d, dv)
     return (str(q.device), q.dtype, _ieee_dots(q.dtype), d, dv, feature, pairing, mirror, moment,
-            _row_path(nq, n, bn, feature, _swap(d, bd, pairing), kernel_tuning(q.device).row_max_tiles))
+            _row_path(nq, n, bn, feature, _swap(d, bd, pairing), _row_max_tiles(q.device, kernel_tuning(q.device))))
 
 
 _MAX_WIDTH = 128

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._launch import cdiv, on_tensor_device, sizes_jit
+from ._launch import cdiv, graph_capturing, on_tensor_device, sizes_jit
 
 __all__ = ["reflect_projection_rows_triton"]
 
@@ -33,9 +33,11 @@ _BLOCK_C = 64  # rows (output channels) per step of a program's loops over C
 _BLOCK_J = 32  # input columns per program
 _ONE_PROGRAM_MAX_BLOCKS = 8
 """Projections with at most this many column blocks (C_in ≤ 256, DeiT-T's 192) run the backward in one program,
-block after block, and add the shares of du in the same program: one launch instead of two. The work is
-O(C·C_in), microseconds on one SM, against tens of microseconds of host time per launch; wider projections spread
-the blocks over programs and add the shares in a second launch."""
+block after block, and add the shares of du in the same program: one launch instead of two, which saves tens of
+microseconds of host time per launch where launches are issued one by one. On one SM the work is not small: 88 µs
+per call at DeiT-T's width on an H200 (``benchmarks/results/gpu_h200/profile_host.txt``). Wider projections, and
+every projection while a CUDA graph records (replays cost no host time), spread the blocks over programs and add
+the shares in a second launch."""
 
 
 @triton.jit
@@ -240,7 +242,9 @@ def _fold_backward(d_w, d_b, weight, bias, u, signs, groups: int, need_u: bool):
     d_weight = torch.empty(rows, c_in, device=weight.device, dtype=weight.dtype)
     d_bias = torch.empty(rows, device=weight.device, dtype=bias.dtype) if with_bias else None
     blocks = cdiv(c_in, _BLOCK_J)
-    one_program = blocks <= _ONE_PROGRAM_MAX_BLOCKS
+    # one program saves a launch's host time; a CUDA graph replays launches for free, and there the column blocks
+    # run side by side (one program took 88 µs per DeiT-T layer on an H200, 1.06 ms of a 19 ms training step)
+    one_program = blocks <= _ONE_PROGRAM_MAX_BLOCKS and not graph_capturing(weight.device)
     part = torch.empty(blocks, c, device=weight.device, dtype=torch.float32)
     d_u = torch.empty_like(u) if need_u else None
     _fold_rows_backward_kernel[(1 if one_program else blocks,)](
