@@ -190,7 +190,7 @@ def test_the_normaliser_sums_the_features_the_state_sums(kernel_path):
     """With bf16 inputs the state pass multiplies φ(k) rounded to bf16 into S; z must sum the same rounded values, or
     the attention weights of a query no longer add up to one. With v all ones each column of S is z: equal to
     fp32 rounding (z from the unrounded φ missed by about 1e-4 here), on both kernel paths (MirrorLA's; a given
-    rotation's state pass is the same code); the moment's Σ w (fp32 w) likewise equals its product with v."""
+    rotation's state pass is the same code); the moment's Σ w likewise equals its product with v."""
     b, h, n, d = 2, 2, 197, 32
     q, k, _ = (t.detach() for t in _strided_qkv(b, h, n, d, torch.bfloat16))
     ones = torch.ones(b, h, n, d, dtype=torch.bfloat16)
@@ -203,6 +203,28 @@ def test_the_normaliser_sums_the_features_the_state_sums(kernel_path):
     scale = state[1].abs().max().item()
     torch.testing.assert_close(features[1], z[1].expand_as(features[1]), atol=1e-5 * scale, rtol=0)
 
+
+
+def test_the_moment_keeps_w_to_about_16_bits_with_16_bit_inputs(kernel_path):
+    """The training forward's moment [Σ w vᵀ | Σ w] (w = [y > 0]·y_p in fp32) with bf16 or fp16 inputs: w enters the
+    tensor cores as two halves in v's dtype, which keep about 16 bits of it (emulated at N = 300, d = 32: 3e-6 of
+    the moment's largest value against fp64 with bf16 inputs; TF32 operands 2e-4; w rounded once to bf16, as φ is,
+    1.6e-3). Against an fp64 reference from the same inputs, on both kernel paths."""
+    b, h, n, d = 1, 2, 197, 32
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v = (t.detach() for t in _strided_qkv(b, h, n, d, dtype))
+        angle = torch.randn(b, h, d // 2)
+        _, state = triton_ops._fused_forward_impl(q, k, v, angle, 2, 0, 1e-6, True)
+        x, vv, a = k.double(), v.double(), angle.double()[:, :, None, :]
+        cos = a.cos().repeat_interleave(2, dim=-1)
+        ssin = torch.stack([-a.sin(), a.sin()], dim=-1).flatten(-2)  # adjacent pairs: (−sin, +sin)
+        partner = x.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)
+        y, y_p = cos * x + ssin * partner, cos * partner - ssin * x
+        w = torch.where(y > 0, y_p, torch.zeros_like(y_p))
+        want = torch.cat([w.transpose(-1, -2) @ vv, w.sum(-2)[..., None]], dim=-1).reshape(b * h, d, d + 1)
+        got = state[1].double()
+        assert (got - want).abs().max() <= 5e-5 * want.abs().max(), dtype
 
 
 @pytest.fixture

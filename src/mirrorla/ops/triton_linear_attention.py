@@ -262,12 +262,22 @@ def _state_tiles(k_ptr, v_ptr, first, TILES, N, s_kn, s_kd, s_vn, s_vd, offs_d, 
         zacc += _dot(phi_t, _ones_column(v, BN), IEEE, UPCAST)
         if MOMENT:
             w = tl.where(y > 0, y_p, 0.0)  # padded tokens and channels: y = 0, so w = 0
-            # w stays fp32 (TF32 dot): rounded to bf16 like φ above, the gradients of θ and γ lost precision (bf16
-            # inputs, N = 300, d = 32: relative error 3.3e-3 -> 4.8e-3 against an fp64 reference)
             w_t = tl.trans(w)
-            v32 = v.to(tl.float32)
-            macc += _dot(w_t, v32, IEEE, UPCAST)
-            mzacc += _dot(w_t, _ones_column(v32, BN), IEEE, UPCAST)
+            if v.dtype == tl.float32:  # fp32 inputs: fp32 operands (IEEE or TF32 dots)
+                macc += _dot(w_t, v, IEEE, UPCAST)
+                mzacc += _dot(w_t, _ones_column(v, BN), IEEE, UPCAST)
+            else:
+                # w in two halves of v's 16-bit dtype, w_hi + w_lo: about 16 bits of w's mantissa (TF32 keeps 10;
+                # w rounded to bf16 once, as φ above, cost θ's and γ's gradients precision: bf16 inputs, N = 300,
+                # d = 32, relative error 3.3e-3 -> 4.8e-3 against fp64), on the same tensor cores and against the
+                # same v operand as φ's product, where TF32 needed an fp32 copy of v
+                w_hi = w_t.to(v.dtype)
+                w_lo = (w_t - w_hi.to(tl.float32)).to(v.dtype)
+                ones = _ones_column(v, BN)
+                macc += _dot(w_hi, v, IEEE, UPCAST)
+                macc += _dot(w_lo, v, IEEE, UPCAST)
+                mzacc += _dot(w_hi, ones, IEEE, UPCAST)
+                mzacc += _dot(w_lo, ones, IEEE, UPCAST)
     return acc, tl.sum(zacc, axis=1), macc, tl.sum(mzacc, axis=1)
 
 
