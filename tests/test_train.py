@@ -101,6 +101,53 @@ def test_two_process_cpu_ddp(tmp_path):
     assert proc.stdout.count('"world_size": 2') == 1  # only rank 0 printed the metrics
 
 
+_POISON_ONE_RANK = """
+import dataclasses, os, sys
+from mirrorla.tools import train
+from mirrorla.tools.cli import main
+
+make_recipe, calls = train._recipe, []
+
+
+def poisoned_recipe(*args, **kwargs):
+    recipe = make_recipe(*args, **kwargs)
+    criterion = recipe.criterion
+
+    def poisoned(logits, target):  # rank 1's loss turns NaN at its 10th step, the step of a read
+        calls.append(1)
+        loss = criterion(logits, target)
+        return loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 10 else loss
+
+    return dataclasses.replace(recipe, criterion=poisoned)
+
+
+train._recipe = poisoned_recipe
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_loss_that_diverges_on_one_rank_stops_every_rank_at_the_same_read(tmp_path):
+    """Rank 1's loss turns NaN at the step of a read. The other rank's loss turns NaN a step later (averaged
+    gradients), after that read: without agreeing, rank 1 would stop there while rank 0 went on into the next
+    gradient all-reduce. Both stop at that read, and rank 0, which knows the run directory, names the step."""
+    script = tmp_path / "poison_one_rank.py"
+    script.write_text(_POISON_ONE_RANK)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "train", "--model", "mirrorla_pvt_nano", "--data", "digits", "--epochs", "1", "--batch-size", "64",
+           "--train-subset", "1408", "--warmup-epochs", "0", "--out", str(run), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    # both ranks stop with the same one-line error (their lines may interleave on the shared stderr)
+    message = "mirrorla train: error: loss became nan at epoch 1, step 10; no epoch finished, so no checkpoint"
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]
+    # no rank's traceback (torchrun's own report of the failed workers is one): before, rank 0 went on into the next
+    # all-reduce and died there of "Connection closed by peer", never saying why
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (run / "last.safetensors").exists()
+
+
 def test_corrupt_and_truncated_checkpoints_give_clear_errors(tmp_path, capsys):
     train(TrainConfig(**QUICK, epochs=1, train_subset=128, out=str(tmp_path)))
     weights = tmp_path / "last.safetensors"

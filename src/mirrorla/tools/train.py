@@ -481,6 +481,25 @@ the host. A read makes the host wait for the GPU; one per step would keep the ho
 kernels while the GPU still runs this one's."""
 
 
+def _first_bad_step_of_all_ranks(first_bad: torch.Tensor, bad_loss: torch.Tensor, info: DistInfo
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first step at which any rank's loss was not finite (-1: none) and that loss, the same on every rank.
+
+    A loss that turns NaN on one rank turns every rank's NaN one step later (the gradients are averaged), which
+    can fall after a read: that rank would stop at the read while the others went on into the next step's
+    gradient all-reduce and waited for it forever. One collective per read (every ``READ_EVERY`` steps), on the
+    device; a second only when a loss was not finite."""
+    never = torch.iinfo(torch.int64).max
+    key = torch.where(first_bad >= 0, first_bad * info.world_size + info.rank, never)  # the earliest, then the rank
+    dist.all_reduce(key, op=dist.ReduceOp.MIN)
+    first = torch.where(key == never, -1, key // info.world_size)
+    if bool(key != never):  # a host read, already made at every read; both collectives run on every rank
+        value = torch.where(key % info.world_size == info.rank, bad_loss, torch.zeros_like(bad_loss))
+        dist.all_reduce(value)  # only the rank that saw it adds its loss
+        return first, value
+    return first, bad_loss
+
+
 def _train_epoch(ddp_model, model, loader, recipe: _Recipe, config: TrainConfig, info: DistInfo, epoch: int
                  ) -> tuple[float, float, float, float]:
     """One epoch; returns (loss sum, correct, images seen, seconds) of this rank.
@@ -527,6 +546,8 @@ def _train_epoch(ddp_model, model, loader, recipe: _Recipe, config: TrainConfig,
         seen += n
         if (step + 1) % READ_EVERY and step + 1 < steps_per_epoch:
             continue
+        if info.enabled:  # every rank stops at the same read (see _first_bad_step_of_all_ranks)
+            first_bad, bad_loss = _first_bad_step_of_all_ranks(first_bad, bad_loss, info)
         loss_sum, correct, bad_step, bad_value = torch.stack(
             [loss_t, correct_t.double(), first_bad.double(), bad_loss.double()]).tolist()
         if bad_step >= 0:
