@@ -1,4 +1,6 @@
-"""Host-side helpers for the Triton launchers: integer arithmetic and the launch device.
+"""Helpers for the Triton launchers: integer arithmetic, the launch device, whether a CUDA graph records the
+launches (:func:`graph_capturing`), and ``@sizes_jit``, the kernels' ``triton.jit`` that leaves sizes
+unspecialised.
 
 Since Triton 3.5 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions: each call from host Python
 goes through their wrapper and cost about 8 µs on the H100 host we profiled, four calls per kernel launch in our
