@@ -10,9 +10,11 @@ Cases: ``mirrorla_deit_tiny_patch16_224`` (bf16 autocast, inference and training
 attention op alone (q, k, v given, as in ``mirrorla bench op``).
 
 With ``--host`` it first times the attention's pieces one by one at one DeiT-T layer's shape (B·H = 128·3, 197
-tokens, d = 64), each called back to back: a tiny torch op, a one-argument Triton kernel, each MirrorLA kernel
-launch, the ops forward and forward+backward, the fold, and whole layers. At this size the GPU keeps up with the
-host, so these are the host's costs per call; they say which piece a host-bound step spends its time in.
+tokens, d = 64): a tiny torch op, a one-argument Triton kernel, each MirrorLA kernel launch, the ops forward and
+forward+backward, the fold, and whole layers, each as host time per call (bursts of a few calls, so the launch
+queue never fills and the host clock measures the host) and as device time per call (the same calls queued behind
+a sleeping kernel, timed by CUDA events). They say which piece a host-bound step spends its time in, and whether
+that piece is bound by the host or by the GPU.
 
 Usage: PYTHONPATH=src python benchmarks/gpu_profile.py [--device cuda] [--img-size 224] [--batch 128]
        [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--host]
@@ -154,19 +156,50 @@ def profile_case(name: str, step, device: torch.device, steps: int, top: int, li
     return row
 
 
-def time_calls(fn, device: torch.device, calls: int, warmup: int) -> tuple[float, float]:
-    """(host µs, wall µs) per call of ``fn`` called ``calls`` times back to back after ``warmup`` calls: host until
-    the last call returns, wall until the device has finished too."""
+BURST = 8
+"""Calls between two syncs in :func:`time_calls`: at most a few hundred launches queued, far below what CUDA's
+launch queue holds (about a thousand), so the host never waits for the device inside a burst and its clock
+measures its own cost. Timed back to back without syncs (200 calls), a piece of some 15 kernels filled the queue,
+and from then on the host clock measured the device."""
+
+
+def time_calls(fn, device: torch.device, calls: int, warmup: int) -> tuple[float, float, float | None]:
+    """(host µs, wall µs, device µs) per call of ``fn``, ``calls`` calls in bursts of :data:`BURST` after ``warmup``
+    calls. Host: until a burst's last call returns; wall: until the device has finished it too. Device (CUDA only,
+    else None): the same calls queued behind a sleeping kernel, so the GPU runs them back to back with no wait for
+    the host, timed by CUDA events: how long the GPU needs per call. Host above device: the host limits a loop of
+    such calls; device above host: the GPU does."""
     for _ in range(warmup):
         fn()
     sync(device)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    sync(device)
-    t2 = time.perf_counter()
-    return (t1 - t0) * 1e6 / calls, (t2 - t0) * 1e6 / calls
+    host = wall = 0.0
+    done = 0
+    while done < calls:
+        n = min(BURST, calls - done)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        sync(device)
+        host, wall, done = host + t1 - t0, wall + time.perf_counter() - t0, done + n
+    if device.type != "cuda":
+        return host * 1e6 / calls, wall * 1e6 / calls, None
+    # the sleep outlasts the host's issuing of a burst (twice its measured time, at 2 GHz), so the events time the
+    # GPU alone
+    cycles = int(2 * host / calls * BURST * 2e9) + 100_000
+    busy = 0.0
+    done = 0
+    while done < calls:
+        n = min(BURST, calls - done)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        busy, done = busy + start.elapsed_time(end) * 1e3, done + n
+    return host * 1e6 / calls, wall * 1e6 / calls, busy / calls
 
 
 def kernel_path(path: str):
@@ -274,18 +307,19 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
         ("layer mirror training step, chunked kernels", chunked(layer_step("mirror", True))),
     ]
     rows = []
-    lines += ["", f"## Host cost per call, one DeiT-T layer's shape (batch {batch}, H = 3, N = 197, d = 64), "
-                  f"{calls} calls back to back", "", "| piece | host µs/call | wall µs/call | host syncs |",
-              "|---|---|---|---|"]
+    lines += ["", f"## Host and device cost per call, one DeiT-T layer's shape (batch {batch}, H = 3, N = 197, "
+                  f"d = 64), {calls} calls in bursts of {BURST}", "",
+              "| piece | host µs/call | device µs/call | wall µs/call | host syncs |", "|---|---|---|---|---|"]
     for name, fn in cases:
-        host_us, wall_us = time_calls(fn, device, calls, warmup=5)
+        host_us, wall_us, device_us = time_calls(fn, device, calls, warmup=5)
         syncs = host_syncs(fn, device)
-        row = dict(piece=name, host_us=host_us, wall_us=wall_us, syncs=syncs)
+        row = dict(piece=name, host_us=host_us, device_us=device_us, wall_us=wall_us, syncs=syncs)
         rows.append(row)
-        lines.append(f"| {name} | {row['host_us']:.1f} | {row['wall_us']:.1f} | {len(syncs)} |")
+        shown = "–" if device_us is None else f"{device_us:.1f}"
+        lines.append(f"| {name} | {host_us:.1f} | {shown} | {wall_us:.1f} | {len(syncs)} |")
         print(lines[-1], flush=True)
         for m in syncs:
-            lines.append(f"|   sync: {m} | | | |")
+            lines.append(f"|   sync: {m} | | | | |")
     return rows
 
 
