@@ -2,9 +2,10 @@
 
 Compares the fused op and the MirrorLA layer on the Triton backend with the torch reference on the same device:
 outputs and the gradients of q, k, v and the angles, fp32 and bf16, strided inputs, head dims 16–128, N from 1
-to 4,097, both pairings. Also checks that a DeiT-T forward under torch.compile(fullgraph) matches eager, and that
-CUDA-graph capture (mode="reduce-overhead") runs, also for a training step compiled block by block. Prints one
-line per check and exits 1 on a mismatch.
+to 4,097, both pairings; rows of 513 to 4,096 tokens on both kernel paths (the row kernels take them on a GPU
+tuned so, the chunked ones by default). Also checks that a DeiT-T forward under torch.compile(fullgraph) matches
+eager, and that CUDA-graph capture (mode="reduce-overhead") runs, also for a training step compiled block by block.
+Prints one line per check and exits 1 on a mismatch.
 
 Also checks the MirrorLA layer (fold, σ², rotation, attention) on the Triton backend against the torch backend on
 the same device, in values and in the gradients of every parameter, and the chunked backward's block options
@@ -17,6 +18,7 @@ and sizes the benchmarks use, d = 64, so few kernel variants compile)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -25,6 +27,7 @@ import torch
 from mirrorla.ops.fused import rotate_relu_reference
 from mirrorla.ops.linear_attention import _linear_attention_torch
 from mirrorla.ops.triton_linear_attention import fused_linear_attention
+from mirrorla.ops.tuning import forced_tuning
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 device = torch.device(args[0] if args else "cuda")
@@ -60,25 +63,29 @@ CASE_SIZES = ((4097, 128), (1, 16), (197, 48), (197, 64), (1000, 64)) if device.
     ((1, 16), (97, 48))
 if quick:
     CASE_SIZES = ((1000, 64), (197, 64)) if device.type == "cuda" else ((97, 64),)
-cases = [(feature, pairing, n, d, dtype)
+# rows of 513 to 4,096 tokens run on either kernel path, by the GPU's row_max_tiles (the H200's entry gives them the
+# row kernels, the defaults the chunked ones): both are checked there, whatever this GPU's setting
+cases = [(feature, pairing, n, d, dtype, path)
          for feature, pairing in (("rotate_relu", "adjacent"), ("rotate_relu", "half"), ("relu", "adjacent"))
          for n, d in CASE_SIZES
-         for dtype in (torch.float32, torch.bfloat16)]
-for feature, pairing, n, d, dtype in cases:
+         for dtype in (torch.float32, torch.bfloat16)
+         for path in (("row", "chunked") if 512 < n <= 4096 else ("",))]
+for feature, pairing, n, d, dtype, path in cases:
     b, h = 3, 3
     g = torch.Generator(device="cpu").manual_seed(n * d)
     qkv = torch.randn(b, n, 3, h, d, generator=g).to(device, dtype)
     q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))  # strided views
     angle = torch.randn(b, h, d // 2, generator=g).to(device).requires_grad_() if feature == "rotate_relu" else None
     inputs = [q, k, v] + ([angle] if angle is not None else [])
-    out = fused_linear_attention(q, k, v, angle, feature=feature, pairing=pairing)
-    grad = torch.randn(out.shape, generator=g).to(device, dtype)
-    got = torch.autograd.grad(out, inputs, grad)
+    with forced_tuning(row_max_tiles=10**9 if path == "row" else 0) if path else contextlib.nullcontext():
+        out = fused_linear_attention(q, k, v, angle, feature=feature, pairing=pairing)
+        grad = torch.randn(out.shape, generator=g).to(device, dtype)
+        got = torch.autograd.grad(out, inputs, grad)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = reference(q32, k32, v32, angle, feature, pairing)
     want = torch.autograd.grad(ref, [q32, k32, v32] + ([angle] if angle is not None else []), grad.float())
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3  # tf32 state products on fp32 inputs
-    name = f"{feature} {pairing} N={n} d={d} {str(dtype).split('.')[-1]}"
+    name = f"{feature} {pairing} N={n} d={d} {str(dtype).split('.')[-1]}" + (f" {path} kernels" if path else "")
     report(f"{name} out", rel(out, ref), tol)
     if n == 1:  # one token: where φ(q)·φ(k) = 0 the normaliser is ε and the gradients are 1/ε-sized noise
         continue
