@@ -143,7 +143,7 @@ def size_dependent_variants(calls: list, arch: int = 90, values=(1, 48, 1001)) -
     (``sizes_jit``), so this list is empty."""
     import inspect
 
-    known = distinct_configurations(calls, arch)
+    known = set(distinct_configurations(calls, arch))
     found = []
     for name, kernel, args, kwargs in calls:
         params = list(inspect.signature(kernel.fn).parameters)
@@ -151,7 +151,7 @@ def size_dependent_variants(calls: list, arch: int = 90, values=(1, 48, 1001)) -
                  if isinstance(a, int) and not isinstance(a, bool) and not params[i].startswith("s_")]
         for value in values:
             changed = tuple(value if i in sizes else a for i, a in enumerate(args))
-            if not set(distinct_configurations([(name, kernel, changed, kwargs)], arch)) <= set(known):
+            if not set(distinct_configurations([(name, kernel, changed, kwargs)], arch)) <= known:
                 found.append(f"{name}: sizes = {value}")
     return sorted(set(found))
 

@@ -187,18 +187,12 @@ def test_gpu_session_packs_into_its_own_output_directory(tmp_path):
         assert not any("results.tgz" in name for name in names), names
 
 
-def test_gpu_profile_times_pieces_in_bursts_that_cannot_fill_the_launch_queue(monkeypatch):
+def test_gpu_profile_times_pieces_in_bursts_that_cannot_fill_the_launch_queue(monkeypatch, benchmark_script):
     """gpu_profile's per-piece timing syncs after every BURST calls, so the host clock measures the host (200 calls
     back to back filled CUDA's launch queue and then measured the device); on a CPU it reports no device time."""
-    import importlib.util
-    from pathlib import Path
-
     import torch
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_profile.py"
-    spec = importlib.util.spec_from_file_location("gpu_profile", path)
-    gpu_profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_profile)
+    gpu_profile = benchmark_script("gpu_profile")
     events = []
     monkeypatch.setattr(gpu_profile, "sync", lambda device: events.append("sync"))
     host_us, wall_us, device_us = gpu_profile.time_calls(lambda: events.append("call"), torch.device("cpu"),

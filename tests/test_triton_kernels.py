@@ -65,11 +65,8 @@ CASES = [  # (feature, pairing, N, d): every N and head dim of the issue, each m
 
 @pytest.mark.parametrize("feature, pairing, n, d", CASES)
 def test_fused_op_matches_reference_values_and_gradients_fp32(feature, pairing, n, d, backend, kernel_path):
-    if kernel_path == "row" and n > 512:
-        # 23 s of interpreter for the suite's time budget. The row kernels' token loops over several tiles are
-        # checked at 197 tokens, and a kernel compiles to the same code at any length (sizes are unspecialised):
-        # rows over 512 tokens take the row kernels only on GPUs tuned so (the H200), where gpu_check runs them
-        pytest.skip("rows over 512 tokens: the chunked kernels' case")
+    # rows of 1,000 tokens on the row kernels too (23 s of interpreter): a GPU tuned so (the H200's entry) sends rows
+    # of up to 4,096 tokens there
     b, h = 2, 2
     q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
     angle = torch.randn(b, h, d // 2, requires_grad=True) if feature == "rotate_relu" else None
@@ -1082,35 +1079,31 @@ def test_second_derivatives_through_the_triton_ops_are_an_error_not_zero():
             grad.square().sum().backward()
 
 
-def test_row_kernels_compile_for_an_h100():
-    """The interpreter runs the kernels' Python, not Triton's compiler: the row kernels (bf16, d = 64, every map and
-    pairing the dispatch launches) must also compile for sm_90 within its shared memory, which
-    ``benchmarks/compile_check.py`` checks without a GPU (Triton's bundled ptxas, no driver)."""
+def _run_with_triton_compiler(args: list[str], timeout: int):
+    """``python ARGS`` in a subprocess with Triton's compiler (TRITON_INTERPRET, which replaces it, removed) and
+    this checkout's ``src`` on the path: how the tests run ``benchmarks/compile_check.py``."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     pytest.importorskip("triton.backends.nvidia.compiler")
-    root = Path(__file__).resolve().parents[1]
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root / "src")
-    result = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_check.py"), "--quick",
-                             "--kernels", "_row_"], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "13 configurations, 0 failed" in result.stdout, result.stdout[-3000:]
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _compile_check_module():
-    """``benchmarks/compile_check.py`` as a module (it is a script, not part of the package)."""
-    import importlib.util
+def test_row_kernels_compile_for_an_h100():
+    """The interpreter runs the kernels' Python, not Triton's compiler: the row kernels (bf16, d = 64, every map and
+    pairing the dispatch launches) must also compile for sm_90 within its shared memory, which
+    ``benchmarks/compile_check.py`` checks without a GPU (Triton's bundled ptxas, no driver)."""
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_check.py"
-    spec = importlib.util.spec_from_file_location("compile_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    root = Path(__file__).resolve().parents[1]
+    result = _run_with_triton_compiler([str(root / "benchmarks" / "compile_check.py"), "--quick", "--kernels", "_row_"],
+                                       timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "13 configurations, 0 failed" in result.stdout, result.stdout[-3000:]
 
 
 # The miscompile seen on an H200 (ptxas of CUDA 12.8, the state kernel unrolled to one tile): the second k step's
@@ -1147,10 +1140,10 @@ _SOUND_SASS = """
 """
 
 
-def test_compile_check_finds_reads_of_uniform_registers_nothing_wrote():
+def test_compile_check_finds_reads_of_uniform_registers_nothing_wrote(benchmark_script):
     """compile_check's miscompile check: the wgmma descriptor made from an unwritten register is found (its address
     is the instruction compute-sanitizer named), a sound kernel's registers are not."""
-    check = _compile_check_module().uninitialised_uniform_reads
+    check = benchmark_script("compile_check").uninitialised_uniform_reads
     found = check(_MISCOMPILED_SASS)
     assert [(address, register) for address, register, _ in found] == [("1f10", "UR7"), ("1f20", "UR7")]
     assert check(_SOUND_SASS) == []
@@ -1166,19 +1159,13 @@ def test_kernels_compile_one_variant_whatever_the_sizes():
     which of those a GPU runs depends on the batch and its SM count, so compile_check on a CPU would miss some:
     the one-tile state kernel that ptxas of CUDA 12.8 miscompiled was such a variant. (A subprocess: compile_check
     needs Triton's compiler, which TRITON_INTERPRET replaces.)"""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    root = Path(__file__).resolve().parents[1]
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root / "src")
-    script = (f"import sys; sys.path.insert(0, {str(root / 'benchmarks')!r}); import compile_check as c; "
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    script = (f"import sys; sys.path.insert(0, {str(benchmarks)!r}); import compile_check as c; "
               "launches = c.record_launches(quick=True); "
               "print(sorted({name for name, *_ in launches})); print(c.size_dependent_variants(launches))")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    result = _run_with_triton_compiler(["-c", script], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     names, variants = result.stdout.strip().splitlines()[-2:]
     for kernel in ("_state_kernel", "_output_kernel", "_backward_q_kernel", "_backward_kv_kernel",

@@ -69,7 +69,6 @@ _STAGES = 2  # the token loops pipeline their loads two deep; three overflowed s
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton reads it when @triton.jit runs
 
 
-
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
@@ -328,7 +327,7 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
         dz_acc = tl.zeros([BD, 16], dtype=tl.float32)
         dang = tl.zeros([BD, 16], dtype=tl.float32)
         first_column = tl.arange(0, 16)[None, :] == 0
-        ones = tl.where(first_column, tl.full([BN, 16], 1.0, tl.float32), 0.0)
+        ones = _ones_column(ds_acc, BN)  # fp32, as ds_acc
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < NQ

@@ -487,17 +487,14 @@ def _first_bad_step_of_all_ranks(first_bad: torch.Tensor, bad_loss: torch.Tensor
 
     A loss that turns NaN on one rank turns every rank's NaN one step later (the gradients are averaged), which
     can fall after a read: that rank would stop at the read while the others went on into the next step's
-    gradient all-reduce and waited for it forever. One collective per read (every ``READ_EVERY`` steps), on the
-    device; a second only when a loss was not finite."""
+    gradient all-reduce and waited for it forever. Two scalar collectives per read (every ``READ_EVERY`` steps),
+    on the device: no host read of their own."""
     never = torch.iinfo(torch.int64).max
     key = torch.where(first_bad >= 0, first_bad * info.world_size + info.rank, never)  # the earliest, then the rank
     dist.all_reduce(key, op=dist.ReduceOp.MIN)
-    first = torch.where(key == never, -1, key // info.world_size)
-    if bool(key != never):  # a host read, already made at every read; both collectives run on every rank
-        value = torch.where(key % info.world_size == info.rank, bad_loss, torch.zeros_like(bad_loss))
-        dist.all_reduce(value)  # only the rank that saw it adds its loss
-        return first, value
-    return first, bad_loss
+    value = torch.where(key % info.world_size == info.rank, bad_loss, torch.zeros_like(bad_loss))
+    dist.all_reduce(value)  # only the rank that saw the first bad loss adds it (none: 0)
+    return torch.where(key == never, -1, key // info.world_size), value
 
 
 def _train_epoch(ddp_model, model, loader, recipe: _Recipe, config: TrainConfig, info: DistInfo, epoch: int
