@@ -63,8 +63,8 @@ CASE_SIZES = ((4097, 128), (1, 16), (197, 48), (197, 64), (1000, 64)) if device.
     ((1, 16), (97, 48))
 if quick:
     CASE_SIZES = ((1000, 64), (197, 64)) if device.type == "cuda" else ((97, 64),)
-# rows of 513 to 4,096 tokens run on either kernel path, by the GPU's row_max_tiles (the H200's entry gives them the
-# row kernels, the defaults the chunked ones): both are checked there, whatever this GPU's setting
+# rows of 513 to 4,096 tokens run on either kernel path, by the GPU's row_max_tiles (a tuned GPU gives them the row
+# kernels with B·H at least its SM count, the defaults the chunked ones): both are checked, whatever this GPU's setting
 cases = [(feature, pairing, n, d, dtype, path)
          for feature, pairing in (("rotate_relu", "adjacent"), ("rotate_relu", "half"), ("relu", "adjacent"))
          for n, d in CASE_SIZES

@@ -65,8 +65,8 @@ CASES = [  # (feature, pairing, N, d): every N and head dim of the issue, each m
 
 @pytest.mark.parametrize("feature, pairing, n, d", CASES)
 def test_fused_op_matches_reference_values_and_gradients_fp32(feature, pairing, n, d, backend, kernel_path):
-    # rows of 1,000 tokens on the row kernels too (23 s of interpreter): a GPU tuned so (the H200's entry) sends rows
-    # of up to 4,096 tokens there
+    # rows of 1,000 tokens on the row kernels too (23 s of interpreter): a GPU tuned so (mirrorla tune) sends rows of
+    # up to 4,096 tokens there
     b, h = 2, 2
     q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
     angle = torch.randn(b, h, d // 2, requires_grad=True) if feature == "rotate_relu" else None
@@ -608,11 +608,32 @@ def test_the_row_limit_while_a_cuda_graph_records(monkeypatch):
             tuning = triton_ops.kernel_tuning(torch.device("cpu"))
             for capturing, want in ((False, tuned), (True, min(tuned, 8))):
                 monkeypatch.setattr(triton_ops, "graph_capturing", lambda device, capturing=capturing: capturing)
-                assert triton_ops._row_max_tiles(torch.device("cpu"), tuning) == want
+                assert triton_ops._row_max_tiles(torch.device("cpu"), tuning, 24) == want
     # on a CPU tensor nothing records: the helper asks CUDA only for CUDA tensors
     from mirrorla.ops._launch import graph_capturing
 
     assert graph_capturing(torch.device("cpu")) is False
+
+
+def test_the_row_limit_with_fewer_rows_than_sms(monkeypatch):
+    """A GPU's measured row_max_tiles applies beyond the default's 8 tiles only with at least as many (b, h) rows
+    as the GPU has SMs (one program per row would leave the others idle); forced settings (tools, tests) and CPU
+    tensors take the value as it is. Checked on a stand-in for a 132-SM GPU (no GPU here)."""
+    from types import SimpleNamespace
+
+    from mirrorla.ops.tuning import KernelTuning
+
+    monkeypatch.setattr(triton_ops, "_gpu_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(triton_ops, "graph_capturing", lambda device: False)
+    gpu = torch.device("cuda")
+    measured = KernelTuning(row_max_tiles=64, source="a tuning file")
+    for rows, want in ((1, 8), (24, 8), (131, 8), (132, 64), (1024, 64)):
+        assert triton_ops._row_max_tiles(gpu, measured, rows) == want, rows
+    assert triton_ops._row_max_tiles(gpu, KernelTuning(row_max_tiles=4, source="a file"), 1) == 4  # below the cap
+    assert triton_ops._row_max_tiles(gpu, KernelTuning(row_max_tiles=0, source="a file"), 1) == 0  # chunked only
+    with forced_tuning(row_max_tiles=64):
+        assert triton_ops._row_max_tiles(gpu, triton_ops.kernel_tuning(torch.device("cpu")), 24) == 64
+    assert triton_ops._row_max_tiles(torch.device("cpu"), measured, 1) == 64
 
 
 def test_rows_that_need_partner_loads_take_the_chunked_kernels(monkeypatch):

@@ -122,6 +122,17 @@ def test_row_rule_takes_the_longest_rows_where_the_row_kernels_win_at_every_shor
         tune.choose_row_max_tiles([])
 
 
+def test_the_row_kernels_race_with_at_least_as_many_rows_as_the_gpu_has_sms(monkeypatch):
+    """The library applies a measured row_max_tiles beyond 8 tiles only with B·H ≥ the GPU's SMs, so tune measures
+    there: the batch rises to ⌈SMs / H⌉ on a GPU (a stand-in for a 132-SM one here), never falls."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    assert tune.path_batch(torch.device("cuda"), 8) == 44  # 44 · 3 heads = 132 rows
+    assert tune.path_batch(torch.device("cuda"), 64) == 64
+    assert tune.path_batch(torch.device("cpu"), 8) == 8
+
+
 def _blocks(ratios: dict[str, list[float]]):
     """Backward timings for N = 4096 and 65536 × relu, mirror, with the given ratios to the default per option."""
     keys = [(4096, "relu"), (4096, "mirror"), (65536, "relu"), (65536, "mirror")]
@@ -176,6 +187,7 @@ def test_tune_command_measures_decides_and_reports_in_the_interpreter(tmp_path, 
     assert {(r["attn"], r["mode"]) for r in result["paths"]} == {(a, m) for a in ("relu", "mirror")
                                                                 for m in ("fwd", "fwd+bwd")}
     assert all(r["row_us"] > 0 and r["chunked_us"] > 0 for r in result["paths"])
+    assert result["row_batch"] == 1 and "(row kernels: B=1)" in result["measured"]  # the interpreter: --batch
     assert set(result["blocks"]["backward_blocks"]["rows"][0]["us"]) == {"64x4", "64x8", "32x4", "32x8"}
     assert set(result["blocks"]["ieee_backward_blocks"]["rows"][0]["us"]) == {"16x8", "16x4", "32x8", "64x4"}
     for measured in result["blocks"].values():  # every option gives the default's gradients

@@ -20,7 +20,8 @@ sets of kernels run these passes:
 - chunked kernels (long rows): one kernel per pass, each with many programs per (b, h) row, every program
   reducing a chunk of tokens into fp32 partials that are added in a fixed order (deterministic, no atomics);
 - row kernels (rows of at most ``row_max_tiles`` token tiles, 8 unless :mod:`mirrorla.ops.tuning` has a
-  measurement for the GPU, and at most 8 while a CUDA graph records, see :func:`_row_max_tiles`): one program per
+  measurement for the GPU, and at most 8 while a CUDA graph records or with fewer (b, h) rows than the GPU has
+  SMs, see :func:`_row_max_tiles`): one program per
   row runs every pass of the forward, another every pass of the backward, with the state and dS kept in registers
   between passes: one launch each way, where short rows cost more host time per launch than GPU time (DeiT-T at
   224²).
@@ -747,14 +748,31 @@ def _pair_sum(per_channel: torch.Tensor, pairing: str) -> torch.Tensor:
     return per_channel.unflatten(-1, (2, d // 2)).sum(-2)
 
 
-def _row_max_tiles(device: torch.device, tuning) -> int:
-    """The longest row (token tiles) the row kernels run on ``device``: its ``tuning.row_max_tiles`` (see
-    :mod:`mirrorla.ops.tuning`), at most the default's while a CUDA graph records the launches. ``mirrorla tune``
-    times calls issued one by one, where the row kernels save host time per launch (one program per row, one launch
-    each way); replayed graphs have no such cost, and one program per row leaves most of a GPU idle on long rows
-    (24 programs for B·H = 24 on a 132-SM H200), so there the rows beyond the default's take the chunked kernels."""
+def _row_max_tiles(device: torch.device, tuning, rows: int) -> int:
+    """The longest row (token tiles) the row kernels run for ``rows`` (b, h) rows on ``device``: its
+    ``tuning.row_max_tiles`` (see :mod:`mirrorla.ops.tuning`), at most the default's where one program per row would
+    leave the GPU's SMs idle on long rows:
+
+    - while a CUDA graph records the launches. ``mirrorla tune`` times calls issued one by one, where the row kernels
+      save host time per launch (one program per row, one launch each way); replayed graphs have no such cost;
+    - with fewer rows than the GPU has SMs. One program per row then runs every tile of its row in turn, where the
+      chunked kernels spread the same tiles over the whole GPU: on an H200 (132 SMs) the row forward at B·H = 24,
+      4,096 tokens took 223 µs per call back to back (``benchmarks/results/gpu_h200/tune``), some 3.4 µs per tile
+      and about three times its host cost per call: its 24 programs bound it. Calls issued one by one hide that
+      behind the chunked kernels' host time (tune measured them at 223 µs too); a training step that keeps the GPU
+      busy does not, and there only GPU time counts. ``mirrorla tune`` therefore measures the row kernels with at
+      least as many rows as SMs, where its setting applies.
+
+    Forced settings (:func:`~mirrorla.ops.tuning.forced_tuning`: tools and tests that choose a path) are taken as
+    they are, except while a graph records."""
     tiles = tuning.row_max_tiles
-    return min(tiles, DEFAULT_TUNING.row_max_tiles) if graph_capturing(device) else tiles
+    if tiles <= DEFAULT_TUNING.row_max_tiles:
+        return tiles
+    if graph_capturing(device):
+        return DEFAULT_TUNING.row_max_tiles
+    if tuning.source != "forced" and device.type == "cuda" and rows < _gpu_properties(device).multi_processor_count:
+        return DEFAULT_TUNING.row_max_tiles
+    return tiles
 
 
 def _row_path(nq: int, n: int, bn: int, feature: int, swap: bool, max_tiles: int) -> bool:
@@ -793,7 +811,8 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
         state_blocks["BN"], state_blocks["num_warps"] = tuning.ieee_backward_blocks
     out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
     row = (q, v, feature, pairing, mirror is not None, moment, "forward")
-    if _row_path(nq, n, bn, feature, swap, _row_max_tiles(q.device, tuning)) and not _row_kernel_too_large(*row):
+    if (_row_path(nq, n, bn, feature, swap, _row_max_tiles(q.device, tuning, b * h))
+            and not _row_kernel_too_large(*row)):
         state = torch.empty(1 + moment, b * h, d, dv + 1, device=q.device, dtype=torch.float32)
         try:
             _row_forward_kernel[(b * h,)](
@@ -846,7 +865,8 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     else:  # without a moment the kernels store no angle gradient: a placeholder pointer
         dang = torch.empty(b * h, d, device=q.device, dtype=torch.float32) if moment else state
     row = (q, v, feature, pairing, mirror is not None, moment, "backward")
-    if _row_path(nq, n, bn, feature, swap, _row_max_tiles(q.device, tuning)) and not _row_kernel_too_large(*row):
+    if (_row_path(nq, n, bn, feature, swap, _row_max_tiles(q.device, tuning, b * h))
+            and not _row_kernel_too_large(*row)):
         # both passes in one program hold more live tiles: eight warps on Hopper, see _row_backward_warps
         row_blocks = dict(blocks, num_warps=_row_backward_warps(q.device, warps))
         if ieee:  # IEEE fp32 dots: the fp32 token tile of the setting (see below)
@@ -928,7 +948,8 @@ def _configuration(q, k, v, feature: int, pairing: int, mirror: bool, moment: bo
     n, dv = k.shape[2], v.shape[3]
     bd, _, bn, _ = _blocks(d, dv)
     return (str(q.device), q.dtype, _ieee_dots(q.dtype), d, dv, feature, pairing, mirror, moment,
-            _row_path(nq, n, bn, feature, _swap(d, bd, pairing), _row_max_tiles(q.device, kernel_tuning(q.device))))
+            _row_path(nq, n, bn, feature, _swap(d, bd, pairing),
+                      _row_max_tiles(q.device, kernel_tuning(q.device), q.shape[0] * q.shape[1])))
 
 
 _MAX_WIDTH = 128

@@ -169,7 +169,8 @@ def _add_tune(sub) -> None:
                    help="token counts at which the row kernels race the chunked kernels")
     p.add_argument("--block-lengths", default="4096,16384,65536",
                    help="token counts at which the chunked backward's options race")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8,
+                   help="batch of the timings (H = 3); the row kernels race at max(batch, ⌈SMs / 3⌉), see the docs")
     p.add_argument("--calls", type=int, default=20, help="calls back to back per timing (half for the backward)")
     p.add_argument("--repeats", type=int, default=5, help="timings per case (their median counts)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before a case's timings (compilation)")

@@ -3,12 +3,15 @@
 The settings (:mod:`mirrorla.ops.tuning`) are where the row kernels stop paying (``row_max_tiles``) and the chunked
 backward's ``(token tile, warps)``: ``backward_blocks`` for tensor-core dots (bf16/fp16 inputs, fp32 ones with
 TF32 allowed) and ``ieee_backward_blocks`` for IEEE fp32 dots (fp32 inputs at torch's default matmul precision).
-They are measured at the shape of the speed targets (B = 8, H = 3, d = 64; bf16, and fp32 for the IEEE setting)
-and turned into settings by rules fixed here, before any run:
+They are measured at the shape of the speed targets (B = 8, H = 3, d = 64; bf16, and fp32 for the IEEE setting;
+the row kernels with a larger batch, below) and turned into settings by rules fixed here, before any run:
 
 - **row_max_tiles.** The ops ``relu`` and ``mirror``, forward and forward+backward, run on the row kernels and on
-  the chunked kernels at each N of ``--lengths``; each time is the median of ``--repeats`` timings of ``--calls``
-  calls back to back (wall clock, device finished). The row kernels *win* at N when they take at most the chunked
+  the chunked kernels at each N of ``--lengths``, with at least as many (b, h) rows as the GPU has SMs (batch
+  ``max(--batch, ⌈SMs / H⌉)``): the library caps rows beyond the default's 8 tiles at fewer rows, where one program
+  per row leaves SMs idle (see ``_row_max_tiles`` in :mod:`mirrorla.ops.triton_linear_attention`), so the setting
+  only applies from there. Each time is the median of ``--repeats`` timings of ``--calls`` calls back to back
+  (wall clock, device finished). The row kernels *win* at N when they take at most the chunked
   kernels' time in all four cases. The setting is the tile count (64 tokens) of the largest N at which they win
   and at every shorter N measured; 0 (chunked kernels only) when they lose at the shortest.
 - **backward_blocks, ieee_backward_blocks.** Each option of the setting (:data:`BLOCK_SETTINGS`, the first the
@@ -124,6 +127,14 @@ def measure_paths(device: torch.device, dtype: torch.dtype, lengths=PATH_LENGTHS
                 progress(f"paths  N={n:<6} {attn:<6} {mode:<7} row {times['row']:9.1f} µs  chunked "
                          f"{times['chunked']:9.1f} µs  row/chunked {times['row'] / times['chunked']:.2f}")
     return rows
+
+
+def path_batch(device: torch.device, batch: int) -> int:
+    """The batch at which the row kernels race the chunked kernels: ``batch``, raised on a GPU to ``⌈SMs / H⌉`` so
+    that B·H is at least its SM count (where ``row_max_tiles`` applies beyond the default's tiles)."""
+    if device.type != "cuda":
+        return batch
+    return max(batch, -(-torch.cuda.get_device_properties(device).multi_processor_count // HEADS))
 
 
 def _block_name(blocks: tuple[int, int]) -> str:
@@ -271,7 +282,8 @@ def tune(device: torch.device, *, lengths=PATH_LENGTHS, block_lengths=BLOCK_LENG
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
-    paths = measure_paths(device, dtype, lengths, batch, calls, repeats, warmup, progress)
+    row_batch = path_batch(device, batch)
+    paths = measure_paths(device, dtype, lengths, row_batch, calls, repeats, warmup, progress)
     row_max_tiles, row_why = choose_row_max_tiles(paths)
     chosen, reasons, blocks = {}, {"row_max_tiles": row_why}, {}
     for setting, (options, _) in BLOCK_SETTINGS.items():
@@ -287,9 +299,9 @@ def tune(device: torch.device, *, lengths=PATH_LENGTHS, block_lengths=BLOCK_LENG
     gpu = _device_name(device)
     when = datetime.date.today().isoformat()
     measured = (f"mirrorla tune on {when}, torch {torch.__version__}, triton {triton.__version__}, "
-                f"B={batch}, H={HEADS}, d={HEAD_DIM}, {str(dtype).replace('torch.', '')}")
+                f"B={batch} (row kernels: B={row_batch}), H={HEADS}, d={HEAD_DIM}, {str(dtype).replace('torch.', '')}")
     tuning = KernelTuning(row_max_tiles=row_max_tiles, **chosen, source=measured)
-    return dict(gpu=gpu, measured=measured, dtype=str(dtype).replace("torch.", ""), batch=batch,
+    return dict(gpu=gpu, measured=measured, dtype=str(dtype).replace("torch.", ""), batch=batch, row_batch=row_batch,
                 seconds=round(time.perf_counter() - started, 1), paths=paths, blocks=blocks,
                 tuning=tuning.settings(), reasons=reasons)
 
@@ -311,7 +323,8 @@ def _markdown(result: dict[str, Any]) -> str:
     lines = [f"# Kernel tuning: {result['gpu']}", "", f"{result['measured']}; {result['seconds']} s.", "",
              f"- **row_max_tiles = {t['row_max_tiles']}**: {result['reasons']['row_max_tiles']}."]
     lines += [f"- **{setting} = {tuple(t[setting])}**: {result['reasons'][setting]}." for setting in result["blocks"]]
-    lines += ["", "## Row kernels against chunked kernels (wall µs per call, median)", "",
+    lines += ["", f"## Row kernels against chunked kernels (batch {result.get('row_batch', result['batch'])}, wall µs "
+                  "per call, median)", "",
               "| N | attention | mode | row | chunked | row / chunked |", "|---|---|---|---|---|---|"]
     for r in result["paths"]:
         lines.append(f"| {r['n']} | {r['attn']} | {r['mode']} | {r['row_us']:.1f} | {r['chunked_us']:.1f} | "
