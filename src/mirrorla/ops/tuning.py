@@ -5,7 +5,8 @@ Some choices of the Triton path depend on the GPU more than on the code, so they
 - ``row_max_tiles``: rows of at most this many token tiles (64 tokens at d ≤ 64) run on the row kernels, one
   program per (b, h) row and one launch each way; longer rows run on the chunked kernels, many programs per row.
   The row kernels save launches (host time) and lose parallelism, so where they stop winning depends on the GPU's
-  size and its host.
+  size and its host. A value beyond the default's 8 tiles applies only with at least as many rows as the GPU has
+  SMs (and never while a CUDA graph records), see ``_row_max_tiles`` in :mod:`.triton_linear_attention`.
 - ``backward_blocks``: ``(token tile, warps)`` of the chunked backward kernels for heads up to 64 wide, where the
   matmuls run on tensor cores (bf16/fp16 inputs; fp32 ones where torch allows TF32). Smaller tiles and more warps
   spill fewer registers (ptxas) but run smaller matmuls.
