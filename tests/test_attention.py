@@ -67,6 +67,31 @@ def test_local_term_skips_prefix_tokens_and_handles_non_square_grids():
         m._local_term(v, (4, 4))
 
 
+def test_local_term_gives_its_convolution_a_channels_last_grid_that_cuda_runs_in_cudnn():
+    """The depthwise convolution of the local term gets the grid in channels-last order, a view of v when v comes from
+    the qkv projection. CUDA runs a channels-last depthwise convolution in cuDNN in every dtype; the NCHW grid of
+    before took PyTorch's own depthwise kernel in bf16 (``torch._C._select_conv_backend`` on fake CUDA tensors: no
+    GPU here). The values are checked against an explicit convolution above."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    qkv = torch.randn(2, 1 + 4 * 6, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+    grid = LinearAttention._local_grid(qkv[2], 1, (4, 6))
+    assert grid.shape == (2, C, 4, 6) and grid.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert grid.stride(1) == 1  # channels innermost
+
+    def backend(x, w):
+        return torch._C._select_conv_backend(x, w, None, [1, 1], [2, 2], [1, 1], False, [0, 0], x.shape[1], None)
+
+    with FakeTensorMode():
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            qkv = torch.empty(8, 1 + 64 * 64, 3, 3, 64, device="cuda", dtype=dtype).permute(2, 0, 3, 1, 4)
+            grid = LinearAttention._local_grid(qkv[2], 1, (64, 64))
+            weight = torch.empty(192, 1, 5, 5, device="cuda", dtype=dtype)
+            assert backend(grid, weight) == torch._C._ConvBackend.Cudnn, dtype
+            if dtype == torch.bfloat16:
+                assert backend(grid.contiguous(), weight) == torch._C._ConvBackend.CudaDepthwise2d
+
+
 def test_grid_inference():
     m = LinearAttention(C, HEADS, attn="relu")
     assert m.resolve_grid(196) == (0, (14, 14))

@@ -227,12 +227,21 @@ class LinearAttention(nn.Module):
             "tokens): pass grid_size=(height, width) to LinearAttention or its forward"
         )
 
+    @staticmethod
+    def _local_grid(v: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+        """The grid tokens of v ``[B, H, N, d]`` as an image ``[B, C, height, width]`` in channels-last order (the
+        channels innermost): a view of v where its heads and channels are adjacent in memory, as in the qkv
+        projection's output. On CUDA a channels-last depthwise convolution runs in cuDNN in every dtype, where an
+        NCHW one in bf16 or fp32 runs in PyTorch's own depthwise kernels (``torch._C._select_conv_backend``)."""
+        b, h, _, d = v.shape
+        return v[:, :, prefix:].permute(0, 2, 1, 3).reshape(b, grid[0], grid[1], h * d).permute(0, 3, 1, 2)
+
     def _local_term(self, v: torch.Tensor, grid_size: tuple[int, int] | None) -> torch.Tensor:
         """Depthwise convolution of V over the grid, ``[B, H, N, d] → [B, N, C]``, zero on prefix tokens."""
         b, h, n, d = v.shape
         prefix, (gh, gw) = self.resolve_grid(n, grid_size)
-        grid = v[:, :, prefix:].transpose(2, 3).reshape(b, h * d, gh, gw)
-        local = self.local(grid).flatten(2).transpose(1, 2)  # [B, gh·gw, C]
+        local = self.local(self._local_grid(v, prefix, (gh, gw)))  # channels last in, channels last out
+        local = local.permute(0, 2, 3, 1).reshape(b, gh * gw, h * d)  # [B, gh·gw, C]: a view of that output
         return F.pad(local, (0, 0, prefix, 0)) if prefix else local
 
     def _qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
