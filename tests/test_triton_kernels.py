@@ -968,6 +968,7 @@ FOLD_CASES = [  # (rows R, C_in, C, groups, bias, signs, weight given transposed
     (40, 33, 20, 1, False, None, False),
     (288, 9, 96, 2, True, 16, False),
     (200, 40, 96, 2, True, 96, True),
+    (576, 192, 192, 2, True, 64, False),  # DeiT-T's qkv: one program takes its 192 columns in one 256-wide block
 ]
 
 

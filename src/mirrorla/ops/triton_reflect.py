@@ -25,19 +25,23 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._launch import cdiv, graph_capturing, on_tensor_device, sizes_jit
+from ._launch import cdiv, graph_capturing, next_power_of_2, on_tensor_device, sizes_jit
 
 __all__ = ["reflect_projection_rows_triton"]
 
 _BLOCK_C = 64  # rows (output channels) per step of a program's loops over C
 _BLOCK_J = 32  # input columns per program
 _ONE_PROGRAM_MAX_BLOCKS = 8
-"""Projections with at most this many column blocks (C_in ≤ 256, DeiT-T's 192) run the backward in one program,
-block after block, and add the shares of du in the same program: one launch instead of two, which saves tens of
-microseconds of host time per launch where launches are issued one by one. On one SM the work is not small: 88 µs
-per call at DeiT-T's width on an H200 (``benchmarks/results/gpu_h200/profile_host.txt``). Wider projections, and
-every projection while a CUDA graph records (replays cost no host time), spread the blocks over programs and add
-the shares in a second launch."""
+"""Projections with at most this many column blocks (C_in ≤ 256, DeiT-T's 192) run the backward in one program and
+add the shares of du in the same program: one launch instead of two, which saves tens of microseconds of host time
+per launch where launches are issued one by one. On one SM the work is not small: with 32-column blocks taken one
+after another it took 88 µs per call at DeiT-T's width on an H200 (``benchmarks/results/gpu_h200/profile_host.txt``),
+some 105 dependent steps of a [64, 32] tile. So that program takes every column at once, in one block of
+``next_power_of_2(C_in)`` columns with a warp per 32 of them, 32 rows a step: 60 steps of [32, 256] tiles at
+DeiT-T's width, the bias's on a 16-column tile (eight warps; ptxas for sm_80, sm_89 and sm_90 with Triton 3.6 and
+3.8: 166–212 registers, no spills; 64 rows a step spilled fp32 on sm_80 and with Triton 3.6). Wider projections, and
+every projection while a CUDA graph records (replays cost no host time), spread 32-column blocks over programs and
+add the shares in a second launch."""
 
 
 @triton.jit
@@ -159,8 +163,8 @@ def _fold_backward_block(block, GW, GB, W, BIAS, U, S, DW, DB, PART, R, C_IN, C,
     _fold_columns_backward(GW, W, U, S, DW, part, offs_j, offs_j < C_IN, s_gr, s_gc, s_wr, s_wc, C_IN, 1, R, C,
                            GROUPS, NS, scale, 1, HAS_SIGNS, BC)
     if HAS_BIAS:
-        if block == 0:
-            lane = tl.arange(0, BJ)
+        if block == 0:  # the bias is one more column: 16 lanes (tl's narrowest useful tile), the first kept
+            lane = tl.arange(0, 16)
             _fold_columns_backward(GB, BIAS, U, S, DB, part, lane, lane < 1, s_gb, 0, s_b, 0, 1, 0, R, C, GROUPS,
                                    NS, scale, 0, HAS_SIGNS, BC)
 
@@ -245,6 +249,10 @@ def _fold_backward(d_w, d_b, weight, bias, u, signs, groups: int, need_u: bool):
     # one program saves a launch's host time; a CUDA graph replays launches for free, and there the column blocks
     # run side by side (one program took 88 µs per DeiT-T layer on an H200, 1.06 ms of a 19 ms training step)
     one_program = blocks <= _ONE_PROGRAM_MAX_BLOCKS and not graph_capturing(weight.device)
+    bc, bj, warps = _BLOCK_C, _BLOCK_J, 4
+    if one_program:  # every column in one block, see _ONE_PROGRAM_MAX_BLOCKS
+        bj, blocks = max(_BLOCK_J, next_power_of_2(c_in)), 1
+        bc, warps = 32, max(4, bj // 32)
     part = torch.empty(blocks, c, device=weight.device, dtype=torch.float32)
     d_u = torch.empty_like(u) if need_u else None
     _fold_rows_backward_kernel[(1 if one_program else blocks,)](
@@ -252,8 +260,8 @@ def _fold_backward(d_w, d_b, weight, bias, u, signs, groups: int, need_u: bool):
         d_weight, d_bias if with_bias else d_weight, part, d_u if need_u else part, rows, c_in, c, groups,
         signs.shape[0] if signs is not None else 1, *d_w.stride(), d_b.stride(0) if with_bias else 0,
         *weight.stride(), bias.stride(0) if with_bias else 0,
-        HAS_BIAS=with_bias, HAS_SIGNS=signs is not None, BC=_BLOCK_C, BJ=_BLOCK_J, ONE_PROGRAM=one_program,
-        NEED_U=need_u)
+        HAS_BIAS=with_bias, HAS_SIGNS=signs is not None, BC=bc, BJ=bj, ONE_PROGRAM=one_program,
+        NEED_U=need_u, num_warps=warps)
     if need_u and not one_program:
         _unit_grad_kernel[(1,)](part, u, d_u, blocks, c, BC=_BLOCK_C)
     return d_weight, d_bias, d_u
