@@ -11,11 +11,10 @@ attention op alone (q, k, v given, as in ``mirrorla bench op``).
 
 With ``--host`` it first times the attention's pieces one by one at one DeiT-T layer's shape (B·H = 128·3, 197
 tokens, d = 64): a tiny torch op, a one-argument Triton kernel, each MirrorLA kernel launch, the ops forward and
-forward+backward, the fold, the local term's convolution at 1024² (its grid channels-last and NCHW) and whole
-layers, each as host time per call (bursts of a few calls, so the launch queue never fills and the host clock
-measures the host) and as device time per call (the same calls queued behind a sleeping kernel, timed by CUDA
-events). They say which piece a host-bound step spends its time in, and whether that piece is bound by the host or
-by the GPU.
+forward+backward, the fold, and whole layers, each as host time per call (bursts of a few calls, so the launch
+queue never fills and the host clock measures the host) and as device time per call (the same calls queued behind
+a sleeping kernel, timed by CUDA events). They say which piece a host-bound step spends its time in, and whether
+that piece is bound by the host or by the GPU.
 
 Usage: PYTHONPATH=src python benchmarks/gpu_profile.py [--device cuda] [--img-size 224] [--batch 128]
        [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--host]
@@ -270,21 +269,6 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
                     layer(x)
         return step
 
-    # the local term at 1024² (batch 8: a class token and a 64 × 64 grid), its depthwise convolution forward and
-    # backward: the grid in channels-last order (the layer's, which CUDA runs in cuDNN) and in NCHW order (before:
-    # PyTorch's own depthwise kernel in bf16)
-    v_big = torch.randn(8, 1 + 64 * 64, 3, h, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)[2]
-    v_big = v_big.detach().requires_grad_()
-
-    def local_step(order: str):
-        layer = layers["relu"]
-        def step():
-            with autocast:
-                grid = layer._local_grid(v_big, 1, (64, 64))
-                out = layer.local(grid if order == "channels-last" else grid.contiguous())
-            out.float().sum().backward()
-        return step
-
     def chunked(fn):
         """fn on the chunked kernels (N = 197 takes the row kernels by default): the two paths side by side."""
         def call():
@@ -315,8 +299,6 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
         ("fold forward (no grad)", lambda: reflect_projection_rows(w.detach(), bias.detach(), u.detach(), signs,
                                                                    groups=2)),
         ("fold fwd+bwd (autograd)", fwd_bwd(lambda: reflect_projection_rows(w, bias, u, signs, groups=2))),
-        ("local term 1024² fwd+bwd, channels-last grid", local_step("channels-last")),
-        ("local term 1024² fwd+bwd, NCHW grid (before)", local_step("nchw")),
         ("layer relu inference (bf16 autocast)", layer_step("relu", False)),
         ("layer mirror inference (bf16 autocast)", layer_step("mirror", False)),
         ("layer relu training step", layer_step("relu", True)),

@@ -4,8 +4,8 @@
 # ~110 s on an H100), then this GPU's launch settings (mirrorla tune: the row kernels against the chunked kernels,
 # the backward block options; ~2 minutes), then the snapshot (run_gpu.sh, ~270 s) and the profile: the host cost
 # of the attention's pieces, the op's kernels at 65,536 tokens and eager DeiT-T training steps (gpu_profile.py
-# --host --mode train --op 65536, ~45 s), both with the settings tune chose (MIRRORLA_TUNING). About 9 minutes on
-# one H100, start-up excluded.
+# --host --mode train --op 65536, ~45 s), both with the settings tune chose (MIRRORLA_TUNING), and the local term's
+# convolution in both grid orders (local_term.py, ~20 s). About 9 minutes on one H100, start-up excluded.
 #
 # Each step has its own time limit, and the whole session a budget (BUDGET seconds, default 570): a step gets at
 # most what is left of it, and a step with less than MIN_STEP seconds left (default 30) is skipped. So the session
@@ -49,6 +49,9 @@ step run_gpu 420 run_gpu.log env OUT="$OUT" bash benchmarks/run_gpu.sh $PY
 # --op 65536: the op's kernels at the targets' longest rows, one by one (which pass holds MirrorLA's extra time)
 step gpu_profile 120 gpu_profile.log $PY benchmarks/gpu_profile.py --host --mode train --attn relu,mirror \
     --op 65536 --out "$OUT/profile_host.txt"
+# the local term's convolution with its grid channels-last (the layer's) and NCHW (before), bf16: the suspect of eager
+# DeiT-T's gap to softmax at 1024² (~20 s)
+step local_term 60 local_term.log $PY benchmarks/local_term.py --device cuda --dtype bf16 --out "$OUT/local_term.txt"
 if [ -n "${PACK:-}" ]; then
     # written outside $OUT and renamed when complete: a killed pack never leaves a truncated archive under its name,
     # and a PACK inside $OUT is neither archived into itself (tar: "file changed as we read it") nor an old one

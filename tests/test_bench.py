@@ -142,16 +142,17 @@ def test_gpu_session_runs_its_steps_in_order_with_the_settings_tune_chose(tmp_pa
 
     stub, calls = _stub_python(tmp_path, slow_check=False)
     out, log = _gpu_session(tmp_path, stub, budget=570, min_step=30)
-    assert [line.split(":")[0] for line in log] == ["gpu_check", "tune", "run_gpu", "gpu_profile", "packed " + str(out)
-                                                    + " into " + str(tmp_path / "results.tgz")]
-    assert all(" exit 0 " in line for line in log[:4]), log
+    assert [line.split(":")[0] for line in log] == ["gpu_check", "tune", "run_gpu", "gpu_profile", "local_term",
+                                                    "packed " + str(out) + " into " + str(tmp_path / "results.tgz")]
+    assert all(" exit 0 " in line for line in log[:5]), log
     assert (out / "gpu_check.txt").exists() and not list(out.glob("*.partial"))
     lines = calls.read_text().splitlines()
     # the checks and tune run with the library's settings; the snapshot and the profile with tune's
     assert "gpu_check.py" in lines[0] and lines[0].endswith("tuning=")
     assert "mirrorla tune" in lines[1] and lines[1].endswith("tuning=")
     later = lines[2:]
-    assert any("bench op" in line for line in later) and "gpu_profile.py" in later[-1]
+    assert any("bench op" in line for line in later) and "gpu_profile.py" in later[-2]
+    assert "local_term.py --device cuda" in later[-1]
     assert all(line.endswith(f"tuning={out / 'kernel_tuning.json'}") for line in later)
     with tarfile.open(tmp_path / "results.tgz") as pack:
         assert "./session.log" in pack.getnames()
@@ -164,8 +165,8 @@ def test_gpu_session_keeps_within_its_budget_and_still_packs_what_it_has(tmp_pat
     out, log = _gpu_session(tmp_path, stub, budget=3, min_step=2)
     # gpu_check is cut at the budget (timeout's 124), not at its own 200 s; nothing after it starts
     assert log[0].startswith("gpu_check: exit 124") and "(limit 3 s)" in log[0], log
-    assert [line.split(":")[0] for line in log[1:4]] == ["tune", "run_gpu", "gpu_profile"]
-    assert all("skipped" in line for line in log[1:4]), log
+    assert [line.split(":")[0] for line in log[1:5]] == ["tune", "run_gpu", "gpu_profile", "local_term"]
+    assert all("skipped" in line for line in log[1:5]), log
     assert len(calls.read_text().splitlines()) == 1
     assert (out / "gpu_check.txt.partial").exists() and not (out / "gpu_check.txt").exists()
     with tarfile.open(tmp_path / "results.tgz") as pack:
@@ -185,6 +186,20 @@ def test_gpu_session_packs_into_its_own_output_directory(tmp_path):
             names = pack.getnames()
         assert {"./session.log", "./gpu_check.txt", "./kernel_tuning.json"} <= set(names)
         assert not any("results.tgz" in name for name in names), names
+
+
+def test_local_term_benchmark_times_both_grid_orders_in_one_run(tmp_path, benchmark_script, capsys):
+    """benchmarks/local_term.py at a tiny size on the CPU: both orders, both modes, ratios, the table written; bad
+    sizes are a one-line error."""
+    local_term = benchmark_script("local_term")
+    out = tmp_path / "local_term.txt"
+    assert local_term.main(["--sizes", "32:2,48:1", "--repeats", "1", "--out", str(out)]) == 0
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 32²") or line.startswith("| 48²")]
+    assert [r.split(" | ")[2] for r in rows] == ["fwd", "fwd+bwd"] * 2
+    assert all(float(r.split(" | ")[5].rstrip(" |")) > 0 for r in rows)
+    assert local_term.main(["--sizes", "100:2"]) == 2
+    assert "IMAGE a multiple of 16" in capsys.readouterr().err
 
 
 def test_gpu_profile_times_pieces_in_bursts_that_cannot_fill_the_launch_queue(monkeypatch, benchmark_script):
