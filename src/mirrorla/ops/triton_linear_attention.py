@@ -757,11 +757,11 @@ def _row_max_tiles(device: torch.device, tuning, rows: int) -> int:
       save host time per launch (one program per row, one launch each way); replayed graphs have no such cost;
     - with fewer rows than the GPU has SMs. One program per row then runs every tile of its row in turn, where the
       chunked kernels spread the same tiles over the whole GPU: on an H200 (132 SMs) the row forward at B·H = 24,
-      4,096 tokens took 223 µs per call back to back (``benchmarks/results/gpu_h200/tune``), some 3.4 µs per tile
-      and about three times its host cost per call: its 24 programs bound it. Calls issued one by one hide that
-      behind the chunked kernels' host time (tune measured them at 223 µs too); a training step that keeps the GPU
-      busy does not, and there only GPU time counts. ``mirrorla tune`` therefore measures the row kernels with at
-      least as many rows as SMs, where its setting applies.
+      4,096 tokens took 223 µs per call back to back (``benchmarks/results/gpu_h200/tune``), about 3.5 µs per tile
+      and three times the host cost of such a call (65 µs, ``profile_host.txt``): its 24 programs bound it. Calls
+      issued one by one hide that behind the chunked kernels' host time (tune measured them at 223 µs too); a
+      training step that keeps the GPU busy does not, and there only GPU time counts. ``mirrorla tune`` therefore
+      measures the row kernels with at least as many rows as SMs, where its setting applies.
 
     Forced settings (:func:`~mirrorla.ops.tuning.forced_tuning`: tools and tests that choose a path) are taken as
     they are, except while a graph records."""
