@@ -7,10 +7,11 @@ CUDA, PyTorch runs an NCHW depthwise convolution in bf16 in its own depthwise ke
 cuDNN (``torch._C._select_conv_backend``); on CPUs both take oneDNN, in different layouts.
 
 Cases: DeiT-T's width (C = 192, H = 3) at the token grids of several image sizes (16-pixel patches, a class token).
-Times are medians of ``--repeats`` timings (CUDA events on a GPU, the host clock on a CPU) after warm-up.
+Times are medians of ``--repeats`` timings (CUDA events on a GPU, the host clock on a CPU) after warm-up, the two
+orders called in turn in every round.
 
 Usage: PYTHONPATH=src python benchmarks/local_term.py [--device cpu] [--dtype fp32|bf16]
-       [--sizes 224:32,512:8,1024:8] [--repeats 5] [--out FILE]
+       [--sizes 224:32,512:8,1024:8] [--repeats 9] [--out FILE]
 """
 
 from __future__ import annotations
@@ -46,25 +47,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median ms per call of ``fn`` over ``repeats`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
+def _call_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_ms(fns: dict, device: torch.device, repeats: int, warmup: int = 2) -> dict:
+    """Median ms per call of each of ``fns`` (name → function) over ``repeats`` rounds, after ``warmup`` calls of
+    each. Each round calls every function once, in turn, so a machine's drift (CPUs drift by tens of percent between
+    seconds) reaches them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_call_ms(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(device: torch.device, dtype: torch.dtype, sizes: list[tuple[int, int]], repeats: int) -> list[dict]:
@@ -81,20 +89,20 @@ def measure(device: torch.device, dtype: torch.dtype, sizes: list[tuple[int, int
             grid = layer._local_grid(v, 1, (side, side))
             return layer.local(grid if order == "channels-last" else grid.contiguous())
 
+        def forward(order: str, conv=conv):
+            with torch.no_grad():
+                conv(order)
+
+        def train(order: str, conv=conv, v=v):
+            conv(order).float().sum().backward()
+            v.grad = None
+            layer.zero_grad(set_to_none=True)
+
         row_fwd = dict(image=image, batch=batch, mode="fwd")
         row_train = dict(image=image, batch=batch, mode="fwd+bwd")
-        for order in ORDERS:
-            def forward(order=order, conv=conv):
-                with torch.no_grad():
-                    conv(order)
-
-            def train(order=order, conv=conv, v=v):
-                conv(order).float().sum().backward()
-                v.grad = None
-                layer.zero_grad(set_to_none=True)
-
-            row_fwd[order] = time_ms(forward, device, repeats)
-            row_train[order] = time_ms(train, device, repeats)
+        for row, step in ((row_fwd, forward), (row_train, train)):
+            row.update(time_ms({order: (lambda order=order, step=step: step(order)) for order in ORDERS}, device,
+                               repeats))
         rows += [row_fwd, row_train]
         for row in (row_fwd, row_train):
             print(_line(row), flush=True)
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--sizes", default="224:32,512:8,1024:8", help="IMAGE:BATCH pairs (default 224:32,512:8,1024:8)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
     try:

@@ -14,3 +14,5 @@ $PY -m mirrorla bench model --model mirrorla_deit_tiny_patch16_224 --attn softma
 # Swin-T: window-7 softmax (the original) against the hybrid with global MirrorLA in stages 1-2
 $PY -m mirrorla bench model --model mirrorla_swin_tiny_patch4_window7_224 --attn softmax,mirror \
     --img-size 224,448,896 --batch 2 --mode infer --out $OUT/swin --no-progress
+# the local term's convolution, its grid channels-last (the layer's) against NCHW (before), both in one run
+PYTHONPATH=${PYTHONPATH:-src} $PY benchmarks/local_term.py --device cpu --out $OUT/local_term.txt
