@@ -323,7 +323,7 @@ def _markdown(result: dict[str, Any]) -> str:
     lines = [f"# Kernel tuning: {result['gpu']}", "", f"{result['measured']}; {result['seconds']} s.", "",
              f"- **row_max_tiles = {t['row_max_tiles']}**: {result['reasons']['row_max_tiles']}."]
     lines += [f"- **{setting} = {tuple(t[setting])}**: {result['reasons'][setting]}." for setting in result["blocks"]]
-    lines += ["", f"## Row kernels against chunked kernels (batch {result.get('row_batch', result['batch'])}, wall µs "
+    lines += ["", f"## Row kernels against chunked kernels (batch {result['row_batch']}, wall µs "
                   "per call, median)", "",
               "| N | attention | mode | row | chunked | row / chunked |", "|---|---|---|---|---|---|"]
     for r in result["paths"]:
