@@ -10,11 +10,14 @@ Cases: ``mirrorla_deit_tiny_patch16_224`` (bf16 autocast, inference and training
 attention op alone (q, k, v given, as in ``mirrorla bench op``).
 
 With ``--host`` it first times the attention's pieces one by one at one DeiT-T layer's shape (B·H = 128·3, 197
-tokens, d = 64): a tiny torch op, a one-argument Triton kernel, each MirrorLA kernel launch, the ops forward and
+tokens, d = 64): a tiny torch op, the backward() of one multiply (by default and on the calling thread: what any
+backward call costs), a one-argument Triton kernel, each MirrorLA kernel launch, the ops forward and
 forward+backward, the fold, and whole layers, each as host time per call (bursts of a few calls, so the launch
 queue never fills and the host clock measures the host) and as device time per call (the same calls queued behind
 a sleeping kernel, timed by CUDA events). They say which piece a host-bound step spends its time in, and whether
-that piece is bound by the host or by the GPU.
+that piece is bound by the host or by the GPU. A second table does the same at DeiT-T's 1024² layer shape (B·H =
+8·3 rows of 4,097 tokens) for the ops' forward+backward and the layers' training steps, on the chunked kernels the
+library picks there and on the row kernels forced.
 
 Usage: PYTHONPATH=src python benchmarks/gpu_profile.py [--device cuda] [--img-size 224] [--batch 128]
        [--attn softmax,relu,mirror] [--mode infer,train] [--op N] [--host]
@@ -277,8 +280,22 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
         return call
 
     state_args = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6, True)  # with the moment
+    leaf = torch.zeros(8, device=device, requires_grad=True)
+
+    def tiny_backward():
+        (leaf * 2.0).sum().backward()
+        leaf.grad = None
+
+    def tiny_backward_on_caller():
+        # the engine runs a CUDA graph's backward on its device thread by default; this keeps it on the caller's
+        with torch.autograd.set_multithreading_enabled(False):
+            tiny_backward()
+
     cases = [
         ("torch: one tiny add", lambda: tiny.add_(1.0)),
+        # what one backward() call costs whatever it differentiates: the ops' fwd+bwd rows below pay it once per call
+        ("autograd: backward of one multiply", tiny_backward),
+        ("autograd: the same on the calling thread", tiny_backward_on_caller),
         ("triton: a one-argument kernel", lambda: _one_arg[(1,)](tiny)),
         ("triton: token sums (one launch + alloc)", lambda: tla._token_sum_parts(k)),
         ("relu op forward (no grad)", lambda: tla._fused_forward_impl(q, k, v, None, 1, 0, 1e-6)),
@@ -306,9 +323,69 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
         ("layer relu training step, chunked kernels", chunked(layer_step("relu", True))),
         ("layer mirror training step, chunked kernels", chunked(layer_step("mirror", True))),
     ]
+    return time_pieces(cases, device, calls, lines,
+                       f"Host and device cost per call, one DeiT-T layer's shape (batch {batch}, H = 3, N = 197, "
+                       f"d = 64), {calls} calls in bursts of {BURST}")
+
+
+def long_row_costs(device: torch.device, lines: list[str], batch: int = 8, grid: int = 64,
+                   calls: int = 40) -> list[dict]:
+    """The same columns at DeiT-T's 1024² layer shape (batch 8: B·H = 24 rows of 4,097 tokens, fewer rows than a
+    large GPU has SMs), for the op forward+backward and a layer's training step on the kernels the library picks
+    there (the chunked ones) and on the row kernels forced (one program per row): whether such a step is bound by
+    the host or by the GPU, and which path a step at this shape would rather take (see ``_row_max_tiles``).
+    ``grid``: the token grid's side (64 at 1024²), after a class token."""
+    from mirrorla.ops import triton_linear_attention as tla
+
+    h, d, c = 3, 64, 192
+    n = 1 + grid * grid
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(batch, n, 3, h, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
+    q, k, v = (t.detach().requires_grad_() for t in x.unbind(0))
+    theta = torch.rand(h, d // 2, device=device, requires_grad=True)
+    gamma = torch.zeros(h, d // 2, device=device, requires_grad=True)
+    grad_out = torch.randn(batch, h, n, d, device=device, dtype=dtype)
+    tokens = torch.randn(batch, n, c, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    layers = {attn: LinearAttention(c, h, attn=attn).to(device) for attn in ("relu", "mirror")}
+    ops = {"relu": lambda: tla.fused_linear_attention(q, k, v, feature="relu"),
+           "mirror": lambda: tla.mirror_linear_attention(q, k, v, theta, gamma)}
+
+    def op_step(attn: str):
+        def step():
+            ops[attn]().backward(grad_out)
+            q.grad = k.grad = v.grad = theta.grad = gamma.grad = None
+        return step
+
+    def layer_step(attn: str):
+        def step():
+            with autocast:
+                out = layers[attn](tokens)
+            out.float().sum().backward()
+            for p in layers[attn].parameters():
+                p.grad = None
+        return step
+
+    def on_rows(fn):
+        def call():
+            with kernel_path("row"):
+                fn()
+        return call
+
+    cases = []
+    for attn in ("relu", "mirror"):
+        cases += [(f"{attn} op fwd+bwd", op_step(attn)), (f"{attn} op fwd+bwd, row kernels", on_rows(op_step(attn))),
+                  (f"layer {attn} training step", layer_step(attn)),
+                  (f"layer {attn} training step, row kernels", on_rows(layer_step(attn)))]
+    return time_pieces(cases, device, calls, lines,
+                       f"Host and device cost per call, DeiT-T's {16 * grid}² layer shape (batch {batch}, H = 3, "
+                       f"N = {n}, d = 64), {calls} calls in bursts of {BURST}")
+
+
+def time_pieces(cases, device: torch.device, calls: int, lines: list[str], title: str) -> list[dict]:
+    """Time each ``(name, fn)`` with :func:`time_calls` and add a table of host, device and wall µs per call."""
     rows = []
-    lines += ["", f"## Host and device cost per call, one DeiT-T layer's shape (batch {batch}, H = 3, N = 197, "
-                  f"d = 64), {calls} calls in bursts of {BURST}", "",
+    lines += ["", f"## {title}", "",
               "| piece | host µs/call | device µs/call | wall µs/call | host syncs |", "|---|---|---|---|---|"]
     for name, fn in cases:
         host_us, wall_us, device_us = time_calls(fn, device, calls, warmup=5)
@@ -342,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if args.host:
         host_costs(device, args.batch, lines)
+        long_row_costs(device, lines)
     for mode in args.mode.split(","):
         for attn in args.attn.split(","):
             if args.op:

@@ -216,3 +216,30 @@ def test_gpu_profile_times_pieces_in_bursts_that_cannot_fill_the_launch_queue(mo
     after_warmup = events[events.index("sync") + 1:]
     bursts = "".join("c" if e == "call" else "|" for e in after_warmup).split("|")[:-1]
     assert [len(b) for b in bursts] == [gpu_profile.BURST] * (20 // gpu_profile.BURST) + [20 % gpu_profile.BURST]
+
+
+
+def test_gpu_profile_long_row_table_runs_both_kernel_paths(monkeypatch, benchmark_script):
+    """gpu_profile's second table (the ops' forward+backward and the layers' training steps at the 1024² layer
+    shape, here a 4 × 4 grid) times every piece on the Triton path, on the kernels the library picks (here made the
+    chunked ones) and on the row kernels forced, with a host time for each (kernel launches recorded, not run)."""
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from mirrorla.ops.tuning import forced_tuning
+
+    monkeypatch.setenv("MIRRORLA_BACKEND", "triton")
+    launched = set()
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, grid, warmup, **k: launched.add(self.fn.__name__))
+    gpu_profile = benchmark_script("gpu_profile")
+    lines: list[str] = []
+    with forced_tuning(row_max_tiles=0):  # the library's choice at 1024² with few rows: the chunked kernels
+        rows = gpu_profile.long_row_costs(torch.device("cpu"), lines, batch=1, grid=4, calls=1)
+    assert [r["piece"] for r in rows] == [
+        name for attn in ("relu", "mirror") for name in (
+            f"{attn} op fwd+bwd", f"{attn} op fwd+bwd, row kernels", f"layer {attn} training step",
+            f"layer {attn} training step, row kernels")]
+    assert all(r["host_us"] > 0 and r["device_us"] is None for r in rows)
+    assert "DeiT-T's 64² layer shape (batch 1, H = 3, N = 17, d = 64)" in "\n".join(lines)
+    assert {"_row_forward_kernel", "_row_backward_kernel", "_state_kernel", "_backward_q_kernel",
+            "_backward_kv_kernel", "_token_sums_kernel"} <= launched
