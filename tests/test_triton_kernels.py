@@ -114,6 +114,50 @@ def test_queries_and_keys_of_different_lengths(backend, kernel_path):
     _assert_triton_matches_torch(backend, calls)
 
 
+def _laid_out(shape: tuple, layout: str) -> torch.Tensor:
+    """A leaf tensor of ``shape`` ``[B, H, N, w]`` in one of the memory layouts callers hand the ops: ``bnhd`` (heads
+    inside tokens, as a projection's output), ``channels`` (every other channel: a channel stride of 2) or ``offset``
+    (a view that starts 7 elements into its storage, so no 16-byte alignment)."""
+    b, h, n, w = shape
+    if layout == "bnhd":
+        x = torch.randn(b, n, h, w).transpose(1, 2)
+    elif layout == "channels":
+        x = torch.randn(b, h, n, 2 * w)[..., ::2]
+    else:
+        x = torch.randn(b * h * n * w + 7)[7:].view(shape)
+    return x.detach().requires_grad_()
+
+
+ODD_CASES = [  # (op, pairing, Nq, N, d, dv, layouts of q, k, v): widths off the kernels' blocks, odd layouts
+    ("rotate_relu", "half", 17, 130, 40, 100, ("channels", "offset", "bnhd")),
+    ("relu", "adjacent", 64, 65, 5, 7, ("offset", "bnhd", "channels")),
+    ("mirror", "adjacent", 129, 129, 6, 6, ("bnhd", "channels", "channels")),
+    ("mirror", "half", 65, 65, 10, 10, ("channels", "offset", "bnhd")),
+]
+
+
+@pytest.mark.parametrize("op, pairing, nq, n, d, dv, layouts", ODD_CASES)
+def test_odd_widths_and_layouts_match_the_reference(op, pairing, nq, n, d, dv, layouts, backend, kernel_path):
+    """Head widths that are not multiples of 16 (masked lanes; half pairs across a partial block), a value width
+    unlike the key width, channel strides of 2 and unaligned storage: values and every gradient as the torch
+    backend's, on both kernel paths."""
+    b, h = 2, 2
+    q = _laid_out((b, h, nq, d), layouts[0])
+    k = _laid_out((b, h, n, d), layouts[1])
+    v = _laid_out((b, h, n, dv), layouts[2])
+    if op == "mirror":
+        fmap = create_feature_map("mirror", h, d, pairing=pairing)
+        with torch.no_grad():
+            fmap.gamma.normal_(0, 0.5)
+        calls = [(op, lambda: fmap.attend(q, k, v, folded=True), [q, k, v, fmap.theta, fmap.gamma], None)]
+    else:
+        angle = torch.randn(b, h, d // 2, requires_grad=True) if op == "rotate_relu" else None
+        inputs = [q, k, v] + ([angle] if angle is not None else [])
+        calls = [(op, lambda: triton_ops.fused_linear_attention(q, k, v, angle, feature=op, pairing=pairing), inputs,
+                  lambda: _reference(q, k, v, angle, op, pairing))]
+    _assert_triton_matches_torch(backend, calls)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_op_half_precision_strided_inputs(dtype, backend, kernel_path):
     b, h, n, d = 2, 3, 197, 32
