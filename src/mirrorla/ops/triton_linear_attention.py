@@ -197,7 +197,7 @@ def _load_state(ST, offs_d, offs_v, partner, dmask, vmask, DV: tl.constexpr):
 
 
 @triton.jit
-def _map_backward(dphi, left, state_p, bias_p, phi, y, y_p, cos, ssin, sign, nmask, MAP: tl.constexpr,
+def _map_backward(dphi, left, state_p, bias_p, active, y_p, cos, ssin, sign, nmask, MAP: tl.constexpr,
                   SWAP: tl.constexpr, PAIRING: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                   IEEE: tl.constexpr, UPCAST: tl.constexpr, ANGLE_GRAD: tl.constexpr):
     """Through φ: the input's gradient ``[BN, BD]`` from dφ, and (``ANGLE_GRAD`` with a rotation, else zeros) this
@@ -207,12 +207,13 @@ def _map_backward(dphi, left, state_p, bias_p, phi, y, y_p, cos, ssin, sign, nma
     For the rotation the partner's gradient is shuffled in registers (``SWAP``) or recomputed from the state rows in
     partner order, ``left · state_pᵀ + bias_p`` (the same product that gave ``dphi``, with the partner rows).
 
-    A rotation's ReLU mask is read off φ (``φ > 0`` exactly where ``y > 0``): φ meets ``dphi`` in the layout of the
-    pass's matmuls anyway, where ``y > 0`` took a layout conversion of its own per tile (ptxas sm_90, bf16, d = 64:
-    the chunked q pass 1,552 → 1,449 instructions per tile, the row backward 963 → 895). The plain ReLU keeps
-    ``y > 0``: its φ is taken in the inputs' 16-bit dtype, and φ's mask cost it 13–17 instructions per tile."""
+    The ReLU passes where ``active > 0``: the pre-activation y, or φ itself (``φ > 0`` exactly where ``y > 0``). The
+    rotation's q pass hands φ, which meets ``dphi`` in the layout of the pass's matmuls anyway, where ``y > 0`` took
+    a layout conversion of its own per tile (ptxas sm_90, bf16, d = 64: the chunked q pass 1,552 → 1,449
+    instructions per tile, the row backward 963 → 895; sm_80 2,186 → 2,012 and 2,196 → 2,020). The k/v pass and the
+    plain ReLU hand y: there φ's mask cost up to 41 instructions per tile more."""
     if MAP == 2:
-        g = tl.where(phi > 0, dphi, 0.0)
+        g = tl.where(active > 0, dphi, 0.0)
         if SWAP:
             g_p = _swap_pairs(g, BN, BD, PAIRING)
         else:
@@ -223,7 +224,7 @@ def _map_backward(dphi, left, state_p, bias_p, phi, y, y_p, cos, ssin, sign, nma
         else:
             d_angle = tl.zeros_like(sign)
     elif MAP == 1:
-        dx = tl.where(y > 0, dphi, 0.0)
+        dx = tl.where(active > 0, dphi, 0.0)
         d_angle = tl.zeros_like(sign)
     else:
         dx = dphi
@@ -348,7 +349,11 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
         dnum = do * inv_den[:, None]
         dden = tl.where(nmask, -tl.sum(phi * do_st, axis=1) * inv_den * inv_den, 0.0)
         dphi = do_st * inv_den[:, None] + dden[:, None] * z[None, :]
-        dq, d_angle = _map_backward(dphi, dnum, s_p, dden[:, None] * z_p[None, :], phi, y, y_p, cos, ssin, sign,
+        if MAP == 2:  # the ReLU's mask off φ, see _map_backward
+            active = phi
+        else:
+            active = y
+        dq, d_angle = _map_backward(dphi, dnum, s_p, dden[:, None] * z_p[None, :], active, y_p, cos, ssin, sign,
                                     nmask, MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST, True)
         if (IEEE or not DOT_SUMS) and MAP == 2:
             dang += tl.sum(d_angle, axis=0) * sign
@@ -387,7 +392,7 @@ def _dkv_tiles(k_ptr, v_ptr, dk_ptr, dv_ptr, first, TILES, N, s_kn, s_kd, s_vn, 
         tl.store(dv_ptr + offs_n[:, None] * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=nmask[:, None] & vmask[None, :])
         dphi = _dot(v, tl.trans(ds), IEEE, UPCAST) + dz[None, :]
-        dk, _ = _map_backward(dphi, v, ds_p, dz_p[None, :], phi, y, y_p, cos, ssin, sign, nmask,
+        dk, _ = _map_backward(dphi, v, ds_p, dz_p[None, :], y, y_p, cos, ssin, sign, nmask,
                               MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST, False)
         if SIGMA:
             dk += ds1[None, :] + 2.0 * ds2[None, :] * x
