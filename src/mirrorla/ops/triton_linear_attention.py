@@ -208,10 +208,14 @@ def _map_backward(dphi, left, state_p, bias_p, active, y_p, cos, ssin, sign, nma
     partner order, ``left · state_pᵀ + bias_p`` (the same product that gave ``dphi``, with the partner rows).
 
     The ReLU passes where ``active > 0``: the pre-activation y, or φ itself (``φ > 0`` exactly where ``y > 0``). The
-    rotation's q pass hands φ, which meets ``dphi`` in the layout of the pass's matmuls anyway, where ``y > 0`` took
-    a layout conversion of its own per tile (ptxas sm_90, bf16, d = 64: the chunked q pass 1,552 → 1,449
-    instructions per tile, the row backward 963 → 895; sm_80 2,186 → 2,012 and 2,196 → 2,020). The k/v pass and the
-    plain ReLU hand y: there φ's mask cost up to 41 instructions per tile more."""
+    rotation's q pass hands φ where it sums d angle on the CUDA cores (the row kernels; the chunked q pass without
+    ``DOT_SUMS``): φ meets ``dphi`` in the layout of the pass's matmuls anyway, where ``y > 0`` took a layout
+    conversion of its own per tile. ptxas, bf16, d = 64: the row backward 963 → 895 instructions per tile and 254 →
+    240 registers on sm_90 (Triton 3.6: 88 B of spills → none), 2,196 → 2,020 on sm_80 (spills 756 → 596 B); the
+    sm_80 chunked q pass 2,186 → 2,012 (272 → 192 B). With ``DOT_SUMS`` (sm_90's chunked q pass) φ's mask saved
+    instructions with Triton 3.8 (1,552 → 1,449) but spilled more (328 → 384 B), and with Triton 3.6 it cost
+    both (1,510 → 1,517, 216 → 316 B): y's mask stays there. The k/v pass and the plain ReLU hand y too (φ's mask
+    cost them up to 41 instructions per tile)."""
     if MAP == 2:
         g = tl.where(active > 0, dphi, 0.0)
         if SWAP:
@@ -349,7 +353,7 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
         dnum = do * inv_den[:, None]
         dden = tl.where(nmask, -tl.sum(phi * do_st, axis=1) * inv_den * inv_den, 0.0)
         dphi = do_st * inv_den[:, None] + dden[:, None] * z[None, :]
-        if MAP == 2:  # the ReLU's mask off φ, see _map_backward
+        if MAP == 2 and (IEEE or not DOT_SUMS):  # the ReLU's mask off φ, see _map_backward
             active = phi
         else:
             active = y
