@@ -3,8 +3,9 @@
 # before the diagnostics: the kernels against the torch backend on this GPU (gpu_check.py --kernels-only --quick,
 # ~110 s on an H100), then this GPU's launch settings (mirrorla tune: the row kernels against the chunked kernels,
 # the backward block options; ~2 minutes), then the snapshot (run_gpu.sh, ~270 s) and the profile: the host cost
-# of the attention's pieces, the op's kernels at 65,536 tokens and eager DeiT-T training steps (gpu_profile.py
-# --host --mode train --op 65536, ~45 s), both with the settings tune chose (MIRRORLA_TUNING), and the local term's
+# of the attention's pieces (with what a bare backward() costs, and a table at DeiT-T's 1024² layer shape: chunked
+# against row kernels), the op's kernels at 65,536 tokens and eager DeiT-T training steps (gpu_profile.py
+# --host --mode train --op 65536, ~1 minute), both with the settings tune chose (MIRRORLA_TUNING), and the local term's
 # convolution in both grid orders (local_term.py, ~20 s). About 9 minutes on one H100, start-up excluded.
 #
 # Each step has its own time limit, and the whole session a budget (BUDGET seconds, default 570): a step gets at
