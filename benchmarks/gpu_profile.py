@@ -212,6 +212,14 @@ def kernel_path(path: str):
     return forced_tuning(row_max_tiles=10**9 if path == "row" else 0)
 
 
+def on_kernel_path(path: str, fn):
+    """``fn`` wrapped to run on the kernel path ``path`` (see :func:`kernel_path`)."""
+    def call():
+        with kernel_path(path):
+            return fn()
+    return call
+
+
 def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 200) -> list[dict]:
     """Per-call times (µs) of the attention's pieces at one DeiT-T layer's shape, called ``calls`` times back to
     back: ``host`` until the last call returns, ``wall`` until the device has finished too."""
@@ -274,10 +282,7 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
 
     def chunked(fn):
         """fn on the chunked kernels (N = 197 takes the row kernels by default): the two paths side by side."""
-        def call():
-            with kernel_path("chunked"):
-                return fn()
-        return call
+        return on_kernel_path("chunked", fn)
 
     state_args = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6, True)  # with the moment
     leaf = torch.zeros(8, device=device, requires_grad=True)
@@ -366,17 +371,12 @@ def long_row_costs(device: torch.device, lines: list[str], batch: int = 8, grid:
                 p.grad = None
         return step
 
-    def on_rows(fn):
-        def call():
-            with kernel_path("row"):
-                fn()
-        return call
-
     cases = []
     for attn in ("relu", "mirror"):
-        cases += [(f"{attn} op fwd+bwd", op_step(attn)), (f"{attn} op fwd+bwd, row kernels", on_rows(op_step(attn))),
+        cases += [(f"{attn} op fwd+bwd", op_step(attn)),
+                  (f"{attn} op fwd+bwd, row kernels", on_kernel_path("row", op_step(attn))),
                   (f"layer {attn} training step", layer_step(attn)),
-                  (f"layer {attn} training step, row kernels", on_rows(layer_step(attn)))]
+                  (f"layer {attn} training step, row kernels", on_kernel_path("row", layer_step(attn)))]
     return time_pieces(cases, device, calls, lines,
                        f"Host and device cost per call, DeiT-T's {16 * grid}² layer shape (batch {batch}, H = 3, "
                        f"N = {n}, d = 64), {calls} calls in bursts of {BURST}")
