@@ -114,7 +114,15 @@ def _features(ptr, offs_n, offs_d, partner, nmask, dmask, s_n, s_d, cos, ssin, M
             xp = tl.load(ptr + offs_n[:, None] * s_n + partner[None, :] * s_d, mask=nmask[:, None] & dmask[None, :],
                          other=0.0).to(tl.float32)
         y = cos[None, :] * x + ssin[None, :] * xp
-        y_p = cos[None, :] * xp - ssin[None, :] * x  # the partner's rotated value (its sine sign is opposite)
+        # y_p, the partner's rotated value, is y on the partner's channel (the pair shares cos, and its sine signs
+        # are opposite). Adjacent pairs sit in the same thread's registers, so swapping y there costs no
+        # instruction where the product form took two per element (ptxas, sm_90, bf16, d = 64, instructions per
+        # tile: training state pass 610 -> 546, chunked q pass 1,552 -> 1,397 with spills 328 -> 196 B). Half pairs
+        # cross threads, and there the swap cost more than it saved (state pass 651 -> 684).
+        if SWAP and PAIRING == 0:
+            y_p = _swap_pairs(y, BN, BD, PAIRING)
+        else:
+            y_p = cos[None, :] * xp - ssin[None, :] * x  # its sine sign is opposite
         phi = tl.maximum(y, 0.0)
     elif MAP == 1:
         y = x
