@@ -158,6 +158,39 @@ def test_odd_widths_and_layouts_match_the_reference(op, pairing, nq, n, d, dv, l
     _assert_triton_matches_torch(backend, calls)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("op", ["mirror", "rotate_relu", "relu", "identity"])
+def test_eps_zero_keeps_gradients_finite_when_the_tokens_do_not_fill_a_tile(op, backend, kernel_path):
+    """eps = 0: the padded tokens of the last tile have a zero normaliser. Their 1/den was inf, and 0·inf = NaN
+    reached dS, so every gradient but dq was NaN whenever N was not a multiple of the tile (the torch backend's are
+    finite). Now values and every gradient match it."""
+    b, h, n, d = 2, 2, 17, 16
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    if op == "mirror":
+        fmap = create_feature_map("mirror", h, d)
+        with torch.no_grad():
+            fmap.gamma.normal_(0, 0.5)
+        calls = [(op, lambda: fmap.attend(q, k, v, eps=0.0, folded=True), [q, k, v, fmap.theta, fmap.gamma], None)]
+    else:
+        angle = torch.randn(b, h, d // 2, requires_grad=True) if op == "rotate_relu" else None
+        inputs = [q, k, v] + ([angle] if angle is not None else [])
+
+        def call():
+            qq, kk = (q.abs(), k.abs()) if op == "identity" else (q, k)
+            return triton_ops.fused_linear_attention(qq, kk, v, angle, feature=op, eps=0.0)
+
+        def reference():
+            qq, kk = (q.abs(), k.abs()) if op == "identity" else (q, k)
+            if op == "rotate_relu":
+                qq, kk = (rotate_relu_reference(x, angle.unsqueeze(2), pairing="adjacent") for x in (qq, kk))
+            elif op == "relu":
+                qq, kk = qq.relu(), kk.relu()
+            return linear_attention(qq, kk, v, eps=0.0)
+
+        calls = [(op, call, inputs, reference)]
+    _assert_triton_matches_torch(backend, calls)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_op_half_precision_strided_inputs(dtype, backend, kernel_path):
     b, h, n, d = 2, 3, 197, 32

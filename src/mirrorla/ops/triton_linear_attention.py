@@ -357,9 +357,11 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
         # two matmuls, not three: with o = num / den and num = φ S, the product do·Sᵀ gives both the numerator's
         # gradient, dnum·Sᵀ = (do·Sᵀ) / den, and do·num = φ·(do·Sᵀ) row by row, so num itself is never formed
         do_st = _dot(do, tl.trans(s), IEEE, UPCAST)
-        inv_den = 1.0 / (tl.sum(phi * z[None, :], axis=1) + eps_n)
+        # padded tokens get 1/den = 0: with eps = 0 their den is 0, and do·(1/0) = NaN in dnum would reach dS through
+        # φᵀ·dnum (0·NaN), so every gradient but dq would be NaN whenever the tokens do not fill the last tile
+        inv_den = tl.where(nmask, 1.0 / (tl.sum(phi * z[None, :], axis=1) + eps_n), 0.0)
         dnum = do * inv_den[:, None]
-        dden = tl.where(nmask, -tl.sum(phi * do_st, axis=1) * inv_den * inv_den, 0.0)
+        dden = -tl.sum(phi * do_st, axis=1) * inv_den * inv_den
         dphi = do_st * inv_den[:, None] + dden[:, None] * z[None, :]
         if MAP == 2 and (IEEE or not DOT_SUMS):  # the ReLU's mask off φ, see _map_backward
             active = phi
