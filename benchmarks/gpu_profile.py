@@ -79,10 +79,13 @@ def op_step(attn: str, mode: str, n: int, device: torch.device):
         def fn():
             return layer.feature_map.attend(q, k, v, **layer.map_kwargs)
 
+    params = [] if attn == "softmax" else list(layer.parameters())
+
     def step():
         if mode == "train":
             fn().float().sum().backward()
-            q.grad = k.grad = v.grad = None
+            for t in (q, k, v, *params):  # every gradient dropped, as in the model steps (no accumulating adds)
+                t.grad = None
         else:
             with torch.no_grad():
                 fn()
@@ -253,6 +256,8 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
     signs = torch.ones(d, device=device)
     x = torch.randn(batch, n, c, device=device)  # a class token and a 14 × 14 grid
 
+    leaves = (qg, kg, vg, theta_g, gamma_g, w, bias, u)
+
     def fwd_bwd(fn):
         def step():
             out = fn()
@@ -261,6 +266,8 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
                                         [torch.ones_like(t) for t in out if t is not None])
             else:
                 out.backward(grad_out if out.shape == grad_out.shape else torch.ones_like(out))
+            for t in leaves:  # dropped, as in a training step: accumulating them would add an add kernel per leaf
+                t.grad = None
         return step
 
     layers = {}
@@ -275,6 +282,8 @@ def host_costs(device: torch.device, batch: int, lines: list[str], calls: int = 
                 with autocast:
                     out = layer(x)
                 out.float().sum().backward()
+                for p in layer.parameters():
+                    p.grad = None
             else:
                 with torch.no_grad(), autocast:
                     layer(x)

@@ -41,6 +41,34 @@ def test_op_forward_cases_measure_memory_and_time():
     assert all(t["median_ms"] > 0 and t["iqr_ms"] >= 0 for t in times)
 
 
+def test_op_train_steps_drop_every_gradient_as_a_model_step_does(monkeypatch):
+    """A train op step leaves no gradient behind, the feature map's parameters included (MirrorLA's θ, γ, u):
+    gradients kept from step to step would be accumulated by an add kernel per parameter per step, a cost only the
+    maps with parameters paid and that a training step (zero_grad(set_to_none=True)) does not pay."""
+    import torch
+
+    from mirrorla import attention
+    from mirrorla.tools import bench
+
+    layers = []
+
+    class Recorded(attention.LinearAttention):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            layers.append(self)
+
+    monkeypatch.setattr(attention, "LinearAttention", Recorded)
+    case = dict(kind="op", n=32, mode="train", dtype="fp32", device="cpu", batch=1, heads=2, head_dim=8,
+                compile=False, attn="mirror")
+    step = bench._op_step(case, torch.device("cpu"))
+    step()
+    step()
+    q, k, v = bench._OP_INPUTS[next(iter(bench._OP_INPUTS))]
+    params = list(layers[0].feature_map.parameters())
+    assert len(params) >= 2 and all(p.requires_grad for p in params)  # θ and γ at least
+    assert all(t.grad is None for t in (q, k, v, *params))
+
+
 def test_bench_model_reports_images_per_second(tmp_path):
     rc = main(["bench", "model", "--model", "mirrorla_vit_nano_patch4", "--attn", "softmax,mirror", "--img-size",
                "48", "--batch", "2", "--mode", "infer", "--min-run-time", "0.05", "--out", str(tmp_path),

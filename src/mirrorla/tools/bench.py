@@ -92,6 +92,8 @@ def _op_step(case: dict[str, Any], device: torch.device):
     q, k, v = _OP_INPUTS[key]
     attn = case["attn"]
     if attn == "softmax":
+        params = []
+
         def fn():
             return F.scaled_dot_product_attention(q, k, v)
     else:
@@ -99,6 +101,7 @@ def _op_step(case: dict[str, Any], device: torch.device):
         name = "mirror" if attn in ("mirror", "mirror_unfolded") else attn
         layer = LinearAttention(h * d, h, attn=name, local_kernel=0, fold_feature_map=attn != "mirror_unfolded")
         fmap, kwargs = layer.feature_map.to(device), layer.map_kwargs
+        params = list(fmap.parameters())  # MirrorLA's θ, γ, u: their gradients are dropped each step, as a model's
 
         def fn():
             return fmap.attend(q, k, v, **kwargs)
@@ -117,7 +120,10 @@ def _op_step(case: dict[str, Any], device: torch.device):
             mark()
             out = fn()
             out.float().sum().backward()
-            q.grad = k.grad = v.grad = None
+            # every gradient dropped, as the model step does and optimizers' zero_grad(set_to_none=True): accumulating
+            # the map's parameter gradients would charge a map with parameters an add kernel per parameter per step
+            for t in (q, k, v, *params):
+                t.grad = None
             return out
     return step
 
