@@ -124,6 +124,9 @@ def test_autocast_long_sequence_stays_finite(attn, dtype):
         ({"dim": 45, "num_heads": 3, "attn": "mirror"}, "head_dim must be even"),
         ({"dim": 48, "num_heads": 3, "local_kernel": 4}, "local_kernel must be"),
         ({"dim": 48, "num_heads": 3, "attn": "softmax", "attn_kwargs": {"block": False}}, "takes no attn_kwargs"),
+        ({"dim": 48, "num_heads": 3, "eps": -1e-6}, r"eps must be a finite number >= 0, got -1e-06"),
+        ({"dim": 48, "num_heads": 3, "eps": float("nan")}, "eps must be a finite number >= 0, got nan"),
+        ({"dim": 48, "num_heads": 3, "attn_kwargs": {"eps": 0.0}}, "eps must be a finite number > 0, got 0.0"),
     ],
 )
 def test_constructor_errors(kwargs, match):

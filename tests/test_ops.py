@@ -11,9 +11,11 @@ from mirrorla.ops import (
     block_reflect,
     block_variance,
     cross_head_reflect,
+    folded_mirror_map,
     householder_reflect,
     linear_attention,
     linear_attention_reference,
+    mapped_linear_attention,
 )
 
 
@@ -191,6 +193,18 @@ def test_linear_attention_under_autocast_reduces_in_fp32():
 def test_linear_attention_rejects_bad_shapes(args, match):
     with pytest.raises(ValueError, match=match):
         linear_attention(*args)
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("inf"), "1e-6", None])
+def test_linear_attention_ops_reject_a_bad_eps_and_take_zero(eps):
+    q, k, v = (torch.rand(1, 2, 5, 4) for _ in range(3))
+    for op in (linear_attention, linear_attention_reference, mapped_linear_attention):
+        with pytest.raises(ValueError, match=f"eps must be a finite number >= 0, got {eps!r}"):
+            op(q, k, v, eps=eps)
+    # eps = 0 is the plain mean-normalised form: finite wherever φqᵀz > 0 (here every entry is positive)
+    torch.testing.assert_close(linear_attention(q, k, v, eps=0.0), linear_attention_reference(q, k, v, eps=0.0))
+    with pytest.raises(ValueError, match="eps must be a finite number > 0, got 0"):
+        folded_mirror_map(q, k, torch.zeros(2, 2), torch.zeros(2, 2), eps=0)
 
 
 def test_reflection_ops_reject_bad_input():

@@ -191,6 +191,15 @@ def test_eps_zero_keeps_gradients_finite_when_the_tokens_do_not_fill_a_tile(op, 
     _assert_triton_matches_torch(backend, calls)
 
 
+def test_the_mirror_op_rejects_a_bad_eps_before_any_launch():
+    q = k = v = torch.randn(1, 2, 5, 4)
+    theta = gamma = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="map_eps must be a finite number > 0, got 0.0"):
+        triton_ops.mirror_linear_attention(q, k, v, theta, gamma, map_eps=0.0)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -1"):
+        triton_ops.mirror_linear_attention(q, k, v, theta, gamma, eps=-1)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_op_half_precision_strided_inputs(dtype, backend, kernel_path):
     b, h, n, d = 2, 3, 197, 32

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .feature_maps import FeatureMap, create_feature_map, list_feature_maps
+from .ops._checks import check_eps
 
 __all__ = ["LinearAttention", "check_attention", "list_attentions"]
 
@@ -119,7 +120,7 @@ class LinearAttention(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.attn_name = attn
         self.attn_kwargs = dict(attn_kwargs or {})
-        self.eps = float(eps)
+        self.eps = check_eps("eps", eps)
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = grid_size
         self.attn_drop = float(attn_drop)

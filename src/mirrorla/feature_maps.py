@@ -41,6 +41,7 @@ from .ops import (
     select_backend,
     token_sums,
 )
+from .ops._checks import check_eps
 
 __all__ = [
     "DELTA_FORMS",
@@ -394,7 +395,7 @@ class MirrorFeatureMap(FeatureMap):
         self.variance_scope, self.running_momentum = variance_scope, float(running_momentum)
         self.gamma_init = float(gamma_init)
         self.block, self.variance, self.cross_head = bool(block), bool(variance), bool(cross_head)
-        self.pairing, self.delta_form, self.eps = pairing, delta_form, float(eps)
+        self.pairing, self.delta_form, self.eps = pairing, delta_form, check_eps("eps", eps, positive=True)
         self.theta_init, self.u_init = theta_init, u_init
         blocks = head_dim // 2
         self.theta = nn.Parameter(torch.empty(num_heads, blocks)) if block else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -23,3 +25,14 @@ def check_even_last_dim(name: str, x: torch.Tensor) -> None:
 def check_floating(name: str, x: torch.Tensor) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_eps(name: str, eps, *, positive: bool = False) -> float:
+    """``eps`` as a float if it is a finite real number ≥ 0 (> 0 with ``positive``), else a one-line ``ValueError``.
+    A negative normaliser offset can make ``φqᵀz + eps`` cross zero (inf and NaN outputs); the variance
+    modulation's ε is taken in ``log(σ² + ε)`` and ``1/√(σ² + ε)``, where σ² = 0 (e.g. zero keys) needs ε > 0."""
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0 or (
+            positive and eps == 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {eps!r}")
+    return float(eps)

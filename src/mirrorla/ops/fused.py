@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import DELTA_FORM_CODES, backend_setting, cpu_kernels_available, cpu_kernels_status, select_backend
-from ._checks import check_even_last_dim, check_floating, check_rank
+from ._checks import check_eps, check_even_last_dim, check_floating, check_rank
 from .reference import (
     angles_from_sums,
     folded_mirror_map_reference,
@@ -142,6 +142,7 @@ def folded_mirror_map(
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"q and k need at least one token (N >= 1), got q {tuple(q.shape)} and k {tuple(k.shape)}")
     check_delta_form(delta_form)
+    eps = check_eps("eps", eps, positive=True)
     if not _use_kernel(q, k, theta, gamma) or q.dtype != k.dtype:
         return folded_mirror_map_reference(q, k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
     acc = torch.promote_types(k.dtype, torch.float32)

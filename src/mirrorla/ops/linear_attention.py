@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import select_backend
-from ._checks import check_floating, check_rank
+from ._checks import check_eps, check_floating, check_rank
 from .fused import rotate_relu
 from .reference import _accumulation_dtype, _linear_attention_torch
 from .reflect import check_pairing
@@ -53,6 +53,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
         precision inputs a chunk of tokens at a time where no gradient is needed (no whole fp32 copies).
     """
     _check_qkv(q, k, v)
+    eps = check_eps("eps", eps)
     if select_backend(q, k, v) == "triton":
         from .triton_linear_attention import fused_linear_attention
 
@@ -77,6 +78,7 @@ def linear_attention_reference(
         (fp32, or fp64 for fp64 inputs).
     """
     _check_qkv(q, k, v)
+    eps = check_eps("eps", eps)
     with torch.autocast(device_type=q.device.type, enabled=False):
         acc = _accumulation_dtype(q, k, v)
         a = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) / k.shape[2]
@@ -109,6 +111,7 @@ def mapped_linear_attention(
         maps in torch (the fused CPU kernel where no gradient is needed) and runs the reference core.
     """
     _check_qkv(q, k, v)
+    eps = check_eps("eps", eps)
     if feature not in MAPPED_FEATURES:
         raise ValueError(f"feature must be one of {MAPPED_FEATURES}, got {feature!r}")
     check_pairing(pairing)

@@ -50,6 +50,7 @@ from torch.autograd.function import once_differentiable
 from triton.runtime import OutOfResources
 
 from ..backend import DELTA_FORM_CODES
+from ._checks import check_eps
 from ._launch import cdiv, graph_capturing, next_power_of_2, on_tensor_device, sizes_jit
 from .reference import _linear_attention_torch, folded_mirror_map_reference, rotate_relu_reference
 from .tuning import DEFAULT_TUNING, kernel_tuning
@@ -1488,6 +1489,7 @@ def mirror_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     memory backward as ReLU's (each way also one reduction of the chunks' partial states)."""
     if q.dtype == torch.float64:
         raise ValueError("the Triton kernels take fp32, bf16 or fp16 inputs, got float64 (use the torch backend)")
+    map_eps, eps = check_eps("map_eps", map_eps, positive=True), check_eps("eps", eps)
     # fp32 contiguous parameters (the usual case) pass as they are: two dispatcher calls each saved per forward
     theta32 = theta if theta.dtype == torch.float32 and theta.is_contiguous() else theta.float().contiguous()
     gamma32 = gamma if gamma.dtype == torch.float32 and gamma.is_contiguous() else gamma.float().contiguous()
