@@ -98,6 +98,10 @@ def _run_launchers(tla, triton_reflect, quick: bool, dims, dtypes) -> None:
             signs = torch.ones(64)
             triton_reflect._fold_forward(w, bias, u, signs, 2)
             triton_reflect._fold_backward(w, bias, w, bias, u, signs, 2, True)
+            if dtype == torch.float32:  # under autocast: fp32 parameters folded into 16-bit weights, and back
+                for half in (torch.bfloat16, torch.float16):
+                    triton_reflect._fold_forward(w, bias, u, signs, 2, half)
+                    triton_reflect._fold_backward(w.to(half), bias.to(half), w, bias, u, signs, 2, True)
 
 
 def _runtime_binder(kernel, arch: int):
@@ -183,6 +187,21 @@ def compile_one(kernel, signature: dict, constexprs: dict, attrs: dict, warps: i
     uninitialised = uninitialised_uniform_reads(sass) if sass is not None else None
     return {"shared": compiled.metadata.shared, "registers": registers, "spill_stores": spills, "loop": loop,
             "loop_local": local, "uninitialised": uninitialised}
+
+
+def _dtype_label(signature: dict) -> str:
+    """The report's dtype of a configuration: its first 16-bit data (else fp32). For the fold kernels (weights ``W``)
+    the weights' dtype, and where autocast hands the projection another, ``fp32→bf16`` (the folded weights, ``OUT_W``)
+    or ``fp32, bf16 grads`` (their gradients, ``GW``)."""
+    pointers = {name: t[1:] for name, t in signature.items() if t.startswith("*")}
+    if "W" in pointers:
+        weights = pointers["W"]
+        if pointers.get("OUT_W", weights) != weights:
+            return f"{weights}→{pointers['OUT_W']}"
+        if pointers.get("GW", weights) != weights:
+            return f"{weights}, {pointers['GW']} grads"
+        return weights
+    return next((t for t in pointers.values() if t != "fp32"), "fp32")
 
 
 def _shown(value) -> str:
@@ -337,7 +356,7 @@ def main(argv=None) -> int:
     failures = 0
     for (name, _, warps, stages), (kernel, signature, constexprs, attrs) in sorted(configs.items(),
                                                                                   key=lambda kv: kv[0][:1]):
-        dtype = next((t[1:] for t in signature.values() if t.startswith("*") and t != "*fp32"), "fp32")
+        dtype = _dtype_label(signature)
         constants = {kernel.arg_names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
         shown = ",".join(f"{k}={v}" for k, v in sorted(constants.items())
                          if k in ("D", "MAP", "PAIRING", "SWAP", "ANGLES", "BN", "MOMENT", "ONE_PROGRAM", "HAS_BIAS"))

@@ -206,3 +206,60 @@ def test_fused_fold_under_autocast_keeps_the_weights_precision():
         torch.testing.assert_close(w, ref_w)
         layer(x).float().square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("options", [{}, {"variance": False}, {"cross_head": False}])
+def test_the_fold_in_autocasts_dtype_gives_the_values_and_gradients_of_a_cast_after_it(options):
+    """``out_dtype``: the folded weights as the fp32 fold rounded once (what autocast's cast of them gave), and the
+    same fp32 gradients for the same bf16 incoming ones; the common configuration and the generic fold alike."""
+    torch.manual_seed(0)
+    fmap = MirrorFeatureMap(3, 8, **options)
+    w, b = torch.randn(72, 10, requires_grad=True), torch.randn(72, requires_grad=True)
+    leaves = [w, b, *fmap.parameters()]
+    ref_w, ref_b = fmap.fold_leading_rows(w, b, 2)
+    got_w, got_b = fmap.fold_leading_rows(w, b, 2, out_dtype=torch.bfloat16)
+    assert got_w.dtype == got_b.dtype == torch.bfloat16
+    assert torch.equal(got_w, ref_w.bfloat16()) and torch.equal(got_b, ref_b.bfloat16())
+    grads = [torch.randn(72, 10).bfloat16(), torch.randn(72).bfloat16()]
+    want = torch.autograd.grad([ref_w.bfloat16(), ref_b.bfloat16()], leaves, grads, allow_unused=True)
+    got = torch.autograd.grad([got_w, got_b], leaves, grads, allow_unused=True)
+    for a, e in zip(got, want, strict=True):
+        assert (a is None and e is None) or (a.dtype == torch.float32 and torch.equal(a, e))
+
+
+def test_a_layer_under_autocast_runs_no_cast_of_its_folded_weights():
+    """LinearAttention asks the fold for autocast's dtype: F.linear finds the folded qkv weights cast already, so no
+    cast of them runs in the forward (a non-leaf weight's cast is not cached by autocast: one per step and layer,
+    and its backward), and the step gives the same output and gradients as before (the cast after the fold)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._to_copy:
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = LinearAttention(48, 3, qkv_bias=True)
+    with torch.no_grad():
+        layer.feature_map.gamma.normal_(0, 0.5)
+    x = torch.randn(2, 17, 48)
+    casts = Casts()
+    with casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, grid_size=(4, 4))
+    out.float().square().sum().backward()
+    assert (144, 48) not in casts.shapes and (144,) not in casts.shapes
+    got = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    w, b = layer.feature_map.fold_leading_rows(layer.qkv.weight, layer.qkv.bias, 2)  # fp32, cast by autocast
+    layer._fold_qkv_weight = lambda out_dtype=None: (w, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = layer(x, grid_size=(4, 4))
+    ref.float().square().sum().backward()
+    assert torch.equal(out, ref)
+    for a, p in zip(got, layer.parameters(), strict=True):
+        assert torch.equal(a, p.grad)

@@ -250,22 +250,30 @@ class LinearAttention(nn.Module):
 
         Where no gradient is needed (evaluation, serving) the folded weights are cached until a parameter changes
         (its storage or version counter), so inference pays the fold once, not once per forward."""
+        # under autocast the fold hands the projection its weights in autocast's dtype: F.linear would cast them
+        # to it anyway (the same values), and a non-leaf weight's cast is not cached, so this saves a cast kernel
+        # forward and one backward per layer and training step (and, cached, one per inference forward). Autocast
+        # leaves float64 alone, and so does this.
+        weight = self.qkv.weight
+        device_type = weight.device.type
+        out_dtype = (torch.get_autocast_dtype(device_type)
+                     if weight.dtype != torch.float64 and torch.is_autocast_enabled(device_type) else None)
         cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
             params = [self.qkv.weight, *([self.qkv.bias] if self.qkv.bias is not None else []),
                       *self.feature_map.parameters()]
-            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+            key = (out_dtype, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
             cached = self.__dict__.get("_fold_cache")
             if cached is not None and cached[0] == key:
                 return cached[1]
-        folded = self._fold_qkv_weight()
+        folded = self._fold_qkv_weight(out_dtype)
         if cacheable:
             self.__dict__["_fold_cache"] = (key, folded)
         return folded
 
-    def _fold_qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _fold_qkv_weight(self, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # the q and k rows folded together (two groups of C rows); the v rows pass unchanged
-        return self.feature_map.fold_leading_rows(self.qkv.weight, self.qkv.bias, groups=2)
+        return self.feature_map.fold_leading_rows(self.qkv.weight, self.qkv.bias, groups=2, out_dtype=out_dtype)
 
     def _spatially_reduced_qkv(self, x: torch.Tensor, grid_size: tuple[int, int] | None, weight: torch.Tensor,
                                bias: torch.Tensor | None):

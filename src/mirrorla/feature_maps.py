@@ -141,14 +141,19 @@ class FeatureMap(nn.Module):
         """Fold the map's static linear part into a q or k projection ``weight [C, C_in]``, ``bias [C]``."""
         raise NotImplementedError(f"feature map {self.map_name!r} has nothing to fold")
 
-    def fold_leading_rows(self, weight: torch.Tensor, bias: torch.Tensor | None, groups: int):
+    def fold_leading_rows(self, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
+                          out_dtype: torch.dtype | None = None):
         """:meth:`fold_projection` on each of the first ``groups`` blocks of C rows of ``weight [R, C_in]`` (and
-        ``bias [R]``); the other rows pass unchanged (a fused qkv projection folds its q and k rows, not v)."""
+        ``bias [R]``); the other rows pass unchanged (a fused qkv projection folds its q and k rows, not v).
+        ``out_dtype``: the results' dtype (default: the inputs'), e.g. autocast's for the projection that uses them."""
         c = self.num_heads * self.head_dim
         w, b = self.fold_projection(weight[:groups * c].view(groups, c, -1),
                                     None if bias is None else bias[:groups * c].view(groups, c))
         weight_out = torch.cat([w.reshape(groups * c, -1), weight[groups * c:]], 0)
         bias_out = None if bias is None else torch.cat([b.reshape(groups * c), bias[groups * c:]], 0)
+        if out_dtype is not None:
+            weight_out = weight_out.to(out_dtype)
+            bias_out = None if bias_out is None else bias_out.to(out_dtype)
         return weight_out, bias_out
 
     def __init__(self, num_heads: int, head_dim: int) -> None:
@@ -579,15 +584,16 @@ class MirrorFeatureMap(FeatureMap):
             return w[0], None if b is None else b[0]
         return w, b
 
-    def fold_leading_rows(self, weight: torch.Tensor, bias: torch.Tensor | None, groups: int):
+    def fold_leading_rows(self, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
+                          out_dtype: torch.dtype | None = None):
         # The common configurations (cross-head reflection, with the H(0) signs of the variance-modulated blocks or
         # without blocks) are one reflection and a sign flip: a single autograd node with a closed-form backward,
         # which keeps a training step's host time and kernel count near ReLU's. Static block angles take the
         # general path.
         if self.cross_head and (self.variance or not self.block):
             return reflect_projection_rows(weight, bias, self.u, self.pair_signs if self.block else None,
-                                           groups=groups)
-        return super().fold_leading_rows(weight, bias, groups)
+                                           groups=groups, out_dtype=out_dtype)
+        return super().fold_leading_rows(weight, bias, groups, out_dtype)
 
     def forward(self, q, k, *, folded: bool = False):
         """``(φ(q), φ(k))``. With ``folded=True`` q and k come from projections folded by

@@ -195,11 +195,11 @@ class _ReflectProjectionRows(torch.autograd.Function):
     a dozen small kernels for the fold instead of the fifty-odd that autograd records for the op-by-op version."""
 
     @staticmethod
-    def forward(ctx, weight, bias, u, signs, groups):
-        # autocast must not turn the fold's matmuls into bf16 ones: the folded weights keep the parameters' precision
-        # (the projection that uses them is cast by autocast as usual)
+    def forward(ctx, weight, bias, u, signs, groups, out_dtype=None):
+        # autocast must not turn the fold's matmuls into bf16 ones: the folded weights are computed at the parameters'
+        # precision (at least fp32) and rounded once, to out_dtype where the caller gives one
         with torch.autocast(weight.device.type, enabled=False):
-            return _ReflectProjectionRows._forward(ctx, weight, bias, u, signs, groups)
+            return _ReflectProjectionRows._forward(ctx, weight, bias, u, signs, groups, out_dtype)
 
     @staticmethod
     def backward(ctx, d_weight, d_bias):
@@ -207,7 +207,7 @@ class _ReflectProjectionRows(torch.autograd.Function):
             return _ReflectProjectionRows._backward(ctx, d_weight, d_bias)
 
     @staticmethod
-    def _forward(ctx, weight, bias, u, signs, groups):
+    def _forward(ctx, weight, bias, u, signs, groups, out_dtype):
         ctx.device_type = weight.device.type
         rows, c = weight.shape[0], u.shape[0]
         compute = torch.promote_types(weight.dtype, torch.float32)
@@ -223,7 +223,7 @@ class _ReflectProjectionRows(torch.autograd.Function):
             out_qk = (out_qk.view(*out_qk.shape[:2], -1, signs.shape[0]) * signs.to(compute)).view(out_qk.shape)
         out = torch.cat([out_qk.view(m.shape[0], groups * c), m[:, groups * c:]], 1) if groups * c < rows \
             else out_qk.view(m.shape[0], rows)
-        out = out.to(weight.dtype)
+        out = out.to(out_dtype or weight.dtype)
         ctx.save_for_backward(qk, unit, a, norm, signs)
         ctx.groups, ctx.has_bias, ctx.weight_dtype, ctx.bias_dtype = groups, bias is not None, weight.dtype, (
             None if bias is None else bias.dtype)
@@ -257,12 +257,12 @@ class _ReflectProjectionRows(torch.autograd.Function):
         d_u = (d_unit - unit * (torch.dot(unit, d_unit) * 0.5)) * (math.sqrt(2.0) / norm)
         d_weight_in = d_m[:c_in].t().to(ctx.weight_dtype)
         d_bias_in = d_m[c_in].to(ctx.bias_dtype) if ctx.has_bias else None
-        return d_weight_in, d_bias_in, d_u, None, None
+        return d_weight_in, d_bias_in, d_u, None, None, None
 
 
 def reflect_projection_rows(weight: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,
-                            signs: torch.Tensor | None = None, *, groups: int = 1
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            signs: torch.Tensor | None = None, *, groups: int = 1,
+                            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fold ``T = diag(signs)·(I − 2uuᵀ/‖u‖²)`` into the first ``groups`` blocks of C output rows of a projection.
 
     Row block g of ``weight`` becomes ``T·W_g`` (and of ``bias`` ``T·b_g``); rows after ``groups·C`` pass unchanged
@@ -277,10 +277,14 @@ def reflect_projection_rows(weight: torch.Tensor, bias: torch.Tensor | None, u: 
         signs: ``[C]`` of ±1, or ``[d]`` with d dividing C, repeated over the C channels (one head's pattern,
             e.g. the H(0) of the block reflections); or None.
         groups: how many blocks of C rows to fold.
+        out_dtype: the dtype of ``weight'`` and ``bias'`` (default: the inputs'). The arithmetic stays in at least
+            fp32 and the gradients come back in the inputs' dtypes; under autocast the caller passes autocast's
+            dtype, so the projection finds its weights already cast (the same values: one rounding of the fp32
+            result) and no cast, forward or backward, runs between the fold and the projection.
 
     Returns:
-        ``(weight' [R, C_in], bias' [R] or None)`` in the input dtypes (on the torch backend ``weight'`` is a
-        transposed view, on the Triton backend a contiguous tensor). :mod:`mirrorla.backend` picks the
+        ``(weight' [R, C_in], bias' [R] or None)`` (on the torch backend ``weight'`` is a transposed view, on the
+        Triton backend a contiguous tensor). :mod:`mirrorla.backend` picks the
         implementation: Triton kernels on CUDA, the torch version elsewhere and under compilers and exporters.
     """
     check_floating("weight", weight)
@@ -296,14 +300,16 @@ def reflect_projection_rows(weight: torch.Tensor, bias: torch.Tensor | None, u: 
         raise ValueError(f"bias must have shape [R = {weight.shape[0]}], got {tuple(bias.shape)}")
     if signs is not None and (signs.dim() != 1 or signs.shape[0] == 0 or c % signs.shape[0]):
         raise ValueError(f"signs must have shape [C = {c}] or [d] with d dividing C, got {tuple(signs.shape)}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"out_dtype must be None or a floating torch.dtype, got {out_dtype!r}")
     if not _tracing() and select_backend(weight, u, *([bias] if bias is not None else [])) == "triton":
         # one launch forward and one or two backward instead of a dozen and twenty small operators: on a GPU a training
         # step pays host time per operator, and every MirrorLA layer folds once per step. Compilers and exporters
         # trace the torch version (inductor fuses it itself).
         from .triton_reflect import reflect_projection_rows_triton
 
-        return reflect_projection_rows_triton(weight, bias, u, signs, groups)
-    return _ReflectProjectionRows.apply(weight, bias, u, signs, groups)
+        return reflect_projection_rows_triton(weight, bias, u, signs, groups, out_dtype)
+    return _ReflectProjectionRows.apply(weight, bias, u, signs, groups, out_dtype)
 
 
 def _complex_view(x: torch.Tensor) -> torch.Tensor | None:

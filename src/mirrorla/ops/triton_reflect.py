@@ -14,11 +14,15 @@ forward is one launch and the backward one (C_in ≤ 256) or two:
   unit vector, ``−Σ (g·a + w·r)`` over its columns; the shares are added and mapped to ``du`` by a one-program
   kernel, or for narrow projections by the backward's single program itself after the column blocks.
 
-``unit = √2·u/‖u‖`` is recomputed by every program (C loads). Arithmetic in fp32, outputs in the inputs' dtypes.
+``unit = √2·u/‖u‖`` is recomputed by every program (C loads). Arithmetic in fp32; the folded weights in the
+inputs' dtype or the caller's ``out_dtype`` (autocast's, for a projection that would cast them anyway), the gradients
+in the inputs' dtypes.
 Fixed block sizes, so the kernels also run in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -42,6 +46,21 @@ DeiT-T's width, the bias's on a 16-column tile (eight warps; ptxas for sm_80, sm
 3.8: 166–212 registers, no spills; 64 rows a step spilled fp32 on sm_80 and with Triton 3.6). Wider projections, and
 every projection while a CUDA graph records (replays cost no host time), spread 32-column blocks over programs and
 add the shares in a second launch."""
+
+
+_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")  # read once, as Triton reads it
+
+
+@triton.jit
+def _rounded(x, dtype: tl.constexpr):
+    """fp32 ``x`` in ``dtype``, rounded to nearest even as a GPU's ``cvt.rn`` and torch's casts round. Triton's
+    interpreter rounds fp32 → bf16 toward zero (NumPy has no bf16), so there the rounding is done on the bits: the
+    folded weights then equal autocast's cast of the fp32 fold in the interpreter too (compiled code: one ``cvt``)."""
+    if _INTERPRETING and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -78,7 +97,7 @@ def _copy_rows(SRC, DST, offs_j, jmask, s_r, s_c, d_r, d_c, first, R, BC: tl.con
         rows = r0 + tl.arange(0, BC)
         mask = (rows < R)[:, None] & jmask[None, :]
         tl.store(DST + rows[:, None] * d_r + offs_j[None, :] * d_c,
-                 _load_tile(SRC, rows, offs_j, s_r, s_c, mask).to(DST.dtype.element_ty), mask=mask)
+                 _rounded(_load_tile(SRC, rows, offs_j, s_r, s_c, mask), DST.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -107,7 +126,7 @@ def _fold_columns(SRC, DST, U, S, offs_j, jmask, s_r, s_c, d_r, d_c, R, C, GROUP
             _, _, unit, sign, rows, mask, w = _row_block(SRC, U, S, g, c0, offs_j, jmask, s_r, s_c, C, NS, scale,
                                                          HAS_SIGNS, BC)
             out = (w - unit[:, None] * a[None, :]) * sign[:, None]
-            tl.store(DST + rows[:, None] * d_r + offs_j[None, :] * d_c, out.to(DST.dtype.element_ty), mask=mask)
+            tl.store(DST + rows[:, None] * d_r + offs_j[None, :] * d_c, _rounded(out, DST.dtype.element_ty), mask=mask)
     _copy_rows(SRC, DST, offs_j, jmask, s_r, s_c, d_r, d_c, GROUPS * C, R, BC)
 
 
@@ -146,7 +165,7 @@ def _fold_columns_backward(G, W, U, S, DST, PART, offs_j, jmask, s_gr, s_gc, s_w
                                                                   scale, HAS_SIGNS, BC)
             gs = _load_tile(G, rows, offs_j, s_gr, s_gc, mask) * sign[:, None]
             tl.store(DST + rows[:, None] * d_r + offs_j[None, :] * d_c,
-                     (gs - unit[:, None] * r[None, :]).to(DST.dtype.element_ty), mask=mask)
+                     _rounded(gs - unit[:, None] * r[None, :], DST.dtype.element_ty), mask=mask)
             share = -(tl.sum(gs * a[None, :], axis=1) + tl.sum(w * r[None, :], axis=1))
             prev = tl.load(PART + offs_c, mask=cmask & (g >= ADD_FROM), other=0.0)
             tl.store(PART + offs_c, prev + share, mask=cmask)
@@ -213,7 +232,7 @@ def _unit_grad(PART, U, DU, P, C, scale, BC: tl.constexpr):
         cmask = offs < C
         unit = tl.load(U + offs, mask=cmask, other=0.0).to(tl.float32) * scale
         d_unit = _shares_sum(PART, offs, cmask, P, C)
-        tl.store(DU + offs, ((d_unit - unit * half_dot) * scale).to(DU.dtype.element_ty), mask=cmask)
+        tl.store(DU + offs, _rounded((d_unit - unit * half_dot) * scale, DU.dtype.element_ty), mask=cmask)
 
 
 @sizes_jit("P", "C")
@@ -223,11 +242,11 @@ def _unit_grad_kernel(PART, U, DU, P, C, BC: tl.constexpr):
 
 
 @on_tensor_device
-def _fold_forward(weight, bias, u, signs, groups: int):
+def _fold_forward(weight, bias, u, signs, groups: int, out_dtype=None):
     rows, c_in = weight.shape
     c = u.shape[0]
-    out_w = torch.empty(rows, c_in, device=weight.device, dtype=weight.dtype)
-    out_b = torch.empty(rows, device=weight.device, dtype=bias.dtype) if bias is not None else None
+    out_w = torch.empty(rows, c_in, device=weight.device, dtype=out_dtype or weight.dtype)
+    out_b = torch.empty(rows, device=weight.device, dtype=out_dtype or bias.dtype) if bias is not None else None
     _fold_rows_kernel[(cdiv(c_in, _BLOCK_J),)](
         weight, bias if bias is not None else weight, u, signs if signs is not None else u, out_w,
         out_b if out_b is not None else out_w, rows, c_in, c, groups, signs.shape[0] if signs is not None else 1,
@@ -269,29 +288,31 @@ def _fold_backward(d_w, d_b, weight, bias, u, signs, groups: int, need_u: bool):
 
 class _FoldRowsTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, bias, u, signs, groups):
+    def forward(ctx, weight, bias, u, signs, groups, out_dtype):
         ctx.save_for_backward(weight, bias, u, signs)
         ctx.groups = groups
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensor made for it
-        return _fold_forward(weight, bias, u, signs, groups)
+        return _fold_forward(weight, bias, u, signs, groups, out_dtype)
 
     @staticmethod
     @once_differentiable  # the kernels' gradients are not differentiable: a second derivative is an error, not zero
     def backward(ctx, d_w, d_b):
         weight, bias, u, signs = ctx.saved_tensors
         if d_w is None and d_b is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
+        # the gradients arrive in out_dtype; the kernel reads them as fp32 and writes the inputs' dtypes
         d_weight, d_bias, d_u = _fold_backward(d_w, d_b, weight, bias, u, signs, ctx.groups, ctx.needs_input_grad[2])
-        return d_weight, d_bias, d_u, None, None
+        return d_weight, d_bias, d_u, None, None, None
 
 
 def reflect_projection_rows_triton(weight: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,
-                                   signs: torch.Tensor | None, groups: int
+                                   signs: torch.Tensor | None, groups: int, out_dtype: torch.dtype | None = None
                                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`mirrorla.ops.reflect_projection_rows` on the Triton kernels (arguments checked by it): weight
     ``[R, C_in]``, bias ``[R]`` or None, u ``[C]``, signs ``[C]`` or ``[d]`` (d divides C) or None →
-    ``(weight' [R, C_in] contiguous, bias' [R] or None)``. One launch forward, one or two backward."""
+    ``(weight' [R, C_in] contiguous, bias' [R] or None)`` in ``out_dtype`` (default: the inputs'). One launch
+    forward, one or two backward."""
     # weight and bias are read through their strides; u and signs are short vectors read as contiguous ones
     u = u if u.is_contiguous() else u.contiguous()
     signs = signs if signs is None or signs.is_contiguous() else signs.contiguous()
-    return _FoldRowsTriton.apply(weight, bias, u, signs, groups)
+    return _FoldRowsTriton.apply(weight, bias, u, signs, groups, out_dtype)
