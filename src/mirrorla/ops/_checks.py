@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -32,7 +33,7 @@ def check_eps(name: str, eps, *, positive: bool = False) -> float:
     A negative normaliser offset can make ``φqᵀz + eps`` cross zero (inf and NaN outputs); the variance
     modulation's ε is taken in ``log(σ² + ε)`` and ``1/√(σ² + ε)``, where σ² = 0 (e.g. zero keys) needs ε > 0."""
     bound = "> 0" if positive else ">= 0"
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0 or (
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0 or (
             positive and eps == 0):
         raise ValueError(f"{name} must be a finite number {bound}, got {eps!r}")
     return float(eps)
