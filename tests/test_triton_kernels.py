@@ -270,6 +270,31 @@ def test_mirror_op_half_precision_strided_inputs(dtype, kernel_path):
         torch.testing.assert_close(a.float(), w, atol=3e-2 * max(1.0, w.abs().max().item()), rtol=3e-2, msg=name)
 
 
+@pytest.mark.parametrize("d", [48, 64])
+def test_the_kv_pass_takes_x_from_the_rotated_keys_where_that_pays(d, chunked_kernels, monkeypatch):
+    """MirrorLA's chunked k/v pass with 16-bit inputs at 64-wide tiles (adjacent pairs) rebuilds the keys for dk's σ²
+    term as cos·y − ssin·y_p rather than keeping x (``_x_from_y``): the same gradients as with x kept, to bf16's
+    rounding of the stored dk, and as the fp32 op's on the same rounded values."""
+    assert triton_ops._x_from_y(torch.bfloat16, 64, 64) and not triton_ops._x_from_y(torch.float32, 64, 64)
+    assert not triton_ops._x_from_y(torch.bfloat16, 16, 16) and not triton_ops._x_from_y(torch.bfloat16, 128, 128)
+    b, h, n = 2, 2, 70
+    q, k, v = _strided_qkv(b, h, n, d, torch.bfloat16)
+    theta, gamma = torch.randn(h, d // 2, requires_grad=True), (0.5 * torch.randn(h, d // 2)).requires_grad_()
+    grad = torch.randn(b, h, n, d).bfloat16()
+    grads = {}
+    for rebuild in (True, False):
+        monkeypatch.setattr(triton_ops, "_x_from_y", lambda *args, rebuild=rebuild: rebuild)
+        out = triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
+        grads[rebuild] = torch.autograd.grad(out, [q, k, v, theta, gamma], grad)
+    for name, a, w in zip(("q", "k", "v", "theta", "gamma"), grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a.float(), w.float(), atol=1e-3 * w.abs().max().item(), rtol=8e-3, msg=name)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = triton_ops.mirror_linear_attention(q32, k32, v32, theta, gamma)
+    want = torch.autograd.grad(ref, [q32, k32, v32, theta, gamma], grad.float())
+    for name, a, w in zip(("q", "k", "v", "theta", "gamma"), grads[True], want, strict=True):
+        torch.testing.assert_close(a.float(), w, atol=3e-2 * max(1.0, w.abs().max().item()), rtol=3e-2, msg=name)
+
+
 def test_the_normaliser_sums_the_features_the_state_sums(kernel_path):
     """With bf16 inputs the state pass multiplies φ(k) rounded to bf16 into S; z must sum the same rounded values, or
     the attention weights of a query no longer add up to one. With v all ones each column of S is z: equal to

@@ -396,7 +396,7 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
 def _dkv_tiles(k_ptr, v_ptr, dk_ptr, dv_ptr, first, TILES, N, s_kn, s_kd, s_vn, s_vd, ds, dz, ds_p, dz_p, offs_d,
                offs_v, partner, sign, dmask, vmask, cos, ssin, ds1, ds2, D: tl.constexpr, DV: tl.constexpr,
                BD: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr,
-               UPCAST: tl.constexpr, SWAP: tl.constexpr, SIGMA: tl.constexpr):
+               UPCAST: tl.constexpr, SWAP: tl.constexpr, SIGMA: tl.constexpr, X_FROM_Y: tl.constexpr):
     """The k/v pass of the backward over the tiles ``first .. first + TILES``, from the total dS and dz: stores dk
     and dv (contiguous). With ``SIGMA`` (MirrorLA) dk includes the σ² path's ``dS₁ + 2·dS₂·k`` (``ds1``, ``ds2``
     per channel). The k side of d angle is not summed here: it comes from the forward's moment."""
@@ -414,11 +414,9 @@ def _dkv_tiles(k_ptr, v_ptr, dk_ptr, dv_ptr, first, TILES, N, s_kn, s_kd, s_vn, 
         dk, _ = _map_backward(dphi, v, ds_p, dz_p[None, :], y, y_p, cos, ssin, sign,
                               MAP, SWAP, PAIRING, BN, BD, IEEE, UPCAST, False)
         if SIGMA:
-            if SWAP and PAIRING == 0:
+            if X_FROM_Y:  # adjacent pairs only (the launcher's _x_from_y)
                 # x = cos·y − ssin·y_p (the rotation undone; y_p is y with its adjacent pairs swapped in registers),
-                # so x need not stay live across the pass's matmuls: ptxas, sm_90, bf16, d = 64, per tile 1,026 ->
-                # 978 instructions, spills 104 -> 12 B, local accesses 30 -> 6. Half pairs keep x (their y_p costs
-                # more: 973 -> 1,085 instructions, spills 68 -> 132 B)
+                # so x need not stay live across the pass's matmuls (see _x_from_y for where that pays)
                 dk += ds1[None, :] + (2.0 * ds2 * cos)[None, :] * y - (2.0 * ds2 * ssin)[None, :] * y_p
             else:
                 dk += ds1[None, :] + 2.0 * ds2[None, :] * x
@@ -548,7 +546,8 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, MOM, DANG_Q, DANG, 
                         n_tokens, eps_map, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                         D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                         MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                        SWAP: tl.constexpr, MOMENT: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr):
+                        SWAP: tl.constexpr, MOMENT: tl.constexpr, ANGLES: tl.constexpr, FORM: tl.constexpr,
+                        X_FROM_Y: tl.constexpr):
     """dk and dv from the total dS and dz. With ``MOMENT`` (a rotation whose angle needs a gradient) each program
     first adds up the row's d angle: the q side from the q pass's chunk partials ``DANG_Q [B·H, CHUNKS_Q, D]``, the
     k side from the forward's moment (``MOM``: the forward's state ``[2, B·H, D, DV + 1]``, the moment its second
@@ -580,7 +579,8 @@ def _backward_kv_kernel(K, V, COS, SSIN, DSTATE, DK, DV_OUT, MOM, DANG_Q, DANG, 
                 tl.store(DANG + bh * D + offs_d, dang, mask=dmask)
     _dkv_tiles(K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh, DK + bh * N * D, DV_OUT + bh * N * DV,
                chunk * TILES, TILES, N, s_kn, s_kd, s_vn, s_vd, ds, dz, ds_p, dz_p, offs_d, offs_v, partner,
-               sign, dmask, vmask, cos, ssin, ds1, ds2, D, DV, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP, ANGLES)
+               sign, dmask, vmask, cos, ssin, ds1, ds2, D, DV, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP, ANGLES,
+               X_FROM_Y)
 
 
 @sizes_jit("N", "H", "TILES")
@@ -669,7 +669,7 @@ def _row_backward_kernel(Q, K, V, COS, SSIN, STATE, DO, DQ, DK, DV_OUT, DANG, NQ
     # with SWAP (or no rotation) the partner rows of dS are never read: ds and dz stand in for them
     _dkv_tiles(K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh, DK + bh * N * D, DV_OUT + bh * N * DV, 0,
                tl.cdiv(N, BN), N, s_kn, s_kd, s_vn, s_vd, ds, dz, ds, dz, offs_d, offs_v, partner, sign, dmask, vmask,
-               cos, ssin, ds1, ds2, D, DV, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP, ANGLES)
+               cos, ssin, ds1, ds2, D, DV, BD, BN, MAP, PAIRING, IEEE, UPCAST, SWAP, ANGLES, False)
 
 
 # ------------------------------------------------------------------------------------------------- launching
@@ -734,6 +734,19 @@ def _token_sums_on_dots(device: torch.device, bd: int, bdv: int) -> bool:
     through shared memory, the kernel's shared memory grows by 28–75% at d = 64, which on sm_89 (99 KB per SM)
     halves ReLU's programs per SM and puts 10 more configurations over its limit."""
     return _capability(device)[0] >= 9 and max(bd, bdv) == 64
+
+
+def _x_from_y(dtype: torch.dtype, bd: int, bdv: int) -> bool:
+    """Whether the chunked k/v pass of MirrorLA (adjacent pairs) takes the keys x for dk's σ² term as cos·y − ssin·y_p
+    rather than keeping x live across its matmuls (``X_FROM_Y``): for 16-bit inputs at 64-wide tiles (33 ≤ d ≤ 64).
+    ptxas, per tile: sm_90 bf16 d = 64 1,026 -> 978 instructions, spills 104 -> 12 B (local accesses 30 -> 6), d = 48
+    990 -> 963 and 32 -> 4 B; Triton 3.6 alike; sm_80 1,348 -> 1,295 and 80 -> 0 B; sm_89 1,397 -> 1,372 and 56 -> 0
+    (at d = 48 there +0.1–1.4% instructions, 23 registers fewer, no spills either way).
+    Elsewhere it cost: d = 16 and 128 up to 3% more instructions and more registers, fp32 (16-token tiles) 1–3% more
+    and at d = 128 three times the spills, and the row backward, whose program holds both passes, up to 524 B more
+    spills at d = 128 and 116 B more on sm_80 at d = 64. Half pairs keep x: their y_p is not a swap within a thread
+    (sm_90, bf16, d = 64: 973 -> 1,085 instructions, spills 68 -> 132 B)."""
+    return dtype in (torch.bfloat16, torch.float16) and max(bd, bdv) == 64
 
 
 def _ieee_dots(dtype: torch.dtype) -> bool:
@@ -937,7 +950,7 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     _backward_kv_kernel[(b * h, chunks_k)](
         k, v, cos, ssin, dstate, dk, dvv, state, dang_q, dang, sums, gamma, n, h, per_k,
         chunks_q, float(n), float(map_eps), *k.stride(), *v.stride(), MOMENT=moment, ANGLES=mirror is not None,
-        FORM=form, **blocks)
+        FORM=form, X_FROM_Y=mirror is not None and pairing == 0 and _x_from_y(q.dtype, bd, bdv), **blocks)
     return dq, dk, dvv, dang if moment else None
 
 
