@@ -48,3 +48,22 @@ def benchmark_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def cast_shapes():
+    """A dispatch mode recording the input shape of every dtype cast (``aten._to_copy``) run inside it:
+    ``with cast_shapes() as casts: ...``, then ``casts.shapes``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CastShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._to_copy:
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    return CastShapes

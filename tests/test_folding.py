@@ -227,29 +227,16 @@ def test_the_fold_in_autocasts_dtype_gives_the_values_and_gradients_of_a_cast_af
         assert (a is None and e is None) or (a.dtype == torch.float32 and torch.equal(a, e))
 
 
-def test_a_layer_under_autocast_runs_no_cast_of_its_folded_weights():
+def test_a_layer_under_autocast_runs_no_cast_of_its_folded_weights(cast_shapes):
     """LinearAttention asks the fold for autocast's dtype: F.linear finds the folded qkv weights cast already, so no
     cast of them runs in the forward (a non-leaf weight's cast is not cached by autocast: one per step and layer,
     and its backward), and the step gives the same output and gradients as before (the cast after the fold)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Casts(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten._to_copy:
-                self.shapes.append(tuple(args[0].shape))
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     layer = LinearAttention(48, 3, qkv_bias=True)
     with torch.no_grad():
         layer.feature_map.gamma.normal_(0, 0.5)
     x = torch.randn(2, 17, 48)
-    casts = Casts()
-    with casts, torch.autocast("cpu", dtype=torch.bfloat16):
+    with cast_shapes() as casts, torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x, grid_size=(4, 4))
     out.float().square().sum().backward()
     assert (144, 48) not in casts.shapes and (144,) not in casts.shapes

@@ -1160,22 +1160,10 @@ def test_triton_fold_in_autocasts_dtype(fold_backward_path):
         assert a.dtype == torch.float32 and torch.equal(a, e)
 
 
-def test_a_mirror_layer_under_autocast_on_triton_runs_no_cast_of_its_folded_weights(backend):
+def test_a_mirror_layer_under_autocast_on_triton_runs_no_cast_of_its_folded_weights(backend, cast_shapes):
     """The layer asks the Triton fold for autocast's dtype: no cast of the folded qkv weights runs forward (nor its
     backward), and the step matches the torch backend's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from mirrorla import LinearAttention
-
-    class Casts(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten._to_copy:
-                self.shapes.append(tuple(args[0].shape))
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     layer = LinearAttention(48, 3, qkv_bias=True)
@@ -1184,8 +1172,7 @@ def test_a_mirror_layer_under_autocast_on_triton_runs_no_cast_of_its_folded_weig
     for name in ("triton", "torch"):
         backend(name)
         layer.zero_grad()
-        casts = Casts()
-        with casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        with cast_shapes() as casts, torch.autocast("cpu", dtype=torch.bfloat16):
             out = layer(x, grid_size=(4, 4))
         out.float().square().sum().backward()
         assert (144, 48) not in casts.shapes and (144,) not in casts.shapes, name
