@@ -8,8 +8,9 @@ eager, and that CUDA-graph capture (mode="reduce-overhead") runs, also for a tra
 Prints one line per check and exits 1 on a mismatch.
 
 Also checks the MirrorLA layer (fold, σ², rotation, attention) on the Triton backend against the torch backend on
-the same device, in values and in the gradients of every parameter, and the chunked backward's block options
-(``backward_blocks``, chosen per GPU by ``mirrorla tune``) against its default.
+the same device, in values and in the gradients of every parameter, and the chunked kernels' block options
+(``backward_blocks``, ``ieee_backward_blocks`` and ``moment_state_blocks``, chosen per GPU by ``mirrorla tune``)
+against their defaults.
 
 Usage: PYTHONPATH=src python benchmarks/gpu_check.py [DEVICE] [--kernels-only] [--quick]  (DEVICE defaults to
 cuda; --kernels-only skips the compiled DeiT-T checks, which spend minutes compiling; --quick keeps the head width
@@ -119,16 +120,16 @@ for delta_form, pairing, n, d, dtype in MAP_CASES[:2] if quick else MAP_CASES:
                            strict=True):
         report(f"{name} {label}", rel(a, w), 2 * tol)
 
-# the chunked backward's (token tile, warps) options that mirrorla tune may choose: the MirrorLA op's gradients with
+# the chunked kernels' (token tile, warps) options that mirrorla tune may choose: the MirrorLA op's gradients with
 # each option against the default's (the same sums in other orders; tune checks them too before it picks one), for
-# tensor-core dots (bf16) and IEEE fp32 dots
+# the backward with tensor-core dots (bf16) and IEEE fp32 dots, and for the training forward's state pass
 from mirrorla.tools.tune import BLOCK_SETTINGS, GRAD_TOLERANCE, check_block_options, setting_dtype  # noqa: E402
 
 n_blocks = 4096 if device.type == "cuda" else 300
 for setting, (options, _) in BLOCK_SETTINGS.items():
     tol = GRAD_TOLERANCE[setting_dtype(setting, device)]
     for option, error in check_block_options(device, setting, n=n_blocks).items():
-        report(f"chunked backward {setting} {option} vs {options[0][0]}x{options[0][1]}, N={n_blocks}", error, tol)
+        report(f"chunked kernels {setting} {option} vs {options[0][0]}x{options[0][1]}, N={n_blocks}", error, tol)
 
 # the fold of the static reflections into the qkv rows: Triton kernels against the torch version, values and the
 # gradients of weight, bias and u (DeiT-T's and DeiT-B's widths; fp32 and bf16 weights)

@@ -40,14 +40,17 @@ def test_bundled_table_is_valid_and_only_defaults_apply_without_an_entry(monkeyp
     assert tuning_for_gpu("a GPU nobody measured") == DEFAULT_TUNING
     assert kernel_tuning(torch.device("cpu")) == DEFAULT_TUNING
     assert (DEFAULT_TUNING.row_max_tiles, DEFAULT_TUNING.backward_blocks) == (8, (64, 4))
+    assert DEFAULT_TUNING.moment_state_blocks == (64, 4)  # the forward's tiles
 
 
 def test_the_users_file_names_a_gpu_and_wins(tmp_path, monkeypatch, fresh_cache):
     path = _file(tmp_path / "t.json", {GPU: {"row_max_tiles": 2, "backward_blocks": [32, 8],
-                                             "ieee_backward_blocks": [32, 4], "measured": "today"}})
+                                             "ieee_backward_blocks": [32, 4], "moment_state_blocks": [32, 4],
+                                             "measured": "today"}})
     monkeypatch.setenv("MIRRORLA_TUNING", str(path))
     got = tuning_for_gpu(GPU)
-    assert (got.row_max_tiles, got.backward_blocks, got.ieee_backward_blocks) == (2, (32, 8), (32, 4))
+    assert (got.row_max_tiles, got.backward_blocks, got.ieee_backward_blocks, got.moment_state_blocks) == (
+        2, (32, 8), (32, 4), (32, 4))
     assert "today" in got.source
     assert tuning_for_gpu("another GPU") == DEFAULT_TUNING
     # a CUDA device looks its name up once; clear_tuning_cache rereads the file
@@ -61,6 +64,8 @@ def test_the_users_file_names_a_gpu_and_wins(tmp_path, monkeypatch, fresh_cache)
     assert kernel_tuning(torch.device("cuda:0")).row_max_tiles == 2  # cached
     clear_tuning_cache()
     assert kernel_tuning(torch.device("cuda:0")).row_max_tiles == 5
+    # an entry written before a setting existed takes that setting's default
+    assert kernel_tuning(torch.device("cuda:0")).moment_state_blocks == DEFAULT_TUNING.moment_state_blocks
     with forced_tuning(row_max_tiles=0):  # forced values win on every device
         assert kernel_tuning(torch.device("cuda:0")).row_max_tiles == 0
         assert kernel_tuning(torch.device("cuda:0")).backward_blocks == (64, 8)
@@ -76,6 +81,8 @@ def test_the_users_file_names_a_gpu_and_wins(tmp_path, monkeypatch, fresh_cache)
      "row_max_tiles must be an int >= 0"),
     (json.dumps({"format": 1, "gpus": {GPU: {"row_max_tiles": 8, "backward_blocks": [128, 4]}}}),
      "backward_blocks must be"),
+    (json.dumps({"format": 1, "gpus": {GPU: {"row_max_tiles": 8, "backward_blocks": [64, 4],
+                                             "moment_state_blocks": [64, 3]}}}), "moment_state_blocks must be"),
 ])
 def test_a_malformed_tuning_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, content, message):
     path = tmp_path / "bad.json"
@@ -96,7 +103,8 @@ def test_forced_values_are_checked_before_the_block_and_restored_after():
     with forced_tuning(row_max_tiles=3):
         with forced_tuning(backward_blocks=(32, 4)):
             assert kernel_tuning(torch.device("cpu")).settings() == {"row_max_tiles": 3, "backward_blocks": [32, 4],
-                                                                     "ieee_backward_blocks": [16, 8]}
+                                                                     "ieee_backward_blocks": [16, 8],
+                                                                     "moment_state_blocks": [64, 4]}
         assert kernel_tuning(torch.device("cpu")).backward_blocks == (64, 4)
     assert kernel_tuning(torch.device("cpu")) == DEFAULT_TUNING
     with pytest.raises(TypeError):
@@ -180,7 +188,8 @@ def test_tune_command_measures_decides_and_reports_in_the_interpreter(tmp_path, 
             "--block-lengths", "17", "--batch", "1", "--calls", "1", "--repeats", "1", "--warmup", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert all(f"{name} = " in printed for name in ("row_max_tiles", "backward_blocks", "ieee_backward_blocks"))
+    assert all(f"{name} = " in printed for name in ("row_max_tiles", "backward_blocks", "ieee_backward_blocks",
+                                                    "moment_state_blocks"))
     entries = read_tuning_file(out)
     assert set(entries) == {"other GPU", "cpu (Triton interpreter)"}
     result = json.loads((report / "tune.json").read_text())
@@ -190,6 +199,9 @@ def test_tune_command_measures_decides_and_reports_in_the_interpreter(tmp_path, 
     assert result["row_batch"] == 1 and "(row kernels: B=1)" in result["measured"]  # the interpreter: --batch
     assert set(result["blocks"]["backward_blocks"]["rows"][0]["us"]) == {"64x4", "64x8", "32x4", "32x8"}
     assert set(result["blocks"]["ieee_backward_blocks"]["rows"][0]["us"]) == {"16x8", "16x4", "32x8", "64x4"}
+    moment_rows = result["blocks"]["moment_state_blocks"]["rows"]  # the training forward of both rotations
+    assert {r["attn"] for r in moment_rows} == {"mirror", "rotate_relu"}
+    assert set(moment_rows[0]["us"]) == {"64x4", "32x4", "32x8", "16x4"}
     for measured in result["blocks"].values():  # every option gives the default's gradients
         assert max(measured["errors"].values()) < 1e-5
     assert entries["cpu (Triton interpreter)"].settings() == result["tuning"]
@@ -228,11 +240,55 @@ def test_bench_records_the_launch_settings_that_ran(tmp_path, monkeypatch):
     with forced_tuning(row_max_tiles=3):
         machine = machine_info("cpu")
     assert machine["kernel_tuning"] == {"row_max_tiles": 3, "backward_blocks": [64, 4],
-                                        "ieee_backward_blocks": [16, 8], "source": "forced"}
+                                        "ieee_backward_blocks": [16, 8], "moment_state_blocks": [64, 4],
+                                        "source": "forced"}
     records = [dict(kind="op", attn="relu", n=64, mode="fwd", dtype="fp32", status="ok", median_ms=1.0, iqr_ms=0.1,
                     peak_mem_mb=1.0)]
     write_report(records, tmp_path, machine)
-    assert ("row kernels up to 3 tiles, chunked backward (64, 4), IEEE fp32 (16, 8) (forced)"
-            in (tmp_path / "bench.md").read_text())
+    assert ("row kernels up to 3 tiles, chunked backward (64, 4), IEEE fp32 (16, 8), rotation's training state "
+            "pass (64, 4) (forced)" in (tmp_path / "bench.md").read_text())
     monkeypatch.setenv("MIRRORLA_BACKEND", "torch")
     assert machine_info("cpu")["kernel_tuning"] is None
+
+
+def test_the_moment_state_setting_drives_only_the_chunked_training_state_pass(monkeypatch):
+    """``moment_state_blocks`` is the (token tile, warps) of the chunked state pass of a rotation's training forward
+    (tensor-core dots: fp32 inputs with TF32 allowed here), and of nothing else: the inference forward and ReLU's
+    state pass keep the forward's tiles, IEEE fp32 dots keep theirs. Values and gradients do not change (the
+    same sums in another order)."""
+    tla = pytest.importorskip("mirrorla.ops.triton_linear_attention")
+    real, launches = tla._state_kernel, []
+
+    class RecordingStateKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs["MOMENT"], kwargs["MAP"], kwargs["BN"], kwargs["num_warps"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tla, "_state_kernel", RecordingStateKernel())
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 150, 16, generator=g).requires_grad_() for _ in range(3))  # 3 tiles of 64 tokens
+    theta = torch.rand(2, 8, generator=g).requires_grad_()
+    gamma = (0.5 * torch.randn(2, 8, generator=g)).requires_grad_()
+    angle = torch.randn(2, 2, 8, generator=g).requires_grad_()
+    results = {}
+    with tune.matmul_precision("high"):
+        for blocks in ((64, 4), (32, 4), (16, 4)):
+            launches.clear()
+            with forced_tuning(row_max_tiles=0, moment_state_blocks=blocks):
+                out = tla.mirror_linear_attention(q, k, v, theta, gamma)
+                rotated = tla.fused_linear_attention(q, k, v, angle, feature="rotate_relu")
+                results[blocks] = (out, rotated, *torch.autograd.grad(
+                    out.square().sum() + rotated.square().sum(), [q, k, v, theta, gamma, angle]))
+                with torch.no_grad():
+                    tla.mirror_linear_attention(q, k, v, theta, gamma)  # inference: no moment
+                tla.fused_linear_attention(q, k, v, feature="relu")
+            assert launches == [(True, 2, *blocks), (True, 2, *blocks), (False, 2, 64, 4), (False, 1, 64, 4)]
+    launches.clear()
+    with forced_tuning(row_max_tiles=0, moment_state_blocks=(32, 4)):  # IEEE fp32 dots: their own setting
+        tla.mirror_linear_attention(q, k, v, theta, gamma)
+    assert launches == [(True, 2, *DEFAULT_TUNING.ieee_backward_blocks)]
+    for blocks in ((32, 4), (16, 4)):
+        for got, want in zip(results[blocks], results[(64, 4)], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

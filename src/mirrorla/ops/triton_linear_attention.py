@@ -871,6 +871,11 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
         except OutOfResources:
             _ROW_TOO_LARGE.add(_row_key(*row))  # the chunked kernels below, one tile at a time, may still fit
     spart = _token_sum_parts(k) if mirror is not None else q
+    if moment and not ieee and max(bd, bdv) <= 64:
+        # the chunked training state pass of a rotation holds the moment's accumulators too: its (token tile, warps)
+        # is a per-GPU setting (fewer registers per thread against more instructions per token, see
+        # mirrorla.ops.tuning), the forward's (64, 4) by default
+        state_blocks["BN"], state_blocks["num_warps"] = tuning.moment_state_blocks
     chunks, per = _chunks(n, b * h, q.device, state_blocks["BN"])
     part = torch.empty(1 + moment, b * h, chunks, d, dv + 1, device=q.device, dtype=torch.float32)
     _state_kernel[(b * h, chunks)](

@@ -13,6 +13,12 @@ Some choices of the Triton path depend on the GPU more than on the code, so they
 - ``ieee_backward_blocks``: the same for fp32 inputs with IEEE fp32 matmuls (torch's default matmul precision),
   every head width, and the row backward's token tile there too. Those matmuls hold fp32 operand tiles in
   registers: with 64-token tiles ptxas for sm_90 spills 20–30 KB per thread, with 16 tokens and 8 warps nothing.
+- ``moment_state_blocks``: ``(token tile, warps)`` of the chunked state pass of a rotation's training forward
+  (MirrorLA's, or ``rotate_relu``'s with an angle that needs a gradient) for heads up to 64 wide on tensor-core
+  dots. That pass also sums the moment its backward needs, which doubles its accumulators: on sm_90 (bf16,
+  d = 64, ptxas) 64-token tiles with 4 warps take 216 registers per thread, so an SM holds 8 of its warps, where
+  32-token tiles take 153 and an SM holds 12, for about 11% more instructions per token. Which wins is the GPU's
+  to say: the pass waits on memory and on its matmuls more than it issues instructions.
 
 Where the values come from, the first that has the GPU (by its CUDA name) wins:
 
@@ -42,6 +48,7 @@ TUNING_FORMAT = 1
 BUNDLED_TUNING = Path(__file__).with_name("kernel_tuning.json")
 TILE_CHOICES = (16, 32, 64)  # tl.dot needs at least 16 rows; the backward's tiles of 128 overflow shared memory
 WARP_CHOICES = (1, 2, 4, 8, 16)
+BLOCK_FIELDS = ("backward_blocks", "ieee_backward_blocks", "moment_state_blocks")  # the (token tile, warps) settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +58,13 @@ class KernelTuning:
     row_max_tiles: int = 8
     backward_blocks: tuple[int, int] = (64, 4)
     ieee_backward_blocks: tuple[int, int] = (16, 8)
+    moment_state_blocks: tuple[int, int] = (64, 4)
     source: str = "defaults"
 
     def __post_init__(self):
         if not isinstance(self.row_max_tiles, int) or isinstance(self.row_max_tiles, bool) or self.row_max_tiles < 0:
             raise ValueError(f"row_max_tiles must be an int >= 0, got {self.row_max_tiles!r}")
-        for name in ("backward_blocks", "ieee_backward_blocks"):
+        for name in BLOCK_FIELDS:
             blocks = getattr(self, name)
             if (not isinstance(blocks, tuple) or len(blocks) != 2 or blocks[0] not in TILE_CHOICES
                     or blocks[1] not in WARP_CHOICES):
@@ -65,13 +73,13 @@ class KernelTuning:
 
     def settings(self) -> dict:
         """The settings as a tuning file stores them."""
-        return {"row_max_tiles": self.row_max_tiles, "backward_blocks": list(self.backward_blocks),
-                "ieee_backward_blocks": list(self.ieee_backward_blocks)}
+        return {"row_max_tiles": self.row_max_tiles, **{name: list(getattr(self, name)) for name in BLOCK_FIELDS}}
 
 
 DEFAULT_TUNING = KernelTuning()
 """Used where no measurement names the GPU: rows of up to 8 tiles (512 tokens) on the row kernels, the chunked
-backward on the forward's (64 tokens, 4 warps), with IEEE fp32 dots on (16 tokens, 8 warps)."""
+backward on the forward's (64 tokens, 4 warps), with IEEE fp32 dots on (16 tokens, 8 warps), and the training
+state pass of a rotation on the forward's (64 tokens, 4 warps)."""
 
 _CACHE: dict[int, KernelTuning] = {}
 _FORCED: dict = {}
@@ -93,12 +101,12 @@ def read_tuning_file(path: str | os.PathLike) -> dict[str, KernelTuning]:
     entries = {}
     for name, entry in data["gpus"].items():
         try:
-            blocks = entry["backward_blocks"]
-            ieee = entry.get("ieee_backward_blocks", list(DEFAULT_TUNING.ieee_backward_blocks))
+            # backward_blocks is required; the settings added later default where an older file lacks them
+            blocks = {field: entry[field] if field == "backward_blocks" else
+                      entry.get(field, list(getattr(DEFAULT_TUNING, field))) for field in BLOCK_FIELDS}
             entries[name] = KernelTuning(
                 row_max_tiles=entry["row_max_tiles"],
-                backward_blocks=tuple(blocks) if isinstance(blocks, list) else blocks,
-                ieee_backward_blocks=tuple(ieee) if isinstance(ieee, list) else ieee,
+                **{field: tuple(value) if isinstance(value, list) else value for field, value in blocks.items()},
                 source=f"{path.name}: {entry.get('measured', 'no provenance recorded')}")
         except (KeyError, TypeError, ValueError) as error:
             detail = f"missing {error}" if isinstance(error, KeyError) else str(error)

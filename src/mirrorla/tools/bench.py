@@ -456,9 +456,10 @@ def _key(r: dict[str, Any]) -> tuple:
 def _tuning_text(tuning: dict[str, Any] | None) -> str:
     if not tuning:
         return ""
+    moment = tuning.get("moment_state_blocks")  # absent from the records of runs before the setting existed
     return (f", row kernels up to {tuning['row_max_tiles']} tiles, chunked backward "
-            f"{tuple(tuning['backward_blocks'])}, IEEE fp32 {tuple(tuning['ieee_backward_blocks'])} "
-            f"({tuning['source']})")
+            f"{tuple(tuning['backward_blocks'])}, IEEE fp32 {tuple(tuning['ieee_backward_blocks'])}"
+            + (f", rotation's training state pass {tuple(moment)}" if moment else "") + f" ({tuning['source']})")
 
 
 def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, Any]) -> None:

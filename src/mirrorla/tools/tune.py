@@ -1,8 +1,9 @@
 """``mirrorla tune``: measure the Triton path's per-GPU launch settings on this GPU and write them down.
 
-The settings (:mod:`mirrorla.ops.tuning`) are where the row kernels stop paying (``row_max_tiles``) and the chunked
+The settings (:mod:`mirrorla.ops.tuning`) are where the row kernels stop paying (``row_max_tiles``), the chunked
 backward's ``(token tile, warps)``: ``backward_blocks`` for tensor-core dots (bf16/fp16 inputs, fp32 ones with
-TF32 allowed) and ``ieee_backward_blocks`` for IEEE fp32 dots (fp32 inputs at torch's default matmul precision).
+TF32 allowed) and ``ieee_backward_blocks`` for IEEE fp32 dots (fp32 inputs at torch's default matmul precision),
+and ``moment_state_blocks``, the same for the chunked state pass of a rotation's training forward.
 They are measured at the shape of the speed targets (B = 8, H = 3, d = 64; bf16, and fp32 for the IEEE setting;
 the row kernels with a larger batch, below) and turned into settings by rules fixed here, before any run:
 
@@ -14,13 +15,15 @@ the row kernels with a larger batch, below) and turned into settings by rules fi
   (wall clock, device finished). The row kernels *win* at N when they take at most the chunked
   kernels' time in all four cases. The setting is the tile count (64 tokens) of the largest N at which they win
   and at every shorter N measured; 0 (chunked kernels only) when they lose at the shortest.
-- **backward_blocks, ieee_backward_blocks.** Each option of the setting (:data:`BLOCK_SETTINGS`, the first the
-  default) first runs the MirrorLA op's backward on the chunked kernels; an option whose gradients (q, k, v, θ, γ)
-  differ from the default's by more than :data:`GRAD_TOLERANCE` (largest error over the largest value) is out.
-  The chunked backward alone (``relu`` and ``mirror``) is then timed with each option at each N of
-  ``--block-lengths``. An option's score is the geometric mean of its time over the default's; the best score
-  wins if it is at most :data:`MIN_GAIN` and no single case is slower than :data:`MAX_LOSS` times the default's.
-  Otherwise the default stays.
+- **backward_blocks, ieee_backward_blocks, moment_state_blocks.** Each option of the setting
+  (:data:`BLOCK_SETTINGS`, the first the default) first runs the MirrorLA op forward and backward on the chunked
+  kernels; an option whose gradients (q, k, v, θ, γ) differ from the default's by more than
+  :data:`GRAD_TOLERANCE` (largest error over the largest value) is out. What the setting drives is then timed
+  alone with each option at each N of ``--block-lengths``: for the backward settings the chunked backward
+  (``relu`` and ``mirror``), for ``moment_state_blocks`` the chunked training forward (``mirror``, and
+  ``rotate_relu`` with a given angle). An option's score is the geometric mean of its time over the default's;
+  the best score wins if it is at most :data:`MIN_GAIN` and no single case is slower than :data:`MAX_LOSS` times
+  the default's. Otherwise the default stays.
 
 Writes (or updates) the GPU's entry in ``--out`` (a tuning file, other GPUs' entries kept) and, with ``--report
 DIR``, ``tune.json`` (every timing), ``tune.md`` and ``tune.png`` there. ``MIRRORLA_TUNING=FILE`` makes the library
@@ -51,6 +54,12 @@ BLOCK_N = 64  # the kernels' token tile at d ≤ 64: row_max_tiles counts these
 BLOCK_SETTINGS = {  # setting: (its options, the first the default; the fp32 matmul precision that selects it)
     "backward_blocks": (((64, 4), (64, 8), (32, 4), (32, 8)), "high"),
     "ieee_backward_blocks": (((16, 8), (16, 4), (32, 8), (64, 4)), "highest"),
+    "moment_state_blocks": (((64, 4), (32, 4), (32, 8), (16, 4)), "high"),
+}
+SETTING_PASSES = {  # what each block setting drives, as the report names it
+    "backward_blocks": "the chunked backward",
+    "ieee_backward_blocks": "the chunked backward",
+    "moment_state_blocks": "the chunked training forward of a rotation (its state pass also sums the moment)",
 }
 GRAD_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-5}
 MIN_GAIN = 0.95  # an option must save at least 5 % (geometric mean over the cases) to replace the default
@@ -154,9 +163,9 @@ def matmul_precision(precision: str):
 
 
 def setting_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """The inputs a block setting is measured on: bf16 on a GPU for the tensor-core setting, fp32 for the IEEE one
+    """The inputs a block setting is measured on: bf16 on a GPU for the tensor-core settings, fp32 for the IEEE one
     (and in the interpreter, which has no bf16 dots; the precision then picks the setting)."""
-    return torch.bfloat16 if setting == "backward_blocks" and device.type == "cuda" else torch.float32
+    return torch.bfloat16 if setting != "ieee_backward_blocks" and device.type == "cuda" else torch.float32
 
 
 def check_block_options(device: torch.device, setting: str = "backward_blocks", n: int = 4096,
@@ -186,8 +195,9 @@ def check_block_options(device: torch.device, setting: str = "backward_blocks", 
 def measure_block_options(device: torch.device, setting: str = "backward_blocks", lengths=BLOCK_LENGTHS,
                           batch: int = 8, calls: int = 10, repeats: int = 5, warmup: int = 3,
                           progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """The chunked backward alone (the ops' backward implementations on one saved forward) with each option of
-    ``setting``: ``{n, attn, us: {"64x4": µs, ...}}``."""
+    """What ``setting`` drives, alone, with each of its options: the chunked backward (the ops' backward
+    implementations on one saved forward) or, for ``moment_state_blocks``, the chunked training forward (with the
+    moment): ``{n, attn, us: {"64x4": µs, ...}}``."""
     from ..ops import triton_linear_attention as tla
 
     options, precision = BLOCK_SETTINGS[setting]
@@ -198,14 +208,23 @@ def measure_block_options(device: torch.device, setting: str = "backward_blocks"
         for n in lengths:
             q, k, v = _qkv(batch, n, device, dtype)
             grad = torch.randn(batch, HEADS, n, HEAD_DIM, device=device, dtype=dtype)
-            _, state = tla._fused_forward_impl(q, k, v, None, 1, 0, 1e-6)
-            saved = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)[1:]
-            backward = {  # relu: feature 1; mirror: adjacent pairs (0), Δα form tanh_log (0)
-                "relu": lambda q=q, k=k, v=v, s=state, g=grad: tla._fused_backward_impl(q, k, v, None, s, g, 1, 0,
-                                                                                      1e-6),
-                "mirror": lambda q=q, k=k, v=v, s=saved, g=grad: tla._mirror_backward_impl(
-                    q, k, v, theta, gamma, *s, g, 0, 0, 1e-6, 1e-6)}
-            for attn, fn in backward.items():
+            if setting == "moment_state_blocks":  # adjacent pairs (0), Δα form tanh_log (0); moment on
+                angle = 2.0 * theta.expand(batch, HEADS, HEAD_DIM // 2)
+                state = saved = None
+                timed = {
+                    "mirror": lambda q=q, k=k, v=v: tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6,
+                                                                             True),
+                    "rotate_relu": lambda q=q, k=k, v=v, a=angle: tla._fused_forward_impl(q, k, v, a, 2, 0, 1e-6,
+                                                                                         True)}
+            else:
+                _, state = tla._fused_forward_impl(q, k, v, None, 1, 0, 1e-6)
+                saved = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)[1:]
+                timed = {  # relu: feature 1; mirror: adjacent pairs (0), Δα form tanh_log (0)
+                    "relu": lambda q=q, k=k, v=v, s=state, g=grad: tla._fused_backward_impl(q, k, v, None, s, g, 1,
+                                                                                          0, 1e-6),
+                    "mirror": lambda q=q, k=k, v=v, s=saved, g=grad: tla._mirror_backward_impl(
+                        q, k, v, theta, gamma, *s, g, 0, 0, 1e-6, 1e-6)}
+            for attn, fn in timed.items():
                 us = {}
                 for blocks in options:
                     with forced_tuning(row_max_tiles=0, **{setting: blocks}):
@@ -331,7 +350,7 @@ def _markdown(result: dict[str, Any]) -> str:
                      f"{r['row_us'] / r['chunked_us']:.2f} |")
     for setting, measured in result["blocks"].items():
         names = list(measured["rows"][0]["us"]) if measured["rows"] else []
-        lines += ["", f"## {setting}: the chunked backward by (token tile x warps), {measured['dtype']} inputs "
+        lines += ["", f"## {setting}: {SETTING_PASSES[setting]} by (token tile x warps), {measured['dtype']} inputs "
                       "(wall µs per call, median; × the first, the default)", "",
                   "Gradients against the default's (largest error over largest value): " + ", ".join(
                       f"{k} {v:.1e}" for k, v in measured["errors"].items())
