@@ -70,6 +70,8 @@ def op_step(attn: str, mode: str, n: int, device: torch.device):
     b, h, d = 8, 3, 64
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype).requires_grad_(mode == "train") for _ in range(3))
+    # the upstream gradient is given, as in `mirrorla bench op`: a loss (o.float().sum()) would add its own kernels
+    grad_out = torch.randn(b, h, n, d, device=device, dtype=dtype)
     if attn == "softmax":
         def fn():
             return F.scaled_dot_product_attention(q, k, v)
@@ -83,7 +85,7 @@ def op_step(attn: str, mode: str, n: int, device: torch.device):
 
     def step():
         if mode == "train":
-            fn().float().sum().backward()
+            fn().backward(grad_out)
             for t in (q, k, v, *params):  # every gradient dropped, as in the model steps (no accumulating adds)
                 t.grad = None
         else:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from mirrorla.tools.cli import main
 
 REQUIRED = {"kind", "attn", "mode", "dtype", "device", "median_ms", "iqr_ms", "peak_mem_mb", "status"}
@@ -63,10 +65,37 @@ def test_op_train_steps_drop_every_gradient_as_a_model_step_does(monkeypatch):
     step = bench._op_step(case, torch.device("cpu"))
     step()
     step()
-    q, k, v = bench._OP_INPUTS[next(iter(bench._OP_INPUTS))]
+    q, k, v, _ = bench._OP_INPUTS[next(iter(bench._OP_INPUTS))]
     params = list(layers[0].feature_map.parameters())
     assert len(params) >= 2 and all(p.requires_grad for p in params)  # θ and γ at least
     assert all(t.grad is None for t in (q, k, v, *params))
+
+
+@pytest.mark.parametrize("attn", ["softmax", "relu", "mirror"])
+def test_op_train_steps_backpropagate_a_fixed_gradient_and_compute_no_loss(monkeypatch, attn):
+    """A train op step times the attention's forward and backward for a given upstream gradient (in the output's
+    shape and dtype, the same every step), not a loss of its own: o.float().sum() added a cast of o, a sum and a
+    cast back of its gradient to every attention's time (a third of ReLU's at 65,536 tokens on an H200)."""
+    import torch
+
+    from mirrorla.tools import bench
+
+    seen = []
+    real_backward = torch.Tensor.backward
+
+    def recording_backward(self, gradient=None, *args, **kwargs):
+        seen.append((tuple(self.shape), self.dtype, gradient))
+        return real_backward(self, gradient, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", recording_backward)
+    case = dict(kind="op", n=32, mode="train", dtype="bf16", device="cpu", batch=1, heads=2, head_dim=8,
+                compile=False, attn=attn)
+    step = bench._op_step(case, torch.device("cpu"))
+    step()
+    step()
+    assert len(seen) == 2 and all(shape == (1, 2, 32, 8) and dtype == torch.bfloat16 for shape, dtype, _ in seen)
+    grads = [g for *_, g in seen]
+    assert grads[0] is grads[1] and grads[0].shape == (1, 2, 32, 8) and grads[0].dtype == torch.bfloat16
 
 
 def test_bench_model_reports_images_per_second(tmp_path):

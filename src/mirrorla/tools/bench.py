@@ -88,8 +88,12 @@ def _op_step(case: dict[str, Any], device: torch.device):
         _OP_INPUTS.clear()
         g = torch.Generator(device="cpu").manual_seed(0)
         _OP_INPUTS[key] = tuple(torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype)
-                                .requires_grad_(train) for _ in range(3))
-    q, k, v = _OP_INPUTS[key]
+                                .requires_grad_(train and i < 3) for i in range(3 + train))
+    # a train step backpropagates a fixed upstream gradient in the output's dtype, as the layer above hands it. A loss
+    # computed in the step (o.float().sum()) timed a cast of o to fp32, its sum and the gradient's cast back with every
+    # attention alike: at 65,536 tokens (bf16, B·H = 24) 0.52 ms of an H200's 1.61 ms ReLU step, which diluted the
+    # ratios between attentions, and 384 MB of each step's peak memory
+    q, k, v, *grad_out = _OP_INPUTS[key]
     attn = case["attn"]
     if attn == "softmax":
         params = []
@@ -119,7 +123,7 @@ def _op_step(case: dict[str, Any], device: torch.device):
         def step():
             mark()
             out = fn()
-            out.float().sum().backward()
+            out.backward(*grad_out)
             # every gradient dropped, as the model step does and optimizers' zero_grad(set_to_none=True): accumulating
             # the map's parameter gradients would charge a map with parameters an add kernel per parameter per step
             for t in (q, k, v, *params):
