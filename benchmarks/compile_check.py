@@ -7,8 +7,9 @@ spill registers. This tool runs the ops' real launchers on CPU tensors with ever
 binds and specialises each launch's arguments as Triton does at run time (unit strides become constants, 16-byte
 alignments attributes), then
 compiles each distinct configuration for the target (Triton's bundled ptxas, no driver) and reports its shared
-memory, registers, spills and the size of its longest loop in SASS (instructions and local-memory accesses per
-thread and iteration: for a token loop, the cost of one tile). It fails (exit 1) when a configuration does not
+memory, registers, spills, the size of its longest loop in SASS (instructions and local-memory accesses per
+thread and iteration: for a token loop, the cost of one tile) and ptxas's performance advisories (C7515: wgmma
+serialised). It fails (exit 1) when a configuration does not
 compile or needs more shared memory than the target's limit.
 
 usage: python benchmarks/compile_check.py [--arch 90] [--quick] [--kernels NAME,...] [--dtypes fp32,...]
@@ -170,7 +171,7 @@ def compile_one(kernel, signature: dict, constexprs: dict, attrs: dict, warps: i
                               options={"num_warps": warps, "num_stages": stages})
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     ptxas = tools / "ptxas"
-    registers = spills = None
+    registers = spills = advisories = None
     if ptxas.exists():
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(compiled.asm["ptx"])
@@ -182,11 +183,20 @@ def compile_one(kernel, signature: dict, constexprs: dict, attrs: dict, warps: i
         found = re.search(r"Used (\d+) registers", report)
         registers = int(found.group(1)) if found else None
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", report))
+        advisories = ptxas_advisories(report)
     sass = _disassemble(compiled.asm["cubin"], tools / "nvdisasm")
     loop, local = _hot_loop(sass) if sass is not None else (None, None)
     uninitialised = uninitialised_uniform_reads(sass) if sass is not None else None
     return {"shared": compiled.metadata.shared, "registers": registers, "spill_stores": spills, "loop": loop,
-            "loop_local": local, "uninitialised": uninitialised}
+            "loop_local": local, "uninitialised": uninitialised, "advisories": advisories}
+
+
+def ptxas_advisories(report: str) -> list[str]:
+    """The codes of the "Potential Performance Loss" advisories in ptxas's ``-v`` report, sorted. C7515 and its
+    kin (C7508–C7520) say that ptxas serialised the kernel's wgmma instructions: each waits for the one before it
+    to finish, so the tensor cores' latency adds up tile after tile. MirrorLA's chunked q pass has C7515 on sm_90
+    (its last product, d angle's, stays in flight across the loop's back edge), see ``_dq_tiles``."""
+    return sorted(set(re.findall(r"\((C\d+)\) Potential Performance Loss", report)))
 
 
 def _dtype_label(signature: dict) -> str:
@@ -351,9 +361,9 @@ def main(argv=None) -> int:
              f"fp32 matmul precision {args.precision!r}",
              "", f"shared-memory limit per block: {limit if limit else 'unknown'} bytes", "",
              "| kernel | dtype | constants | warps | shared B | registers | spill stores B | loop instr | loop LDL/STL "
-             "| uninitialised UR reads | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    failures = 0
+             "| ptxas advisories | uninitialised UR reads | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    failures = advised = 0
     for (name, _, warps, stages), (kernel, signature, constexprs, attrs) in sorted(configs.items(),
                                                                                   key=lambda kv: kv[0][:1]):
         dtype = _dtype_label(signature)
@@ -366,7 +376,7 @@ def main(argv=None) -> int:
         except Exception as error:  # report every failing configuration, not only the first
             failures += 1
             first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-            lines.append(f"| {name} | {dtype} | {shown} | {warps} | FAILED: {first} | | | | | | |")
+            lines.append(f"| {name} | {dtype} | {shown} | {warps} | FAILED: {first} | | | | | | | |")
             print(lines[-1], flush=True)
             continue
         over = limit is not None and info["shared"] > limit
@@ -375,11 +385,15 @@ def main(argv=None) -> int:
         # a miscompile: the first offending instruction, as compute-sanitizer would name its address
         reads = (f"{len(uninitialised)} MISCOMPILED: {uninitialised[0][1]} at {uninitialised[0][0]} "
                  f"({uninitialised[0][2]})" if uninitialised else "–" if uninitialised is not None else "")
+        advisories = info["advisories"]
+        advised += bool(advisories)
         lines.append(f"| {name} | {dtype} | {shown} | {warps} | {info['shared']}{' OVER LIMIT' if over else ''} | "
                      f"{info['registers']} | {info['spill_stores']} | {_shown(info['loop'])} | "
-                     f"{_shown(info['loop_local'])} | {reads} | {time.perf_counter() - start:.1f} |")
+                     f"{_shown(info['loop_local'])} | {', '.join(advisories) if advisories else '–'} | {reads} | "
+                     f"{time.perf_counter() - start:.1f} |")
         print(lines[-1], flush=True)
-    lines += ["", f"{len(configs)} configurations, {failures} failed"]
+    # ptxas's performance advisories (wgmma serialised) are reported, not failures: the kernels still compute
+    lines += ["", f"{len(configs)} configurations, {failures} failed, {advised} with ptxas performance advisories"]
     print(lines[-1])
     if args.out:  # written whole or not at all
         from mirrorla.tools.checkpoint import atomic_write_text

@@ -1270,17 +1270,31 @@ def _run_with_triton_compiler(args: list[str], timeout: int):
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_row_kernels_compile_for_an_h100():
+def test_row_kernels_compile_for_an_h100_without_serialised_wgmma():
     """The interpreter runs the kernels' Python, not Triton's compiler: the row kernels (bf16, d = 64, every map and
     pairing the dispatch launches) must also compile for sm_90 within its shared memory, which
-    ``benchmarks/compile_check.py`` checks without a GPU (Triton's bundled ptxas, no driver)."""
+    ``benchmarks/compile_check.py`` checks without a GPU (Triton's bundled ptxas, no driver), and without a ptxas
+    performance advisory (C7515: wgmma serialised, as in MirrorLA's chunked q pass, see ``_dq_tiles``)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     result = _run_with_triton_compiler([str(root / "benchmarks" / "compile_check.py"), "--quick", "--kernels", "_row_"],
                                        timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "13 configurations, 0 failed" in result.stdout, result.stdout[-3000:]
+    assert "13 configurations, 0 failed, 0 with ptxas performance advisories" in result.stdout, result.stdout[-3000:]
+
+
+def test_compile_check_reads_ptxas_performance_advisories(benchmark_script):
+    advisories = benchmark_script("compile_check").ptxas_advisories
+    report = (
+        "ptxas info    : Compiling entry function '_backward_q_kernel' for 'sm_90a'\n"
+        "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non "
+        "wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline stage in "
+        "the function '_backward_q_kernel'\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 120 bytes cumulative stack size\n")
+    assert advisories(report) == ["C7515"]
+    assert advisories(report.replace("(C7515) Potential", "(C7510) Potential") + report) == ["C7510", "C7515"]
+    assert advisories("ptxas info    : Used 240 registers, used 1 barriers\n") == []
 
 
 # The miscompile seen on an H200 (ptxas of CUDA 12.8, the state kernel unrolled to one tile): the second k step's

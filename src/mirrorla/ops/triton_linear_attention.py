@@ -385,6 +385,13 @@ def _dq_tiles(q_ptr, do_ptr, dq_ptr, first, TILES, NQ, s_qn, s_qd, s_dn, s_dd, s
         else:
             dz_acc += _dot(phi_t, tl.where(first_column, dden[:, None], 0.0), IEEE, UPCAST)
             if MAP == 2:
+                # the loop's last product: Triton leaves it in flight across the loop's back edge, and ptxas then
+                # serialises the loop's wgmma (advisory C7515, each waits for the one before it; compile_check's
+                # "ptxas advisories"). Every order that puts another product last lifts that but spills more: sm_90,
+                # bf16, d = 64, adjacent pairs, per tile, this order 132 B of spills (Triton 3.8) and 148 B (3.6);
+                # d angle's product first 212 and 628 B, the best of seven other orders 212 (3.8) and 564 B (3.6);
+                # a fresh accumulator summed per tile 284 B (3.8). Which costs more, serialised wgmma or local
+                # memory traffic, only a GPU can say
                 dang += _dot(tl.trans(d_angle), ones, IEEE, UPCAST)
     if DOT_SUMS and not IEEE:  # over the [BD, 16] blocks' columns (only the first is not zero)
         dz_acc = tl.sum(dz_acc, axis=1)
