@@ -13,8 +13,9 @@ export PYTHONUNBUFFERED=1
 $PY -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(0), 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/gpu.txt"
 $PY -m mirrorla bench op --device cuda --n 4096,16384,65536 --mode fwd,train --dtype bf16 --batch 8 --heads 3 \
-    --head-dim 64 --min-run-time 0.2 --timeout 60 --no-progress --attn softmax,relu,mirror --out "$OUT/op"
-MODEL="--device cuda --model mirrorla_deit_tiny_patch16_224 --dtype bf16 --min-run-time 0.2 --timeout 120 --no-progress"
+    --head-dim 64 --min-run-time 0.2 --timeout 60 --no-progress --attn softmax,relu,mirror --out "$OUT/op" --overwrite
+MODEL="--device cuda --model mirrorla_deit_tiny_patch16_224 --dtype bf16 --min-run-time 0.2 --timeout 120 --no-progress \
+    --overwrite"
 $PY -m mirrorla bench model $MODEL --attn softmax,relu,mirror --mode infer,train --img-size 224 --batch 128 \
     --out "$OUT/model_224"
 $PY -m mirrorla bench model $MODEL --attn softmax,relu,mirror --mode infer,train --img-size 1024 --batch 8 \

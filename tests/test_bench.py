@@ -117,6 +117,21 @@ def test_cases_that_run_out_of_time_are_recorded_not_fatal(tmp_path):
     assert "timeout" in (tmp_path / "bench.md").read_text()
 
 
+def test_a_finished_report_is_replaced_only_when_asked(tmp_path, capsys):
+    """A second benchmark into the same --out refuses before it measures anything (one-line error, the report
+    untouched); --overwrite replaces it."""
+    args = ["bench", "op", "--n", "64", "--attn", "relu", "--mode", "fwd", "--timeout", "0.01", "--out", str(tmp_path),
+            "--no-progress"]
+    assert main(args) == 0
+    report = (tmp_path / "bench.json").read_text()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a benchmark report (bench.json): pass --overwrite" in err and err.count("\n") == 1
+    assert (tmp_path / "bench.json").read_text() == report
+    assert main([*args, "--overwrite"]) == 0
+
+
 def test_report_tables_have_as_many_divider_cells_as_header_cells(tmp_path):
     """A markdown table renders only when its divider row has exactly the header's cells."""
     from mirrorla.tools.bench import write_report

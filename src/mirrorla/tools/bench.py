@@ -590,6 +590,10 @@ def validate_args(args: argparse.Namespace, kind: str) -> None:
     from ..attention import list_attentions
     from ..models.compile import COMPILE_MODES, COMPILE_SCOPES
 
+    # a report can hold hours of measurements (a lent GPU's session): it is replaced only when asked
+    if (Path(args.out) / "bench.json").exists() and not getattr(args, "overwrite", False):
+        raise ValueError(f"--out {args.out} already holds a benchmark report (bench.json): pass --overwrite to "
+                         "replace it, or another directory")
     _choices(args.mode, "--mode", OP_MODES if kind == "op" else MODEL_MODES)
     for option, value, allowed in (("--compile-mode", args.compile_mode, COMPILE_MODES),
                                    ("--compile-scope", args.compile_scope, COMPILE_SCOPES)):

@@ -121,6 +121,7 @@ def _add_bench_options(p: argparse.ArgumentParser, modes: str) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per case before it is recorded as timeout")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed repetitions per case (CPU)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace the report already in --out (its bench.json)")
 
 
 def _add_bench(sub) -> None:
