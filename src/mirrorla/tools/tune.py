@@ -207,16 +207,16 @@ def measure_block_options(device: torch.device, setting: str = "backward_blocks"
     with matmul_precision(precision), forced_tuning(row_max_tiles=0), torch.no_grad():
         for n in lengths:
             q, k, v = _qkv(batch, n, device, dtype)
-            grad = torch.randn(batch, HEADS, n, HEAD_DIM, device=device, dtype=dtype)
             if setting == "moment_state_blocks":  # adjacent pairs (0), Δα form tanh_log (0); moment on
                 angle = 2.0 * theta.expand(batch, HEADS, HEAD_DIM // 2)
-                state = saved = None
+                grad = state = saved = None
                 timed = {
                     "mirror": lambda q=q, k=k, v=v: tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6,
                                                                              True),
                     "rotate_relu": lambda q=q, k=k, v=v, a=angle: tla._fused_forward_impl(q, k, v, a, 2, 0, 1e-6,
                                                                                          True)}
             else:
+                grad = torch.randn(batch, HEADS, n, HEAD_DIM, device=device, dtype=dtype)
                 _, state = tla._fused_forward_impl(q, k, v, None, 1, 0, 1e-6)
                 saved = tla._mirror_forward_impl(q, k, v, theta, gamma, 0, 0, 1e-6, 1e-6)[1:]
                 timed = {  # relu: feature 1; mirror: adjacent pairs (0), Δα form tanh_log (0)
