@@ -10,9 +10,13 @@ launchers. A DeiT-T training step is bound by such host time, so the launchers u
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Whether Triton's interpreter runs the kernels: read once, at import, as Triton reads it when ``@triton.jit`` runs."""
 
 
 def cdiv(a: int, b: int) -> int:

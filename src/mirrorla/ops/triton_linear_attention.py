@@ -40,7 +40,6 @@ kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the t
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -51,7 +50,7 @@ from triton.runtime import OutOfResources
 
 from ..backend import DELTA_FORM_CODES
 from ._checks import check_eps
-from ._launch import cdiv, graph_capturing, next_power_of_2, on_tensor_device, sizes_jit
+from ._launch import INTERPRETING, cdiv, graph_capturing, next_power_of_2, on_tensor_device, sizes_jit
 from .reference import _linear_attention_torch, folded_mirror_map_reference, rotate_relu_reference
 from .tuning import DEFAULT_TUNING, kernel_tuning
 
@@ -68,7 +67,6 @@ ones the dispatch launches there."""
 _STAGES = 2  # the token loops pipeline their loads two deep; three overflowed shared memory at d = 128
 
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton reads it when @triton.jit runs
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -854,7 +852,7 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
     bd, bdv, bn, warps = _blocks(d, dv)
     swap = _swap(d, bd, pairing)
     ieee = _ieee_dots(q.dtype)
-    blocks = dict(D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_INTERPRETING,
+    blocks = dict(D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=INTERPRETING,
                   SWAP=swap, num_warps=warps, num_stages=_STAGES)
     angles = dict(ANGLES=mirror is not None, FORM=form, LOAD_MAP=0 if mirror is not None else feature,
                   MOMENT=moment)
@@ -914,7 +912,7 @@ def _backward_impl(q, k, v, cos, ssin, state, grad_out, feature: int, pairing: i
     swap = _swap(d, bd, pairing)
     ieee = _ieee_dots(q.dtype)
     tuning = kernel_tuning(q.device)
-    blocks = dict(D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=_INTERPRETING,
+    blocks = dict(D=d, DV=dv, BD=bd, BDV=bdv, BN=bn, MAP=feature, PAIRING=pairing, IEEE=ieee, UPCAST=INTERPRETING,
                   SWAP=swap, num_warps=warps, num_stages=_STAGES)
     theta, gamma, sums, form, map_eps = mirror if mirror is not None else (q, q, q, 0, 0.0)
     dq = torch.empty(b, h, nq, d, device=q.device, dtype=q.dtype)

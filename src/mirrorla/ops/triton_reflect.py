@@ -22,14 +22,12 @@ Fixed block sizes, so the kernels also run in Triton's interpreter (``TRITON_INT
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._launch import cdiv, graph_capturing, next_power_of_2, on_tensor_device, sizes_jit
+from ._launch import INTERPRETING, cdiv, graph_capturing, next_power_of_2, on_tensor_device, sizes_jit
 
 __all__ = ["reflect_projection_rows_triton"]
 
@@ -48,7 +46,7 @@ every projection while a CUDA graph records (replays cost no host time), spread 
 add the shares in a second launch."""
 
 
-_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")  # read once, as Triton reads it
+_INTERPRETING = tl.constexpr(INTERPRETING)  # a global the kernels read: Triton takes only constexpr ones
 
 
 @triton.jit

@@ -93,7 +93,8 @@ def _op_step(case: dict[str, Any], device: torch.device):
     # computed in the step (o.float().sum()) timed a cast of o to fp32, its sum and the gradient's cast back with every
     # attention alike: at 65,536 tokens (bf16, B·H = 24) 0.52 ms of an H200's 1.61 ms ReLU step, which diluted the
     # ratios between attentions, and 384 MB of each step's peak memory
-    q, k, v, *grad_out = _OP_INPUTS[key]
+    q, k, v, *rest = _OP_INPUTS[key]
+    grad_out = rest[0] if train else None
     attn = case["attn"]
     if attn == "softmax":
         params = []
@@ -123,7 +124,7 @@ def _op_step(case: dict[str, Any], device: torch.device):
         def step():
             mark()
             out = fn()
-            out.backward(*grad_out)
+            out.backward(grad_out)
             # every gradient dropped, as the model step does and optimizers' zero_grad(set_to_none=True): accumulating
             # the map's parameter gradients would charge a map with parameters an add kernel per parameter per step
             for t in (q, k, v, *params):
