@@ -29,16 +29,20 @@ lint: $(STAMP)
 bench-cpu: $(STAMP)
 	bash benchmarks/run_cpu.sh $(PY)
 
-# The accuracy study (benchmarks/study/mirror_study.json): about 2 hours on 2 cores (JOBS=2 runs
-# two single-threaded runs at a time); `make study QUICK=1` runs two seeds.
-# Runs (with their checkpoints) stay in runs/study; the report is copied to benchmarks/results/accuracy/.
+# The accuracy study: STUDY names a file in benchmarks/study/ (default mirror_study, step 1: about 2 hours on
+# 2 cores, JOBS=2 runs two single-threaded runs at a time; mirror_choices is step 2, about 2.3 hours);
+# `make study QUICK=1` runs the study's quick seeds. Runs (with their checkpoints) stay in runs/study (step 1) or
+# runs/<STUDY>; the report is copied to benchmarks/results/accuracy/ (step 1) or benchmarks/results/accuracy/<STUDY>/.
 JOBS ?= 2
+STUDY ?= mirror_study
+STUDY_RUNS := $(if $(filter mirror_study,$(STUDY)),runs/study,runs/$(STUDY))
+STUDY_REPORT := benchmarks/results/accuracy$(if $(filter mirror_study,$(STUDY)),,/$(STUDY))
 study: $(STAMP)
-	$(PY) -m mirrorla compare --variants benchmarks/study/mirror_study.json --out runs/study --analyze \
+	$(PY) -m mirrorla compare --variants benchmarks/study/$(STUDY).json --out $(STUDY_RUNS) --analyze \
 	    $(if $(QUICK),--quick) --no-progress --jobs $(JOBS)
-	mkdir -p benchmarks/results/accuracy
-	cp runs/study/study.json runs/study/results.json runs/study/results.md runs/study/results.png \
-	    benchmarks/results/accuracy/
+	mkdir -p $(STUDY_REPORT)
+	cp $(STUDY_RUNS)/study.json $(STUDY_RUNS)/results.json $(STUDY_RUNS)/results.md $(STUDY_RUNS)/results.png \
+	    $(STUDY_REPORT)/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
