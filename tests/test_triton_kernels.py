@@ -538,26 +538,31 @@ def test_several_programs_per_row_match_the_reference(backend, chunked_kernels, 
     assert chunks == [4, 4]  # several programs per row on the keys' side, for both ops
 
 
-def test_tiles_beyond_the_grid_limit_share_programs(monkeypatch, chunked_kernels):
-    """A CUDA grid's second axis holds at most 65,535 programs: beyond that many tiles of tokens (4M tokens) the
-    output pass (the one kernel with a program per tile) gives each program several tiles. Here the limit is
-    lowered to 2 programs: the MirrorLA op's output is that of one tile per program."""
+def test_output_pass_programs_take_chunks_of_tiles(monkeypatch, chunked_kernels):
+    """The output pass gives each program a chunk of query tiles, as the other passes (the state loaded once per
+    program; at most 4 programs per SM, so never past CUDA's 65,535 on the grid's second axis). Here 5 tiles of 64
+    queries run on 2 programs per row (the interpreter's 4 programs over 2 rows), 3 tiles each: the second program's
+    chunk holds the partial tile and runs past the last one. Relaunched with a program per tile on the same state,
+    the pass writes exactly the same output."""
     q, k, v, _, theta, gamma = _op_inputs(1, 2, 300, 16)  # 5 tiles of 64 tokens
-    grids, real = [], triton_ops._output_kernel
+    grids, alone, real_kernel = [], [], triton_ops._output_kernel
 
     class Spy:
         def __getitem__(self, grid):
-            grids.append(grid[1])
-            return real[grid]
+            def launch(*args, **kwargs):
+                grids.append((grid[1], args[8]))  # programs per row, tiles per program
+                real_kernel[grid](*args, **kwargs)
+                out = torch.full_like(args[4], float("nan"))
+                real_kernel[(grid[0], 5)](*args[:4], out, *args[5:8], 1, *args[9:], **kwargs)
+                alone.append(out)
+            return launch
 
     monkeypatch.setattr(triton_ops, "_output_kernel", Spy())
-    results = []
     with torch.no_grad():
-        for limit in (65535, 2):
-            monkeypatch.setattr(triton_ops, "_MAX_GRID_Y", limit)
-            results.append(triton_ops.mirror_linear_attention(q, k, v, theta, gamma))
-    assert grids == [5, 2]
-    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+        o = triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
+    assert grids == [(2, 3)]
+    torch.testing.assert_close(o, alone[0], rtol=0, atol=0)
+    assert triton_ops._chunks(10**9, 1, torch.device("cpu"))[0] <= 65535
 
 
 def test_launchers_make_their_tensors_device_current(monkeypatch):

@@ -487,8 +487,8 @@ def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n, TILES,
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                    MAP: tl.constexpr, PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    SWAP: tl.constexpr):
-    """o = φ(q) S / (φ(q)·z + ε·N) for ``TILES`` tiles of queries per program (the grid's second axis; one tile
-    below 4M tokens, see :data:`_MAX_GRID_Y`)."""
+    """o = φ(q) S / (φ(q)·z + ε·N) for the program's chunk of ``TILES`` query tiles (the grid's second axis, see
+    :func:`_chunks`): the state is loaded once per program."""
     bh, tile, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
         COS, SSIN, H, D, DV, BD, BDV, PAIRING, MAP)
     s, z, s_p, z_p = _load_state(STATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
@@ -688,18 +688,6 @@ def _blocks(d: int, dv: int) -> tuple[int, int, int, int]:
     return bd, bdv, (32 if wide else _BLOCK_N), (8 if wide else 4)
 
 
-_MAX_GRID_Y = 65535
-"""CUDA's limit on a grid's second axis. The kernel with a program per tile of tokens (the output pass) gives each
-program several tiles beyond ``_MAX_GRID_Y`` tiles, 4M tokens of 64."""
-
-
-def _grid_y(tiles: int) -> tuple[int, int]:
-    """(programs, tiles per program) for ``tiles`` tiles on the grid's second axis: one tile per program up to
-    the kernels loop over their ``TILES`` (not specialised, see :func:`sizes_jit`)."""
-    per = cdiv(tiles, _MAX_GRID_Y)
-    return cdiv(tiles, per), per
-
-
 def _gpu_properties(device: torch.device):
     """``torch.cuda.get_device_properties`` of the CUDA ``device``, cached per GPU (the launchers ask every call)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -767,7 +755,9 @@ def _swap(d: int, bd: int, pairing: int) -> bool:
 
 
 def _chunks(n: int, bh: int, device: torch.device, block_n: int = _BLOCK_N) -> tuple[int, int]:
-    """(programs per (b, h) row, tiles per program): enough programs to fill the GPU, each looping over tiles."""
+    """(programs per (b, h) row, tiles per program): enough programs to fill the GPU, each looping over tiles. At
+    most 4 per SM (the grid's second axis, far below CUDA's 65,535 there) whatever the length: past that a program
+    takes more tiles."""
     tiles = cdiv(n, block_n)
     if device.type == "cuda":
         target = 4 * _gpu_properties(device).multi_processor_count
@@ -888,9 +878,12 @@ def _forward_impl(q, k, v, cos, ssin, feature: int, pairing: int, eps: float, mi
         spart, theta, gamma, sums, spart.shape[1] if mirror is not None else 1, float(n), float(map_eps),
         **state_blocks, **angles)
     state = part.sum(2) if chunks > 1 else part[:, :, 0]  # state and moment: one reduction
-    tiles, per = _grid_y(cdiv(nq, bn))
-    _output_kernel[(b * h, tiles)](
-        q, state, cos, ssin, out, nq, h, float(eps) * n, per, *q.stride(), *out.stride(), **blocks)
+    # chunks of query tiles, as the other passes: a program per tile loaded the whole fp32 state (16.6 KB at
+    # d = 64, twice the tile's q and o) for each tile, with nothing of its own to overlap the loads with (H200, 65,536
+    # tokens: this pass moved q and o at 1.7 TB/s where the state pass streamed k and v at 4.0 TB/s)
+    chunks_o, per_o = _chunks(nq, b * h, q.device, bn)
+    _output_kernel[(b * h, chunks_o)](
+        q, state, cos, ssin, out, nq, h, float(eps) * n, per_o, *q.stride(), *out.stride(), **blocks)
     return out, state
 
 
