@@ -7,7 +7,9 @@ sync-debug mode, one step). A step whose wall time is far above its device time 
 kernels help it, faster kernels do not; a host sync inside it serialises host and device time.
 
 Cases: ``mirrorla_deit_tiny_patch16_224`` (bf16 autocast, inference and training) and, with ``--op``, the
-attention op alone (q, k, v given, as in ``mirrorla bench op``).
+attention op alone (q, k, v given, as in ``mirrorla bench op``). For the op it also lists each chunked pass's
+device time with the bandwidth its own tensors make at that time (:func:`pass_bandwidth`): a pass far below the
+step's best one is bound by something other than memory.
 
 With ``--host`` it first times the attention's pieces one by one at one DeiT-T layer's shape (B·H = 128·3, 197
 tokens, d = 64): a tiny torch op, the backward() of one multiply (by default and on the calling thread: what any
@@ -64,11 +66,24 @@ def model_step(attn: str, mode: str, img: int, batch: int, device: torch.device)
     return step
 
 
+OP_SHAPE = (8, 3, 64)  # B, H, d of the op's cases
+
+
+def op_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def op_tensor_bytes(n: int, device: torch.device) -> int:
+    """Bytes of one of the op's [B, H, N, d] tensors at ``n`` tokens."""
+    b, h, d = OP_SHAPE
+    return b * h * n * d * op_dtype(device).itemsize
+
+
 def op_step(attn: str, mode: str, n: int, device: torch.device):
     import torch.nn.functional as F
 
-    b, h, d = 8, 3, 64
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    b, h, d = OP_SHAPE
+    dtype = op_dtype(device)
     q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype).requires_grad_(mode == "train") for _ in range(3))
     # the upstream gradient is given, as in `mirrorla bench op`: a loss (o.float().sum()) would add its own kernels
     grad_out = torch.randn(b, h, n, d, device=device, dtype=dtype)
@@ -128,7 +143,10 @@ def host_syncs(step, device: torch.device) -> list[str]:
     return sorted({str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message)})
 
 
-def profile_case(name: str, step, device: torch.device, steps: int, top: int, lines: list[str]) -> dict:
+def profile_case(name: str, step, device: torch.device, steps: int, top: int, lines: list[str],
+                 tensor_bytes: int = 0) -> dict:
+    """Profile ``steps`` steps; ``tensor_bytes`` (the op's cases: bytes of one [B, H, N, d] tensor) adds the
+    per-pass bandwidth table (:func:`pass_bandwidth`)."""
     wall = wall_ms(step, device, steps)
     syncs = host_syncs(step, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -158,10 +176,36 @@ def profile_case(name: str, step, device: torch.device, steps: int, top: int, li
     lines.append("top kernels (ms/step, launches/step):")
     for k, ms in by_kernel.most_common(top):
         lines.append(f"  {ms:8.3f}  {count_kernel[k] / steps:6.0f}  {k}")
+    if tensor_bytes:
+        passes = pass_bandwidth({k: ms for k, ms in by_kernel.items()}, tensor_bytes)
+        if passes:
+            lines.append("chunked passes, bytes of their own tensors over their time:")
+            lines += passes
     lines.append("top operators by own host time (ms/step, calls/step):")
     for k, ms in by_op.most_common(top):
         lines.append(f"  {ms:8.3f}  {count_op[k] / steps:6.0f}  {k}")
     return row
+
+
+PASS_TENSORS = {"_token_sums_kernel": 1, "_state_kernel": 2, "_output_kernel": 2, "_backward_q_kernel": 3,
+                "_backward_kv_kernel": 4}
+"""The [B, H, N, d] tensors each chunked pass of the op must move at least once: the keys' token sums read k, the
+state pass k and v, the output pass q and o, the backward's q pass q, do and dq, its k/v pass k, v, dk and dv (the
+per-row states and partials are far smaller)."""
+
+
+def pass_bandwidth(kernel_ms: dict, tensor_bytes: int) -> list[str]:
+    """Lines of a table: each chunked pass's device ms per step and the bandwidth its own tensors' bytes
+    (:data:`PASS_TENSORS` × ``tensor_bytes``) make at that time. A streaming pass reaches close to the GPU's
+    memory bandwidth; one far below the best pass of the step is bound by something else (instructions,
+    registers, latency), which its ptxas numbers in ``compile_check.py`` then show."""
+    lines = ["| pass | device ms/step | MB moved | GB/s |", "|---|---|---|---|"]
+    for name, tensors in PASS_TENSORS.items():
+        ms = kernel_ms.get(name)
+        if ms:
+            moved = tensors * tensor_bytes
+            lines.append(f"| {name} | {ms:.3f} | {moved / 1e6:.0f} | {moved / ms / 1e6:.0f} |")
+    return lines if len(lines) > 2 else []
 
 
 BURST = 8
@@ -435,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         for attn in args.attn.split(","):
             if args.op:
                 rows.append(profile_case(f"op {attn} {mode} N={args.op}", op_step(attn, mode, args.op, device),
-                                         device, args.steps, args.top, lines))
+                                         device, args.steps, args.top, lines,
+                                         tensor_bytes=op_tensor_bytes(args.op, device)))
             rows.append(profile_case(f"deit_tiny {attn} {mode} {args.img_size}px batch {args.batch}",
                                      model_step(attn, mode, args.img_size, args.batch, device),
                                      device, args.steps, args.top, lines))

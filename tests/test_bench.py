@@ -315,3 +315,20 @@ def test_gpu_profile_long_row_table_runs_both_kernel_paths(monkeypatch, benchmar
     assert "DeiT-T's 64² layer shape (batch 1, H = 3, N = 17, d = 64)" in "\n".join(lines)
     assert {"_row_forward_kernel", "_row_backward_kernel", "_state_kernel", "_backward_q_kernel",
             "_backward_kv_kernel", "_token_sums_kernel"} <= launched
+
+
+def test_gpu_profile_pass_bandwidth_divides_each_pass_bytes_by_its_time(benchmark_script):
+    """The op profile's pass table: a pass's bytes are its own [B, H, N, d] tensors (the output pass reads q and
+    writes o: two), divided by its device time; kernels that are not chunked passes are left out, and a step without
+    any (softmax, the CPU) gets no table."""
+    gpu_profile = benchmark_script("gpu_profile")
+    import torch
+
+    tensor = gpu_profile.op_tensor_bytes(65536, torch.device("cuda"))
+    assert tensor == 8 * 3 * 65536 * 64 * 2  # bf16 on CUDA
+    lines = gpu_profile.pass_bandwidth({"_output_kernel": 0.24, "_state_kernel": 0.103, "elementwise": 1.0}, tensor)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in lines[2:]}
+    assert set(rows) == {"_output_kernel", "_state_kernel"}
+    assert rows["_output_kernel"] == ["0.240", "403", "1678 |"]  # 2 × 201 MB in 0.24 ms
+    assert rows["_state_kernel"][2] == "3909 |"
+    assert gpu_profile.pass_bandwidth({"flash_fwd": 1.0}, tensor) == []
