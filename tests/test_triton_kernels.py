@@ -565,6 +565,20 @@ def test_output_pass_programs_take_chunks_of_tiles(monkeypatch, chunked_kernels)
     assert triton_ops._chunks(10**9, 1, torch.device("cpu"))[0] <= 65535
 
 
+def test_chunked_kernels_take_rows_without_queries(chunked_kernels):
+    """No queries (q [B, H, 0, d]: the public ops refuse it, the kernels' callers may not): the chunked passes launch
+    a program per row that runs no tile (chunking 0 tiles divided by zero before), the output is empty and every
+    gradient finite (k, v and the angles' get nothing from no queries)."""
+    assert triton_ops._chunks(0, 6, torch.device("cpu")) == (1, 1)
+    q, k, v, _, theta, gamma = _op_inputs(1, 2, 40, 16)
+    q = q[:, :, :0].detach().requires_grad_()
+    o = triton_ops.mirror_linear_attention(q, k, v, theta, gamma)
+    o.sum().backward()
+    assert o.shape == (1, 2, 0, 16)
+    for name, t in (("k", k), ("v", v), ("theta", theta), ("gamma", gamma)):
+        assert torch.isfinite(t.grad).all() and not t.grad.any(), name
+
+
 def test_launchers_make_their_tensors_device_current(monkeypatch):
     """Triton launches on the current CUDA device: a launcher whose tensors live on another GPU of the process
     (cuda:1 while cuda:0 is current) runs with that GPU current, and with none switched when they match. Checked

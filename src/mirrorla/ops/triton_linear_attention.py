@@ -764,8 +764,8 @@ def _chunks(n: int, bh: int, device: torch.device, block_n: int = _BLOCK_N) -> t
     else:
         target = 4  # the interpreter: few, long programs are fastest
     chunks = max(1, min(tiles, cdiv(target, max(bh, 1))))  # an empty batch (B·H = 0) launches an empty grid
-    per = cdiv(tiles, chunks)
-    return cdiv(tiles, per), per
+    per = max(1, cdiv(tiles, chunks))  # no tokens (no queries): one program per row that runs no tile
+    return cdiv(max(tiles, 1), per), per
 
 
 def _rotation(angle: torch.Tensor | None, b: int, h: int, d: int, pairing: str, device) -> tuple[torch.Tensor, ...]:
