@@ -7,10 +7,10 @@ spill registers. This tool runs the ops' real launchers on CPU tensors with ever
 binds and specialises each launch's arguments as Triton does at run time (unit strides become constants, 16-byte
 alignments attributes), then
 compiles each distinct configuration for the target (Triton's bundled ptxas, no driver) and reports its shared
-memory, registers, spills, the size of its longest loop in SASS (instructions and local-memory accesses per
-thread and iteration: for a token loop, the cost of one tile) and ptxas's performance advisories (C7515: wgmma
-serialised). It fails (exit 1) when a configuration does not
-compile or needs more shared memory than the target's limit.
+memory, registers, how many of its programs an SM holds at once (by those and its warps), spills, the size of its
+longest loop in SASS (instructions and local-memory accesses per thread and iteration: for a token loop, the cost
+of one tile) and ptxas's performance advisories (C7515: wgmma serialised). It fails (exit 1) when a configuration
+does not compile or needs more shared memory than the target's limit.
 
 usage: python benchmarks/compile_check.py [--arch 90] [--quick] [--kernels NAME,...] [--dtypes fp32,...]
        [--dims 64,...] [--precision highest|high] [--out FILE]
@@ -35,6 +35,25 @@ import torch
 
 # largest dynamic shared memory per block (bytes) of the architectures this project meets
 SHARED_LIMIT = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# per SM (CUDA's occupancy tables): shared memory (bytes), warps and blocks; every one of them has 65,536 registers,
+# allocated per warp in units of 256, and reserves 1 KB of shared memory per block (compute capability 8.0 and up)
+SM_LIMITS = {75: (65536, 32, 16), 80: (167936, 64, 32), 86: (102400, 48, 16), 89: (102400, 48, 24),
+             90: (233472, 64, 32)}
+
+
+def programs_per_sm(registers: int, warps: int, shared: int, arch: int) -> int | None:
+    """How many programs (blocks) of a kernel an SM of compute capability ``arch`` holds at once, limited by its
+    registers, shared memory, warps and blocks; None for an architecture without a table.
+
+    The chunked passes launch 4 programs per SM (``_chunks``): a kernel an SM holds 3 of runs them in two rounds,
+    the second a third full, where 1, 2 or 4 divide them evenly."""
+    if arch not in SM_LIMITS or registers is None:
+        return None
+    shared_per_sm, max_warps, max_blocks = SM_LIMITS[arch]
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = 65536 // per_warp // warps
+    by_shared = shared_per_sm // (shared + (1024 if arch >= 80 else 0))
+    return min(by_registers, by_shared, max_warps // warps, max_blocks)
 
 class _Recorder:
     """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the call instead of launching it."""
@@ -360,9 +379,9 @@ def main(argv=None) -> int:
     lines = [f"# Triton kernels compiled for sm_{args.arch} (no GPU), Triton {__import__('triton').__version__}, "
              f"fp32 matmul precision {args.precision!r}",
              "", f"shared-memory limit per block: {limit if limit else 'unknown'} bytes", "",
-             "| kernel | dtype | constants | warps | shared B | registers | spill stores B | loop instr | loop LDL/STL "
-             "| ptxas advisories | uninitialised UR reads | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| kernel | dtype | constants | warps | shared B | registers | programs per SM | spill stores B "
+             "| loop instr | loop LDL/STL | ptxas advisories | uninitialised UR reads | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     failures = advised = 0
     for (name, _, warps, stages), (kernel, signature, constexprs, attrs) in sorted(configs.items(),
                                                                                   key=lambda kv: kv[0][:1]):
@@ -376,7 +395,7 @@ def main(argv=None) -> int:
         except Exception as error:  # report every failing configuration, not only the first
             failures += 1
             first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-            lines.append(f"| {name} | {dtype} | {shown} | {warps} | FAILED: {first} | | | | | | | |")
+            lines.append(f"| {name} | {dtype} | {shown} | {warps} | FAILED: {first} | | | | | | | | |")
             print(lines[-1], flush=True)
             continue
         over = limit is not None and info["shared"] > limit
@@ -387,8 +406,10 @@ def main(argv=None) -> int:
                  f"({uninitialised[0][2]})" if uninitialised else "–" if uninitialised is not None else "")
         advisories = info["advisories"]
         advised += bool(advisories)
+        resident = programs_per_sm(info["registers"], warps, info["shared"], args.arch)
         lines.append(f"| {name} | {dtype} | {shown} | {warps} | {info['shared']}{' OVER LIMIT' if over else ''} | "
-                     f"{info['registers']} | {info['spill_stores']} | {_shown(info['loop'])} | "
+                     f"{info['registers']} | {'' if resident is None else resident} | {info['spill_stores']} | "
+                     f"{_shown(info['loop'])} | "
                      f"{_shown(info['loop_local'])} | {', '.join(advisories) if advisories else '–'} | {reads} | "
                      f"{time.perf_counter() - start:.1f} |")
         print(lines[-1], flush=True)

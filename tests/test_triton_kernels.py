@@ -1303,6 +1303,21 @@ def test_row_kernels_compile_for_an_h100_without_serialised_wgmma():
     assert "13 configurations, 0 failed, 0 with ptxas performance advisories" in result.stdout, result.stdout[-3000:]
 
 
+def test_compile_check_counts_the_programs_an_sm_holds(benchmark_script):
+    """compile_check's occupancy column, CUDA's occupancy rules: registers allocated per warp in units of 256,
+    1 KB of shared memory reserved per block, and the per-SM limits of warps and blocks. sm_90 values are those of
+    the H100 report's bf16, d = 64 kernels: MirrorLA's q pass (255 registers) 2, ReLU's k/v pass (162) 3, ReLU's
+    state pass (92) 5; a block of 99 KB of shared memory fits once on sm_89; no table, no number."""
+    per_sm = benchmark_script("compile_check").programs_per_sm
+    assert per_sm(255, 4, 69632, 90) == 2
+    assert per_sm(162, 4, 57344, 90) == 3
+    assert per_sm(92, 4, 26624, 90) == 5
+    assert per_sm(32, 4, 512, 90) == 16  # the warps' limit: 64 per SM
+    assert per_sm(32, 1, 512, 90) == 32  # the blocks' limit
+    assert per_sm(128, 8, 101376, 89) == 1
+    assert per_sm(128, 4, 1024, 70) is None
+
+
 def test_compile_check_reads_ptxas_performance_advisories(benchmark_script):
     advisories = benchmark_script("compile_check").ptxas_advisories
     report = (
