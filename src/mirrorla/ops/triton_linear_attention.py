@@ -489,10 +489,10 @@ def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n, TILES,
                    SWAP: tl.constexpr):
     """o = φ(q) S / (φ(q)·z + ε·N) for the program's chunk of ``TILES`` query tiles (the grid's second axis, see
     :func:`_chunks`): the state is loaded once per program."""
-    bh, tile, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
+    bh, chunk, b, h, offs_d, offs_v, dmask, vmask, partner, sign, cos, ssin = _program(
         COS, SSIN, H, D, DV, BD, BDV, PAIRING, MAP)
     s, z, s_p, z_p = _load_state(STATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
-    _output_tiles(Q + b * s_qb + h * s_qh, O + b * s_ob + h * s_oh, tile * TILES, TILES, NQ, s_qn, s_qd, s_on,
+    _output_tiles(Q + b * s_qb + h * s_qh, O + b * s_ob + h * s_oh, chunk * TILES, TILES, NQ, s_qn, s_qd, s_on,
                   s_od, s, z, eps_n, offs_d, offs_v, partner, dmask, vmask, cos, ssin, BD, BN, MAP, PAIRING, IEEE,
                   UPCAST, SWAP)
 
