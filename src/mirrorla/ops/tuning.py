@@ -18,7 +18,9 @@ Some choices of the Triton path depend on the GPU more than on the code, so they
   dots. That pass also sums the moment its backward needs, which doubles its accumulators: on sm_90 (bf16,
   d = 64, ptxas) 64-token tiles with 4 warps take 216 registers per thread, so an SM holds 8 of its warps, where
   32-token tiles take 153 and an SM holds 12, for about 11% more instructions per token. Which wins is the GPU's
-  to say: the pass waits on memory and on its matmuls more than it issues instructions.
+  to say: the pass waits on memory and on its matmuls more than it issues instructions. The chunked passes launch
+  4 programs per SM, so the 32-token option's 3 programs per SM run in two rounds, the second a third full; the
+  race measures that as the library would run it.
 
 Where the values come from, the first that has the GPU (by its CUDA name) wins:
 
