@@ -55,6 +55,7 @@ def programs_per_sm(registers: int, warps: int, shared: int, arch: int) -> int |
     by_shared = shared_per_sm // (shared + (1024 if arch >= 80 else 0))
     return min(by_registers, by_shared, max_warps // warps, max_blocks)
 
+
 class _Recorder:
     """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the call instead of launching it."""
 

@@ -177,7 +177,7 @@ def profile_case(name: str, step, device: torch.device, steps: int, top: int, li
     for k, ms in by_kernel.most_common(top):
         lines.append(f"  {ms:8.3f}  {count_kernel[k] / steps:6.0f}  {k}")
     if tensor_bytes:
-        passes = pass_bandwidth({k: ms for k, ms in by_kernel.items()}, tensor_bytes)
+        passes = pass_bandwidth(by_kernel, tensor_bytes)
         if passes:
             lines.append("chunked passes, bytes of their own tensors over their time:")
             lines += passes

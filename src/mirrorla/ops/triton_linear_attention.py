@@ -67,8 +67,6 @@ ones the dispatch launches there."""
 _STAGES = 2  # the token loops pipeline their loads two deep; three overflowed shared memory at d = 128
 
 
-
-
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
