@@ -167,9 +167,63 @@ def test_reference_core_makes_no_whole_fp32_copy_of_half_inputs(dtype, monkeypat
     assert 0 < LargestFp32.largest <= b * h * 7 * d  # chunks only, never [B, H, N, d]
     ref = linear_attention(q.float(), k.float(), v.float())
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
-    # with autograd the plain path runs and gives the same values
-    q.requires_grad_()
-    torch.testing.assert_close(linear_attention(q, k, v), out, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_core_under_autograd_makes_no_whole_fp32_copy(dtype, monkeypatch):
+    """With autograd too the torch core converts half-precision inputs a chunk of tokens at a time, forward and
+    backward, and saves them in their own dtype: no fp32 tensor the size of a whole input (nor of the [B, H, Nq,
+    dv + 1] products) is made. Output and gradients (in the inputs' dtypes) match autograd through the fp32
+    computation on the same values, for strided inputs and a gradient that is a broadcast view."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mirrorla.ops import reference
+
+    monkeypatch.setattr(reference, "_CHUNK_TOKENS", 7)  # several chunks, the last one partial
+    b, h, n, nq, d, dv = 2, 3, 30, 25, 8, 6
+    qkv = torch.rand(b, n, 3, h, d).to(dtype).permute(2, 0, 3, 1, 4)  # strided views, as the layers make them
+    k, v = qkv[1], qkv[2, ..., :dv] - 0.5
+    q = torch.rand(b, h, nq, d).to(dtype)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    class LargestFp32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    LargestFp32.largest = max(LargestFp32.largest, t.numel())
+            return out
+
+    with LargestFp32():
+        out = linear_attention(*leaves)
+        out.sum().backward()  # the gradient reaches the op as an expanded (stride 0) tensor
+    assert out.dtype == dtype and [t.grad.dtype for t in leaves] == [dtype] * 3
+    assert LargestFp32.largest <= b * h * 7 * (dv + 1) + b * h * d * (dv + 1)  # a chunk's, never [B, H, N, d]
+    ref_leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = linear_attention(*ref_leaves)
+    ref.sum().backward()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.float(), ref, **tol)
+    for leaf, ref_leaf in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(leaf.grad.float(), ref_leaf.grad, **tol)
+
+
+def test_chunked_reference_core_gradients_are_exact(monkeypatch):
+    """The chunked core's hand-written backward against autograd's numerical gradients, in fp64 (the same function
+    with fp64 accumulation), over several chunks and the last one partial, with only some inputs needing
+    gradients."""
+    from mirrorla.ops import reference
+
+    monkeypatch.setattr(reference, "_CHUNK_TOKENS", 4)
+    q = torch.rand(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.rand(1, 2, 11, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 11, 3, dtype=torch.float64, requires_grad=True)
+    fn = reference._ChunkedLinearAttention.apply
+    assert torch.autograd.gradcheck(lambda *t: fn(*t, 1e-3), (q, k, v))
+    assert torch.autograd.gradcheck(lambda kk: fn(q.detach(), kk, v.detach(), 1e-3), (k,))
+    torch.testing.assert_close(fn(q, k, v, 1e-3), reference._linear_attention_torch(q, k, v, eps=1e-3))
 
 
 def test_linear_attention_under_autocast_reduces_in_fp32():

@@ -50,7 +50,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: 
         ``[B, H, Nq, dv]`` in v's dtype. The reduction and the normaliser always run in fp32, also under
         autocast, because the KV state of thousands of tokens overflows fp16. On CUDA the Triton kernels run it
         (:mod:`mirrorla.backend` decides), reading q, k, v in their own dtype; the torch version converts half
-        precision inputs a chunk of tokens at a time where no gradient is needed (no whole fp32 copies).
+        precision inputs a chunk of tokens at a time, forward and backward (no whole fp32 copies).
     """
     _check_qkv(q, k, v)
     eps = check_eps("eps", eps)

@@ -26,15 +26,18 @@ def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-_CHUNK_TOKENS = 4096  # tokens converted to fp32 at a time where the inputs are half precision and no gradient is needed
+_CHUNK_TOKENS = 4096  # tokens converted to fp32 at a time where the inputs are half precision
 
 
 def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float) -> torch.Tensor:
     acc = _accumulation_dtype(q, k, v)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     converts = q.dtype != acc or k.dtype != acc or v.dtype != acc
-    if converts and not needs_grad and not _tracing():
-        return _linear_attention_chunked(q, k, v, eps=eps, acc=acc)
+    if converts and not _tracing():
+        # half-precision inputs: a chunk of tokens in fp32 at a time, never a whole fp32 copy (compilers and
+        # exporters get the plain form below, whose conversions they fuse)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _ChunkedLinearAttention.apply(q, k, v, eps)
+        return _chunked_output(q, _chunked_state(k, v, acc), eps, v.dtype)
     out_dtype = v.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
         qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
@@ -48,25 +51,85 @@ def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     return out.to(out_dtype)
 
 
-def _linear_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float,
-                              acc: torch.dtype) -> torch.Tensor:
-    """The reference core for half-precision inputs without autograd: the same fp32 state and normaliser, built
-    from chunks of ``_CHUNK_TOKENS`` tokens converted at a time, so no fp32 copy of a whole q, k or v is made
-    (with autograd the converted inputs are saved for the backward anyway, and the plain path runs)."""
+def _chunks(x: torch.Tensor, acc: torch.dtype):
+    """(start, the chunk in ``acc``) for each run of :data:`_CHUNK_TOKENS` tokens of ``x`` ``[B, H, N, d]``."""
+    for start in range(0, x.shape[2], _CHUNK_TOKENS):
+        yield start, x[:, :, start:start + _CHUNK_TOKENS].to(acc)
+
+
+def _chunked_state(k: torch.Tensor, v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """The mean-form state ``[S | z̄]`` ``[B, H, d, dv + 1]`` in ``acc``, ``S = (1/N) Σ k vᵀ``, ``z̄ = (1/N) Σ k``,
+    from chunks of tokens converted one at a time."""
     b, h, n, d = k.shape
-    nq, dv = q.shape[2], v.shape[3]
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        state = torch.zeros(b, h, d, dv + 1, device=q.device, dtype=acc)  # [S | z], sums over tokens
-        for start in range(0, n, _CHUNK_TOKENS):
-            kc = k[:, :, start:start + _CHUNK_TOKENS].to(acc)
+    dv = v.shape[3]
+    with torch.autocast(device_type=k.device.type, enabled=False):
+        state = torch.zeros(b, h, d, dv + 1, device=k.device, dtype=acc)
+        for start, kc in _chunks(k, acc):
             state[..., :dv].add_(torch.matmul(kc.transpose(-2, -1), v[:, :, start:start + _CHUNK_TOKENS].to(acc)))
             state[..., dv].add_(kc.sum(dim=2))
-        state.mul_(1.0 / n)
-        out = torch.empty(b, h, nq, dv, device=q.device, dtype=v.dtype)
-        for start in range(0, nq, _CHUNK_TOKENS):
-            num_den = torch.matmul(q[:, :, start:start + _CHUNK_TOKENS].to(acc), state)
+        return state.mul_(1.0 / n)
+
+
+def _chunked_output(q: torch.Tensor, state: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """``o = q S / (q z̄ + eps)`` ``[B, H, Nq, dv]`` in ``dtype`` from the state ``[S | z̄]``, a chunk of queries at a
+    time."""
+    dv = state.shape[-1] - 1
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        out = torch.empty(*q.shape[:3], dv, device=q.device, dtype=dtype)
+        for start, qc in _chunks(q, state.dtype):
+            num_den = torch.matmul(qc, state)
             out[:, :, start:start + _CHUNK_TOKENS] = num_den[..., :dv] / num_den[..., dv:].add_(eps)
-    return out
+        return out
+
+
+class _ChunkedLinearAttention(torch.autograd.Function):
+    """The torch core for half-precision inputs under autograd: forward and backward convert a chunk of tokens to
+    fp32 at a time and save the inputs in their own dtype and the fp32 state ``[B, H, d, dv + 1]``, where autograd
+    through the plain form saved whole fp32 copies of q, k and v and the fp32 ``[B, H, Nq, dv + 1]`` products.
+
+    Backward, with ``num = q S``, ``den = q z̄ + eps`` and g the output's gradient: ``dnum = g / den``,
+    ``dden = −(g · num) / den²``, ``dq = [dnum | dden] [S | z̄]ᵀ``, ``d[S | z̄] = Σ qᵀ [dnum | dden]``; then per key
+    ``dk = (dS v + dz̄) / N`` and ``dv = dSᵀ k / N``. Gradients come in their inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, eps):
+        acc = _accumulation_dtype(q, k, v)
+        state = _chunked_state(k, v, acc)
+        ctx.save_for_backward(q, k, v, state)
+        ctx.eps = eps
+        return _chunked_output(q, state, eps, v.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, state = ctx.saved_tensors
+        n, dv, acc = k.shape[2], v.shape[3], state.dtype
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format) if need_q else None
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            dstate = torch.zeros_like(state)
+            state_t = state.transpose(-2, -1)
+            for start, qc in _chunks(q, acc):
+                end = start + _CHUNK_TOKENS
+                num_den = torch.matmul(qc, state)
+                inv_den = num_den[..., dv:].add_(ctx.eps).reciprocal_()  # [B, H, c, 1]
+                g = grad[:, :, start:end].to(acc)
+                dnum_dden = torch.cat([g * inv_den, (g * num_den[..., :dv]).sum(-1, keepdim=True)
+                                       .mul_(inv_den).mul_(inv_den).neg_()], dim=-1)  # [B, H, c, dv + 1]
+                if need_q:
+                    dq[:, :, start:end] = torch.matmul(dnum_dden, state_t)
+                dstate.add_(torch.matmul(qc.transpose(-2, -1), dnum_dden))
+            dstate.mul_(1.0 / n)
+            ds, dz = dstate[..., :dv], dstate[..., dv:].transpose(-2, -1)  # [B, H, d, dv], [B, H, 1, d]
+            dk = torch.empty_like(k, memory_format=torch.contiguous_format) if need_k else None
+            dvv = torch.empty_like(v, memory_format=torch.contiguous_format) if need_v else None
+            for start, kc in _chunks(k, acc):
+                end = start + _CHUNK_TOKENS
+                if need_k:
+                    dk[:, :, start:end] = torch.matmul(v[:, :, start:end].to(acc), ds.transpose(-2, -1)).add_(dz)
+                if need_v:
+                    dvv[:, :, start:end] = torch.matmul(kc, ds)
+        return dq, dk, dvv, None
 
 
 def rotate_relu_reference(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacent") -> torch.Tensor:
