@@ -99,8 +99,71 @@ def test_folded_mirror_map_kernel_is_batch_independent():
             torch.testing.assert_close(alone[1], together[1][i:i + 1], rtol=0, atol=1e-6)
 
 
-def test_gradients_flow_through_the_reference_when_needed():
-    # training takes the reference (the kernels have no backward); gradcheck in fp64
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pairing", ["adjacent", "half"])
+@pytest.mark.parametrize("d", [6, 20, 64])
+def test_rotate_relu_backward_kernel_equals_reference(dtype, pairing, d):
+    """Training on CPUs runs ReLU(R x) on the kernels forward and backward: dx (in x's dtype) and d angle (summed
+    over the batch where the angles are shared) equal autograd through the reference, for strided x."""
+    torch.manual_seed(0)
+    acc = torch.promote_types(dtype, torch.float32)
+    for angle_batch in (1, 2):
+        x = _strided(2, 3, 37, d, dtype).requires_grad_()
+        angle = (torch.rand(angle_batch, 3, d // 2, dtype=acc) * 7).requires_grad_()
+        grad = torch.randn(2, 3, 37, d, dtype=acc)
+        fast = rotate_relu(x, angle, pairing=pairing)
+        assert type(fast.grad_fn).__name__ == "_RotateReluCPUBackward"  # the kernels ran, not the reference
+        dx, dangle = torch.autograd.grad(fast, (x, angle), grad)
+        expected = rotate_relu_reference(x, angle.unsqueeze(2), pairing=pairing)
+        ex_dx, ex_dangle = torch.autograd.grad(expected, (x, angle), grad)
+        torch.testing.assert_close(fast, expected, rtol=0, atol=TOL[dtype] * 10)
+        assert dx.dtype == dtype and dangle.dtype == acc
+        # dx is rounded to x's dtype once; the reference rounds the same fp32 value
+        torch.testing.assert_close(dx, ex_dx, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+        torch.testing.assert_close(dangle, ex_dangle, rtol=TOL[dtype] * 100, atol=TOL[dtype] * 100)
+
+
+@needs_kernels
+def test_rotate_relu_backward_kernel_drops_the_gradient_where_the_relu_is_off():
+    """The ReLU's backward selects, as autograd's does: an infinite upstream gradient on a channel whose rotated
+    value is negative gives 0 there, not 0·inf = NaN."""
+    x = torch.tensor([[[[1.0, -2.0, -1.0, 3.0]]]], requires_grad=True)
+    angle = torch.zeros(1, 1, 2, requires_grad=True)
+    out = rotate_relu(x, angle)
+    grad = torch.tensor([[[[1.0, float("inf"), float("inf"), 2.0]]]])
+    dx, dangle = torch.autograd.grad(out, (x, angle), grad)
+    assert torch.equal(dx, torch.tensor([[[[1.0, 0.0, 0.0, 2.0]]]]))
+    # pair 0: g'₁·y₀ − g'₀·y₁ = 0·1 − 1·(−2); pair 1: 2·(−1) − 0·3
+    assert torch.equal(dangle, torch.tensor([[[2.0, -2.0]]]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("delta_form", sorted(DELTA_FORMS))
+@pytest.mark.parametrize("pairing", ["adjacent", "half"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_mirror_map_training_on_the_kernels_equals_reference(delta_form, pairing, dtype):
+    """The folded map with gradients on CPUs (the angles through autograd, the rotation and ReLU on the kernels):
+    the gradients of q, k, θ and γ, the σ² path to k included, equal autograd through the reference."""
+    torch.manual_seed(0)
+    h, d = 3, 16
+    q, k = _strided(2, h, 29, d, dtype), _strided(2, h, 41, d, dtype) * 2 + 0.3
+    acc = torch.promote_types(dtype, torch.float32)
+    theta, gamma = torch.rand(h, d // 2, dtype=acc) * 3, torch.randn(h, d // 2, dtype=acc)
+    leaves = [t.detach().requires_grad_() for t in (q, k, theta, gamma)]
+    fast = folded_mirror_map(*leaves, eps=1e-6, delta_form=delta_form, pairing=pairing)
+    assert type(fast[0].grad_fn).__name__ == "_RotateReluCPUBackward"
+    expected = folded_mirror_map_reference(*leaves, eps=1e-6, delta_form=delta_form, pairing=pairing)
+    grads = [torch.randn_like(f) for f in fast]
+    got = torch.autograd.grad(fast, leaves, grads)
+    want = torch.autograd.grad(expected, leaves, grads)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_are_exact():
+    # training takes the kernels' backward where they are built, the reference elsewhere; gradcheck in fp64
     torch.manual_seed(0)
     q = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 2, 7, 4, dtype=torch.float64, requires_grad=True)

@@ -1,11 +1,12 @@
 """Kernels and the one place that decides which implementation runs an op (the layer below :mod:`mirrorla.ops`).
 
 Implementations: ``torch`` (the pure-PyTorch reference in :mod:`mirrorla.ops`), ``cpu`` (the fused C++ kernels
-of ``ops/csrc/mirror_cpu.cpp``, no backward) and ``triton`` (``ops/triton_linear_attention.py``, fused GPU
-kernels, forward and backward). ``MIRRORLA_BACKEND=auto|torch|cpu|triton`` forces a choice (default ``auto``):
+of ``ops/csrc/mirror_cpu.cpp``; only ReLU(R x), MirrorLA's rotation and ReLU, has a backward) and ``triton``
+(``ops/triton_linear_attention.py``, fused GPU kernels, forward and backward). ``MIRRORLA_BACKEND=auto|torch|cpu|
+triton`` forces a choice (default ``auto``):
 
-- ``auto``: CUDA tensors take ``triton`` where Triton is installed; CPU tensors take ``cpu`` where no gradient is
-  needed and the kernels built; everything else takes ``torch``.
+- ``auto``: CUDA tensors take ``triton`` where Triton is installed; CPU tensors take ``cpu`` where the kernels
+  built and either no gradient is needed or the kernel has a backward; everything else takes ``torch``.
 - ``triton`` on CPU tensors runs the kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` (how the tests
   check them without a GPU); without it, CPU tensors fall back to ``torch``.
 - ``torch``: always the reference. ``cpu``: the C++ kernels wherever they apply.
@@ -114,11 +115,13 @@ def triton_interpreter_problem() -> str | None:
     return _INTERPRETER_PROBLEM
 
 
-def select_backend(*tensors: torch.Tensor, has_triton: bool = True, has_cpu: bool = False) -> str:
+def select_backend(*tensors: torch.Tensor, has_triton: bool = True, has_cpu: bool = False,
+                   cpu_backward: bool = False) -> str:
     """``"torch"``, ``"cpu"`` or ``"triton"`` for an op on ``tensors``.
 
-    ``has_triton``/``has_cpu``: whether the op has that kernel. A forced backend the op or the device cannot use
-    falls back to ``torch``.
+    ``has_triton``/``has_cpu``: whether the op has that kernel; ``cpu_backward``: whether its C++ kernel also has
+    a backward (else a call that wants a gradient takes ``torch``). A forced backend the op or the device cannot
+    use falls back to ``torch``.
     """
     setting = backend_setting()
     device = tensors[0].device
@@ -130,7 +133,7 @@ def select_backend(*tensors: torch.Tensor, has_triton: bool = True, has_cpu: boo
         if triton_available(device) and all(t.dtype in (torch.float32, torch.float16, torch.bfloat16)
                                             for t in tensors):
             return "triton"
-    if has_cpu and setting in ("auto", "cpu") and device.type == "cpu" and not wants_grad:
+    if has_cpu and setting in ("auto", "cpu") and device.type == "cpu" and (cpu_backward or not wants_grad):
         return "cpu"
     return "torch"
 

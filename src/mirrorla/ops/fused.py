@@ -2,16 +2,18 @@
 reference beside the dispatching function of the same signature.
 
 Eager PyTorch runs "rotate each channel pair" and "ReLU" as separate passes over memory, and the sum and
-sum of squares over tokens as two more; ``csrc/mirror_cpu.cpp`` does each in one pass on CPUs (no backward:
-used where no gradient is wanted), and the Triton backend does the token sums on GPUs. Which one runs is
-decided in :mod:`mirrorla.backend`; all give the same values (tests check it).
+sum of squares over tokens as two more; ``csrc/mirror_cpu.cpp`` does each in one pass on CPUs, and the Triton
+backend does the token sums on GPUs. Of the C++ kernels only the rotation and ReLU has a backward (one pass over x
+and the gradient): training on CPUs runs it there, and the token sums and angles, small beside it, through the
+reference's autograd. Which one runs is decided in :mod:`mirrorla.backend`; all give the same values and
+gradients (tests check it).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..backend import DELTA_FORM_CODES, backend_setting, cpu_kernels_available, cpu_kernels_status, select_backend
+from ..backend import DELTA_FORM_CODES, cpu_kernels_available, cpu_kernels_status, select_backend
 from ._checks import check_eps, check_even_last_dim, check_floating, check_rank
 from .reference import (
     angles_from_sums,
@@ -35,16 +37,44 @@ __all__ = [
     "token_sums_reference",
 ]
 
-def _use_kernel(*xs: torch.Tensor) -> bool:
-    """The kernels have no backward: they run where no gradient is wanted (inference, evaluation, the op
-    benchmark's forward); training takes the reference, whose autograd graph is PyTorch's own."""
+def _use_kernel(*xs: torch.Tensor, backward: bool = False) -> bool:
+    """Whether the C++ kernels run a call on these tensors. Where a gradient is wanted, only the calls whose kernel
+    has a backward (``backward``: ReLU(R x), see :class:`_RotateReluCPU`); the others take the reference, whose
+    autograd graph is PyTorch's own. Compilers and exporters always get the reference."""
     if _tracing() or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in xs):
         return False
-    if backend_setting() in ("torch", "triton"):
-        return False
-    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
-        return False
-    return cpu_kernels_available()
+    return (select_backend(*xs, has_triton=False, has_cpu=True, cpu_backward=backward) == "cpu"
+            and cpu_kernels_available())
+
+
+def _wants_grad(*xs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+class _RotateReluCPU(torch.autograd.Function):
+    """``ReLU(R(angle)·x)`` on the C++ kernels, forward and backward: one pass over x forward (out in fp32, or
+    fp64), one over x and the output's gradient backward (dx in x's dtype and d angle, the rotated values
+    recomputed from x, so nothing but x is saved). Autograd through the reference took about a dozen passes over
+    memory and as many temporaries. ``angle`` ``[1 or B, H, d/2]``."""
+
+    @staticmethod
+    def forward(ctx, x, angle, half):
+        a = angle.detach().to(torch.promote_types(x.dtype, torch.float32))
+        cos, sin = torch.cos(a).contiguous(), torch.sin(a).contiguous()
+        ctx.save_for_backward(x, cos, sin)
+        ctx.half, ctx.angle_dtype = half, angle.dtype
+        return torch.ops.mirrorla_cpu.rotate_relu(x, cos, sin, half)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, cos, sin = ctx.saved_tensors
+        dx, dangle = torch.ops.mirrorla_cpu.rotate_relu_backward(x, grad.to(cos.dtype).contiguous(), cos, sin,
+                                                                 ctx.half)
+        if cos.shape[0] == 1:  # angles shared by the batch
+            dangle = dangle.sum(0, keepdim=True)
+        return (dx if ctx.needs_input_grad[0] else None,
+                dangle.to(ctx.angle_dtype) if ctx.needs_input_grad[1] else None, None)
 
 
 # ---------------------------------------------------------------------------------------------- rotate + ReLU
@@ -60,7 +90,8 @@ def rotate_relu(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacen
 
     Returns:
         ``[B, H, N, d]`` in fp32 (fp64 for fp64 input): the attention core reduces in fp32 anyway, so the
-        map's output goes there directly. Differentiable (through the reference) in ``x`` and ``angle``.
+        map's output goes there directly. Differentiable in ``x`` and ``angle`` (on CPUs through the kernel's
+        backward, one pass over x and the gradient; elsewhere through the reference).
     """
     check_rank("x", x, 4, "[B, H, N, d]")
     check_floating("x", x)
@@ -71,6 +102,10 @@ def rotate_relu(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacen
     if angle.dim() != 3 or angle.shape[1:] != (h, d // 2) or angle.shape[0] not in (1, b):
         raise ValueError(f"angle must have shape [1 or B, H, d/2] = [1 or {b}, {h}, {d // 2}], "
                          f"got {tuple(angle.shape)}")
+    if _wants_grad(x, angle):
+        if _use_kernel(x, angle, backward=True):
+            return _RotateReluCPU.apply(x, angle, pairing == "half")
+        return rotate_relu_reference(x, angle.unsqueeze(2), pairing=pairing)
     if not _use_kernel(x, angle):
         return rotate_relu_reference(x, angle.unsqueeze(2), pairing=pairing)
     acc = torch.promote_types(x.dtype, torch.float32)
@@ -125,7 +160,8 @@ def folded_mirror_map(
     The projections already applied ``H(0)·H_cross``; this computes σ² of the keys (over tokens and each
     pair's two channels, undoing ``H(0)`` algebraically), ``Θ = θ + Δα(σ²)`` and ``ReLU(R(2Θ)·)`` of q and k
     (``H(Θ) = R(2Θ)·H(0)``). On CPUs without gradients it is one fused kernel call (one read of k for σ²,
-    one read-and-write of q and of k).
+    one read-and-write of q and of k); with gradients the rotation and ReLU of q and k run on the kernels, forward
+    and backward, and σ² and the angles through the reference's autograd.
 
     Args:
         q, k: folded queries and keys ``[B, H, N, d]`` (Nq may differ from N).
@@ -143,6 +179,15 @@ def folded_mirror_map(
         raise ValueError(f"q and k need at least one token (N >= 1), got q {tuple(q.shape)} and k {tuple(k.shape)}")
     check_delta_form(delta_form)
     eps = check_eps("eps", eps, positive=True)
+    if _wants_grad(q, k, theta, gamma):
+        if not _use_kernel(q, k, theta, gamma, backward=True):
+            return folded_mirror_map_reference(q, k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
+        # training on CPUs: the angles through autograd (small tensors; σ²'s path to k through the token sums'
+        # reference), the rotation and ReLU of q and k on the kernels, forward and backward
+        angle = folded_angles(k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing,
+                              sums=token_sums_reference(k))
+        half = pairing == "half"
+        return _RotateReluCPU.apply(q, angle, half), _RotateReluCPU.apply(k, angle, half)
     if not _use_kernel(q, k, theta, gamma) or q.dtype != k.dtype:
         return folded_mirror_map_reference(q, k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
     acc = torch.promote_types(k.dtype, torch.float32)

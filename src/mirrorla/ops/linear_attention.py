@@ -108,7 +108,7 @@ def mapped_linear_attention(
 
     Returns:
         ``[B, H, Nq, dv]`` in v's dtype. The Triton backend never writes φ(q), φ(k) to memory; the torch backend
-        maps in torch (the fused CPU kernel where no gradient is needed) and runs the reference core.
+        maps in torch (on CPUs the fused C++ kernel, forward and backward) and runs the reference core.
     """
     _check_qkv(q, k, v)
     eps = check_eps("eps", eps)

@@ -163,6 +163,70 @@ void chunked_token_reduce(const Layout& l, int64_t width, opmath_t* result, Fn&&
   }
 }
 
+// The backward of out = ReLU(R x) for one token: dx = Rᵀ(g ⊙ [y > 0]) in x's storage type, and into dpair[i]
+// pair i's term of its angle's gradient, g'₁·y₀ − g'₀·y₁ (g' = g ⊙ [y > 0]; dy₀/dα = −y₁, dy₁/dα = y₀). y is
+// recomputed from x, so the forward saves nothing but x. A loop over pairs, both pairings alike.
+template <bool half, typename scalar_t, typename opmath_t>
+inline void rotate_relu_backward_row(const scalar_t* __restrict__ x, const opmath_t* __restrict__ g,
+                                     const opmath_t* __restrict__ cc, const opmath_t* __restrict__ ss,
+                                     scalar_t* __restrict__ dx, opmath_t* __restrict__ dpair, int64_t half_d) {
+  for (int64_t i = 0; i < half_d; ++i) {
+    const int64_t j0 = half ? i : 2 * i, j1 = half ? i + half_d : 2 * i + 1;
+    const opmath_t x0 = static_cast<opmath_t>(x[j0]), x1 = static_cast<opmath_t>(x[j1]);
+    const opmath_t y0 = cc[j0] * x0 + ss[j0] * x1, y1 = cc[j1] * x1 + ss[j1] * x0;
+    // both gradients loaded whatever the ReLU does: a load under the condition compiled to a branch per channel,
+    // which random signs mispredict half the time (3 ns per channel, 10x the half pairing's vector code)
+    const opmath_t gv0 = g[j0], gv1 = g[j1];
+    const opmath_t g0 = y0 > opmath_t(0) ? gv0 : opmath_t(0), g1 = y1 > opmath_t(0) ? gv1 : opmath_t(0);
+    dx[j0] = static_cast<scalar_t>(cc[j0] * g0 - ss[j0] * g1);
+    dx[j1] = static_cast<scalar_t>(cc[j1] * g1 - ss[j1] * g0);
+    dpair[i] += g1 * y0 - g0 * y1;
+  }
+}
+
+// Backward of rotate_relu: dx [B, H, N, d] (x's dtype, contiguous) and the angles' gradient per sample
+// [B, H, d/2] (op-math type; the caller sums it over B where the angles are shared). grad is the gradient of
+// rotate_relu's output: contiguous, op-math type. One pass over x and grad; the sums over tokens in a fixed order.
+std::tuple<at::Tensor, at::Tensor> rotate_relu_backward(const at::Tensor& x, const at::Tensor& grad,
+                                                        const at::Tensor& cos, const at::Tensor& sin, bool half) {
+  const Layout l = check(x, cos, sin, "rotate_relu_backward");
+  const auto acc = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(cos.scalar_type() == acc && sin.scalar_type() == acc, "rotate_relu_backward: cos and sin must be ",
+              acc);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == acc && grad.is_contiguous(),
+              "rotate_relu_backward: grad must be a contiguous ", acc, " tensor of x's shape ", x.sizes(), ", got ",
+              grad.scalar_type(), " ", grad.sizes());
+  at::Tensor dx = at::empty({l.B, l.H, l.N, l.d}, x.options());
+  at::Tensor dangle = at::empty({l.B, l.H, l.half}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rotate_relu_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const opmath_t* gp = grad.const_data_ptr<opmath_t>();
+    const opmath_t* cp = cos.const_data_ptr<opmath_t>();
+    const opmath_t* sp = sin.const_data_ptr<opmath_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    chunked_token_reduce<opmath_t>(l, l.half, dangle.mutable_data_ptr<opmath_t>(),
+        [&](int64_t b, int64_t h, int64_t n0, int64_t n1, opmath_t* dpair) {
+          std::vector<opmath_t> coef(static_cast<size_t>(2 * l.d));
+          const int64_t a_off = ((l.angle_batch == 1 ? 0 : b) * l.H + h) * l.half;
+          pair_coefficients(cp + a_off, sp + a_off, half, l.half, coef.data(), coef.data() + l.d);
+          const opmath_t* cc = coef.data();
+          const opmath_t* ss = coef.data() + l.d;
+          const int64_t row = (b * l.H + h) * l.N;
+          for (int64_t n = n0; n < n1; ++n) {
+            const scalar_t* xr = xp + b * l.sb + h * l.sh + n * l.sn;
+            if (half) {
+              rotate_relu_backward_row<true>(xr, gp + (row + n) * l.d, cc, ss, dxp + (row + n) * l.d, dpair, l.half);
+            } else {
+              rotate_relu_backward_row<false>(xr, gp + (row + n) * l.d, cc, ss, dxp + (row + n) * l.d, dpair,
+                                              l.half);
+            }
+          }
+        });
+  });
+  return {dx, dangle};
+}
+
 // Per-channel sum and sum of squares over the tokens of x into sums [B·H, 2, d], one pass over x.
 template <typename scalar_t, typename opmath_t>
 void token_sums_into(const at::Tensor& x, const Layout& l, opmath_t* result) {
@@ -287,6 +351,7 @@ std::tuple<at::Tensor, at::Tensor> folded_mirror_map(const at::Tensor& q, const 
 
 TORCH_LIBRARY(mirrorla_cpu, m) {
   m.def("rotate_relu(Tensor x, Tensor cos, Tensor sin, bool half) -> Tensor");
+  m.def("rotate_relu_backward(Tensor x, Tensor grad, Tensor cos, Tensor sin, bool half) -> (Tensor, Tensor)");
   m.def("token_sums(Tensor x) -> Tensor");
   m.def("folded_mirror_map(Tensor q, Tensor k, Tensor theta, Tensor gamma, float eps, int delta_form, bool half) "
         "-> (Tensor, Tensor)");
@@ -294,6 +359,7 @@ TORCH_LIBRARY(mirrorla_cpu, m) {
 
 TORCH_LIBRARY_IMPL(mirrorla_cpu, CPU, m) {
   m.impl("rotate_relu", &rotate_relu);
+  m.impl("rotate_relu_backward", &rotate_relu_backward);
   m.impl("token_sums", &token_sums);
   m.impl("folded_mirror_map", &folded_mirror_map);
 }
