@@ -119,6 +119,7 @@ def test_rotate_relu_backward_kernel_equals_reference(dtype, pairing, d):
         ex_dx, ex_dangle = torch.autograd.grad(expected, (x, angle), grad)
         torch.testing.assert_close(fast, expected, rtol=0, atol=TOL[dtype] * 10)
         assert dx.dtype == dtype and dangle.dtype == acc
+        assert dx.stride() == torch.empty_like(x).stride()  # dense in x's order, as autograd's element-wise ops
         # dx is rounded to x's dtype once; the reference rounds the same fp32 value
         torch.testing.assert_close(dx, ex_dx, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
         torch.testing.assert_close(dangle, ex_dangle, rtol=TOL[dtype] * 100, atol=TOL[dtype] * 100)

@@ -184,7 +184,7 @@ inline void rotate_relu_backward_row(const scalar_t* __restrict__ x, const opmat
   }
 }
 
-// Backward of rotate_relu: dx [B, H, N, d] (x's dtype, contiguous) and the angles' gradient per sample
+// Backward of rotate_relu: dx [B, H, N, d] (x's dtype and order of dimensions) and the angles' gradient per sample
 // [B, H, d/2] (op-math type; the caller sums it over B where the angles are shared). grad is the gradient of
 // rotate_relu's output: contiguous, op-math type. One pass over x and grad; the sums over tokens in a fixed order.
 std::tuple<at::Tensor, at::Tensor> rotate_relu_backward(const at::Tensor& x, const at::Tensor& grad,
@@ -196,7 +196,11 @@ std::tuple<at::Tensor, at::Tensor> rotate_relu_backward(const at::Tensor& x, con
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == acc && grad.is_contiguous(),
               "rotate_relu_backward: grad must be a contiguous ", acc, " tensor of x's shape ", x.sizes(), ", got ",
               grad.scalar_type(), " ", grad.sizes());
-  at::Tensor dx = at::empty({l.B, l.H, l.N, l.d}, x.options());
+  // dx dense in x's order of dimensions, as autograd's element-wise backward (the reference's) lays it out: for x a
+  // view of a [B, N, 3, H, d] qkv projection, [B, N, H, d] order, the projection's gradient's own
+  at::Tensor dx = at::empty_like(x);
+  TORCH_CHECK(dx.stride(3) == 1, "rotate_relu_backward: dx must have a unit stride on its last dimension");
+  const int64_t db = dx.stride(0), dh = dx.stride(1), dn = dx.stride(2);
   at::Tensor dangle = at::empty({l.B, l.H, l.half}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rotate_relu_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -215,11 +219,11 @@ std::tuple<at::Tensor, at::Tensor> rotate_relu_backward(const at::Tensor& x, con
           const int64_t row = (b * l.H + h) * l.N;
           for (int64_t n = n0; n < n1; ++n) {
             const scalar_t* xr = xp + b * l.sb + h * l.sh + n * l.sn;
+            scalar_t* dxr = dxp + b * db + h * dh + n * dn;
             if (half) {
-              rotate_relu_backward_row<true>(xr, gp + (row + n) * l.d, cc, ss, dxp + (row + n) * l.d, dpair, l.half);
+              rotate_relu_backward_row<true>(xr, gp + (row + n) * l.d, cc, ss, dxr, dpair, l.half);
             } else {
-              rotate_relu_backward_row<false>(xr, gp + (row + n) * l.d, cc, ss, dxp + (row + n) * l.d, dpair,
-                                              l.half);
+              rotate_relu_backward_row<false>(xr, gp + (row + n) * l.d, cc, ss, dxr, dpair, l.half);
             }
           }
         });
