@@ -3,10 +3,10 @@ reference beside the dispatching function of the same signature.
 
 Eager PyTorch runs "rotate each channel pair" and "ReLU" as separate passes over memory, and the sum and
 sum of squares over tokens as two more; ``csrc/mirror_cpu.cpp`` does each in one pass on CPUs, and the Triton
-backend does the token sums on GPUs. Of the C++ kernels only the rotation and ReLU has a backward (one pass over x
-and the gradient): training on CPUs runs it there, and the token sums and angles, small beside it, through the
-reference's autograd. Which one runs is decided in :mod:`mirrorla.backend`; all give the same values and
-gradients (tests check it).
+backend does the token sums on GPUs. Training on CPUs runs the rotation and ReLU and the token sums on the C++
+kernels too, each with a backward (one pass over x and the gradient for the rotation, ``g₁ + 2 g₂ x`` for the
+sums), and the angles from the sums (small tensors) through autograd. Which one runs is decided in
+:mod:`mirrorla.backend`; all give the same values and gradients (tests check it).
 """
 
 from __future__ import annotations
@@ -77,6 +77,24 @@ class _RotateReluCPU(torch.autograd.Function):
                 dangle.to(ctx.angle_dtype) if ctx.needs_input_grad[1] else None, None)
 
 
+class _TokenSumsCPU(torch.autograd.Function):
+    """:func:`token_sums` on the C++ kernel (one pass over x, in its own dtype) with its backward
+    ``g₁ + 2 g₂ x``: σ²'s path to the keys in training, where the reference's autograd kept an fp32 copy of
+    half-precision keys and ran several passes over them. The gradient is computed in fp32 and rounded to x's dtype
+    once, as the reference's is (the Triton op's stays in x's dtype, for GPU memory)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.ops.mirrorla_cpu.token_sums(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.addcmul(grad[:, :, 0:1], x, grad[:, :, 1:2], value=2.0).to(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- rotate + ReLU
 
 
@@ -118,13 +136,16 @@ def rotate_relu(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacen
 
 def token_sums(x: torch.Tensor) -> torch.Tensor:
     """Per-channel sum and sum of squares over tokens, ``[B, H, N, d] → [B, H, 2, d]`` (fp32, or fp64 for fp64
-    input); one pass over memory on CPUs. Differentiable (through the reference)."""
+    input); one pass over memory on CPUs. Differentiable (on CPUs through the kernel, whose backward is
+    ``g₁ + 2 g₂ x`` in x's dtype; elsewhere through the reference or the Triton op)."""
     check_rank("x", x, 4, "[B, H, N, d]")
     check_floating("x", x)
     if x.dtype != torch.float64 and select_backend(x) == "triton":
         from .triton_linear_attention import token_sums_triton
 
         return token_sums_triton(x)
+    if _wants_grad(x):
+        return _TokenSumsCPU.apply(x) if _use_kernel(x, backward=True) else token_sums_reference(x)
     if not _use_kernel(x):
         return token_sums_reference(x)
     return torch.ops.mirrorla_cpu.token_sums(x)
@@ -160,8 +181,8 @@ def folded_mirror_map(
     The projections already applied ``H(0)·H_cross``; this computes σ² of the keys (over tokens and each
     pair's two channels, undoing ``H(0)`` algebraically), ``Θ = θ + Δα(σ²)`` and ``ReLU(R(2Θ)·)`` of q and k
     (``H(Θ) = R(2Θ)·H(0)``). On CPUs without gradients it is one fused kernel call (one read of k for σ²,
-    one read-and-write of q and of k); with gradients the rotation and ReLU of q and k run on the kernels, forward
-    and backward, and σ² and the angles through the reference's autograd.
+    one read-and-write of q and of k); with gradients the token sums and the rotation and ReLU of q and k run on
+    the kernels, forward and backward, and the angles from the sums through autograd.
 
     Args:
         q, k: folded queries and keys ``[B, H, N, d]`` (Nq may differ from N).
@@ -182,10 +203,9 @@ def folded_mirror_map(
     if _wants_grad(q, k, theta, gamma):
         if not _use_kernel(q, k, theta, gamma, backward=True):
             return folded_mirror_map_reference(q, k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
-        # training on CPUs: the angles through autograd (small tensors; σ²'s path to k through the token sums'
-        # reference), the rotation and ReLU of q and k on the kernels, forward and backward
-        angle = folded_angles(k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing,
-                              sums=token_sums_reference(k))
+        # training on CPUs: the token sums and the rotation and ReLU of q and k on the kernels, forward and
+        # backward; the angles from the sums (small tensors) through autograd
+        angle = folded_angles(k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
         half = pairing == "half"
         return _RotateReluCPU.apply(q, angle, half), _RotateReluCPU.apply(k, angle, half)
     if not _use_kernel(q, k, theta, gamma) or q.dtype != k.dtype:
