@@ -1,7 +1,7 @@
 """Kernels and the one place that decides which implementation runs an op (the layer below :mod:`mirrorla.ops`).
 
 Implementations: ``torch`` (the pure-PyTorch reference in :mod:`mirrorla.ops`), ``cpu`` (the fused C++ kernels
-of ``ops/csrc/mirror_cpu.cpp``; only ReLU(R x), MirrorLA's rotation and ReLU, has a backward) and ``triton``
+of ``ops/csrc/mirror_cpu.cpp``; MirrorLA's rotation and ReLU and the token sums also backward) and ``triton``
 (``ops/triton_linear_attention.py``, fused GPU kernels, forward and backward). ``MIRRORLA_BACKEND=auto|torch|cpu|
 triton`` forces a choice (default ``auto``):
 

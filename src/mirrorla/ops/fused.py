@@ -39,8 +39,8 @@ __all__ = [
 
 def _use_kernel(*xs: torch.Tensor, backward: bool = False) -> bool:
     """Whether the C++ kernels run a call on these tensors. Where a gradient is wanted, only the calls whose kernel
-    has a backward (``backward``: ReLU(R x), see :class:`_RotateReluCPU`); the others take the reference, whose
-    autograd graph is PyTorch's own. Compilers and exporters always get the reference."""
+    has a backward (``backward``: :class:`_RotateReluCPU`, :class:`_TokenSumsCPU`); the others take the reference,
+    whose autograd graph is PyTorch's own. Compilers and exporters always get the reference."""
     if _tracing() or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in xs):
         return False
     return (select_backend(*xs, has_triton=False, has_cpu=True, cpu_backward=backward) == "cpu"
@@ -137,7 +137,7 @@ def rotate_relu(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacen
 def token_sums(x: torch.Tensor) -> torch.Tensor:
     """Per-channel sum and sum of squares over tokens, ``[B, H, N, d] → [B, H, 2, d]`` (fp32, or fp64 for fp64
     input); one pass over memory on CPUs. Differentiable (on CPUs through the kernel, whose backward is
-    ``g₁ + 2 g₂ x`` in x's dtype; elsewhere through the reference or the Triton op)."""
+    ``g₁ + 2 g₂ x``; elsewhere through the reference or the Triton op)."""
     check_rank("x", x, 4, "[B, H, N, d]")
     check_floating("x", x)
     if x.dtype != torch.float64 and select_backend(x) == "triton":
