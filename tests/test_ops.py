@@ -223,6 +223,7 @@ def test_chunked_reference_core_gradients_are_exact(monkeypatch):
     fn = reference._ChunkedLinearAttention.apply
     assert torch.autograd.gradcheck(lambda *t: fn(*t, 1e-3), (q, k, v))
     assert torch.autograd.gradcheck(lambda kk: fn(q.detach(), kk, v.detach(), 1e-3), (k,))
+    assert torch.autograd.gradcheck(lambda qq: fn(qq, k.detach(), v.detach(), 1e-3), (q,))
     torch.testing.assert_close(fn(q, k, v, 1e-3), reference._linear_attention_torch(q, k, v, eps=1e-3))
 
 

@@ -118,12 +118,13 @@ class _ChunkedLinearAttention(torch.autograd.Function):
                                        .mul_(inv_den).mul_(inv_den).neg_()], dim=-1)  # [B, H, c, dv + 1]
                 if need_q:
                     dq[:, :, start:end] = torch.matmul(dnum_dden, state_t)
-                dstate.add_(torch.matmul(qc.transpose(-2, -1), dnum_dden))
+                if need_k or need_v:
+                    dstate.add_(torch.matmul(qc.transpose(-2, -1), dnum_dden))
             dstate.mul_(1.0 / n)
             ds, dz = dstate[..., :dv], dstate[..., dv:].transpose(-2, -1)  # [B, H, d, dv], [B, H, 1, d]
             dk = torch.empty_like(k, memory_format=torch.contiguous_format) if need_k else None
             dvv = torch.empty_like(v, memory_format=torch.contiguous_format) if need_v else None
-            for start, kc in _chunks(k, acc):
+            for start, kc in _chunks(k, acc) if need_k or need_v else ():
                 end = start + _CHUNK_TOKENS
                 if need_k:
                     dk[:, :, start:end] = torch.matmul(v[:, :, start:end].to(acc), ds.transpose(-2, -1)).add_(dz)
