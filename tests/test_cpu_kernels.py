@@ -182,6 +182,30 @@ def test_folded_mirror_map_training_on_the_kernels_equals_reference(delta_form, 
         torch.testing.assert_close(g, w, **tol)
 
 
+@needs_kernels
+def test_cpu_training_path_runs_under_torch_func():
+    """torch.func transforms (grad, vmap) take the reference where the kernels' autograd Functions cannot run, with
+    the gradients the kernels' backward gives under plain autograd."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 11, 8)
+    theta, gamma = torch.rand(2, 4), torch.randn(2, 4)
+
+    def loss(*args):
+        fq, fk = folded_mirror_map(*args)
+        return fq.square().sum() + fk.sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2, 3))(q, k, theta, gamma)
+    leaves = [t.clone().requires_grad_() for t in (q, k, theta, gamma)]
+    fast = folded_mirror_map(*leaves)
+    assert type(fast[0].grad_fn).__name__ == "_RotateReluCPUBackward"
+    want = torch.autograd.grad(fast[0].square().sum() + fast[1].sum(), leaves)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    angle = torch.rand(2, 2, 4)
+    batched = torch.func.vmap(lambda x: rotate_relu(x[None], angle[:1]))(q)
+    torch.testing.assert_close(batched[:, 0], rotate_relu(q, angle[:1]), rtol=0, atol=1e-6)
+
+
 def test_gradients_are_exact():
     # training takes the kernels' backward where they are built, the reference elsewhere; gradcheck in fp64
     torch.manual_seed(0)

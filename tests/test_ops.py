@@ -210,6 +210,30 @@ def test_reference_core_under_autograd_makes_no_whole_fp32_copy(dtype, monkeypat
         torch.testing.assert_close(leaf.grad.float(), ref_leaf.grad, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_core_under_torch_func(dtype, monkeypatch):
+    """Under torch.func transforms (the Triton ops' fallback differentiates the reference under ``vjp``) the core
+    takes its plain form, whose ops functorch can run (an autograd Function without ``setup_context`` cannot),
+    with the gradients autograd gives through the chunked form; ``vmap`` runs too."""
+    from mirrorla.ops import reference
+
+    monkeypatch.setattr(reference, "_CHUNK_TOKENS", 4)
+    q, k, v = (torch.rand(2, 3, 11, 4).to(dtype) for _ in range(3))
+    out, pullback = torch.func.vjp(lambda a, b, c: linear_attention(a, b, c), q, k, v)
+    grad = torch.randn_like(out)
+    got = pullback(grad)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    want_out = linear_attention(*leaves)
+    want = torch.autograd.grad(want_out, leaves, grad)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, want_out, **tol)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, w, **tol)
+    batched = torch.func.vmap(lambda a, b, c: linear_attention(a[None], b[None], c[None])[0])(q, k, v)
+    torch.testing.assert_close(batched, want_out.detach(), **tol)
+
+
 def test_chunked_reference_core_gradients_are_exact(monkeypatch):
     """The chunked core's hand-written backward against autograd's numerical gradients, in fp64 (the same function
     with fp64 accumulation), over several chunks and the last one partial, with only some inputs needing

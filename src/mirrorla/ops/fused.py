@@ -22,7 +22,7 @@ from .reference import (
     rotate_relu_reference,
     token_sums_reference,
 )
-from .reflect import _tracing, check_delta_form, check_pairing
+from .reflect import _functorch_active, _tracing, check_delta_form, check_pairing
 
 __all__ = [
     "cpu_kernels_available",
@@ -40,8 +40,9 @@ __all__ = [
 def _use_kernel(*xs: torch.Tensor, backward: bool = False) -> bool:
     """Whether the C++ kernels run a call on these tensors. Where a gradient is wanted, only the calls whose kernel
     has a backward (``backward``: :class:`_RotateReluCPU`, :class:`_TokenSumsCPU`); the others take the reference,
-    whose autograd graph is PyTorch's own. Compilers and exporters always get the reference."""
-    if _tracing() or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in xs):
+    whose autograd graph is PyTorch's own. Compilers, exporters and ``torch.func`` transforms always get the
+    reference."""
+    if _tracing() or _functorch_active() or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in xs):
         return False
     return (select_backend(*xs, has_triton=False, has_cpu=True, cpu_backward=backward) == "cpu"
             and cpu_kernels_available())

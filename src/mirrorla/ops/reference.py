@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .reflect import DELTA_FORMS, _tracing, pair_channels, rotate_pairs, token_moments
+from .reflect import DELTA_FORMS, _functorch_active, _tracing, pair_channels, rotate_pairs, token_moments
 
 __all__ = [
     "angles_from_sums",
@@ -32,9 +32,10 @@ _CHUNK_TOKENS = 4096  # tokens converted to fp32 at a time where the inputs are 
 def _linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float) -> torch.Tensor:
     acc = _accumulation_dtype(q, k, v)
     converts = q.dtype != acc or k.dtype != acc or v.dtype != acc
-    if converts and not _tracing():
+    if converts and not _tracing() and not _functorch_active():
         # half-precision inputs: a chunk of tokens in fp32 at a time, never a whole fp32 copy (compilers and
-        # exporters get the plain form below, whose conversions they fuse)
+        # exporters get the plain form below, whose conversions they fuse; torch.func transforms too, which an
+        # autograd Function without setup_context, and writes into a fresh output, would not survive)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _ChunkedLinearAttention.apply(q, k, v, eps)
         return _chunked_output(q, _chunked_state(k, v, acc), eps, v.dtype)

@@ -322,6 +322,13 @@ def _complex_view(x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``vjp``, ``grad``, ``vmap``, ...) runs this call. The ops' own autograd
+    Functions (the chunked torch core, the CPU kernels' backward) and the C++ kernels cannot run under one; the
+    plain reference ops can, and they take the call (the Triton ops' fallback differentiates under ``vjp``)."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def _tracing() -> bool:
     """Whether a compiler, exporter or tracer records this call: they get the real-valued rotation (inductor fuses
     it; ONNX and TorchScript have no ``view_as_complex``)."""
