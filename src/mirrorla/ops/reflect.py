@@ -322,11 +322,15 @@ def _complex_view(x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+# torch's own check (autograd.Function.apply raises with it); a torch without it has no transforms to detect
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def _functorch_active() -> bool:
     """Whether a ``torch.func`` transform (``vjp``, ``grad``, ``vmap``, ...) runs this call. The ops' own autograd
     Functions (the chunked torch core, the CPU kernels' backward) and the C++ kernels cannot run under one; the
     plain reference ops can, and they take the call (the Triton ops' fallback differentiates under ``vjp``)."""
-    return torch._C._are_functorch_transforms_active()
+    return _TRANSFORMS_ACTIVE()
 
 
 def _tracing() -> bool:
