@@ -37,19 +37,25 @@ __all__ = [
     "token_sums_reference",
 ]
 
-def _use_kernel(*xs: torch.Tensor, backward: bool = False) -> bool:
-    """Whether the C++ kernels run a call on these tensors. Where a gradient is wanted, only the calls whose kernel
-    has a backward (``backward``: :class:`_RotateReluCPU`, :class:`_TokenSumsCPU`); the others take the reference,
-    whose autograd graph is PyTorch's own. Compilers, exporters and ``torch.func`` transforms always get the
-    reference."""
+def _use_kernel(*xs: torch.Tensor) -> bool:
+    """Whether the C++ kernels run a call on these tensors, with or without a gradient (each op here has a
+    backward on them: :class:`_RotateReluCPU`, :class:`_TokenSumsCPU`). Compilers, exporters and ``torch.func``
+    transforms always get the reference."""
     if _tracing() or _functorch_active() or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in xs):
         return False
-    return (select_backend(*xs, has_triton=False, has_cpu=True, cpu_backward=backward) == "cpu"
+    return (select_backend(*xs, has_triton=False, has_cpu=True, cpu_backward=True) == "cpu"
             and cpu_kernels_available())
 
 
 def _wants_grad(*xs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def _cos_sin(angle: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles in the kernels' op-math type for inputs of ``dtype`` (contiguous, as they read
+    them)."""
+    a = angle.to(torch.promote_types(dtype, torch.float32))
+    return torch.cos(a).contiguous(), torch.sin(a).contiguous()
 
 
 class _RotateReluCPU(torch.autograd.Function):
@@ -60,8 +66,7 @@ class _RotateReluCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, angle, half):
-        a = angle.detach().to(torch.promote_types(x.dtype, torch.float32))
-        cos, sin = torch.cos(a).contiguous(), torch.sin(a).contiguous()
+        cos, sin = _cos_sin(angle.detach(), x.dtype)
         ctx.save_for_backward(x, cos, sin)
         ctx.half, ctx.angle_dtype = half, angle.dtype
         return torch.ops.mirrorla_cpu.rotate_relu(x, cos, sin, half)
@@ -121,15 +126,11 @@ def rotate_relu(x: torch.Tensor, angle: torch.Tensor, *, pairing: str = "adjacen
     if angle.dim() != 3 or angle.shape[1:] != (h, d // 2) or angle.shape[0] not in (1, b):
         raise ValueError(f"angle must have shape [1 or B, H, d/2] = [1 or {b}, {h}, {d // 2}], "
                          f"got {tuple(angle.shape)}")
-    if _wants_grad(x, angle):
-        if _use_kernel(x, angle, backward=True):
-            return _RotateReluCPU.apply(x, angle, pairing == "half")
-        return rotate_relu_reference(x, angle.unsqueeze(2), pairing=pairing)
     if not _use_kernel(x, angle):
         return rotate_relu_reference(x, angle.unsqueeze(2), pairing=pairing)
-    acc = torch.promote_types(x.dtype, torch.float32)
-    a = angle.to(acc)
-    return torch.ops.mirrorla_cpu.rotate_relu(x, torch.cos(a), torch.sin(a), pairing == "half")
+    if _wants_grad(x, angle):
+        return _RotateReluCPU.apply(x, angle, pairing == "half")
+    return torch.ops.mirrorla_cpu.rotate_relu(x, *_cos_sin(angle, x.dtype), pairing == "half")
 
 
 # ------------------------------------------------------------------------------------------------ token sums
@@ -145,11 +146,9 @@ def token_sums(x: torch.Tensor) -> torch.Tensor:
         from .triton_linear_attention import token_sums_triton
 
         return token_sums_triton(x)
-    if _wants_grad(x):
-        return _TokenSumsCPU.apply(x) if _use_kernel(x, backward=True) else token_sums_reference(x)
     if not _use_kernel(x):
         return token_sums_reference(x)
-    return torch.ops.mirrorla_cpu.token_sums(x)
+    return _TokenSumsCPU.apply(x) if _wants_grad(x) else torch.ops.mirrorla_cpu.token_sums(x)
 
 
 # ------------------------------------------------------------------------------------ the folded MirrorLA step
@@ -201,15 +200,15 @@ def folded_mirror_map(
         raise ValueError(f"q and k need at least one token (N >= 1), got q {tuple(q.shape)} and k {tuple(k.shape)}")
     check_delta_form(delta_form)
     eps = check_eps("eps", eps, positive=True)
+    if not _use_kernel(q, k, theta, gamma):
+        return folded_mirror_map_reference(q, k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
     if _wants_grad(q, k, theta, gamma):
-        if not _use_kernel(q, k, theta, gamma, backward=True):
-            return folded_mirror_map_reference(q, k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
         # training on CPUs: the token sums and the rotation and ReLU of q and k on the kernels, forward and
         # backward; the angles from the sums (small tensors) through autograd
         angle = folded_angles(k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
         half = pairing == "half"
         return _RotateReluCPU.apply(q, angle, half), _RotateReluCPU.apply(k, angle, half)
-    if not _use_kernel(q, k, theta, gamma) or q.dtype != k.dtype:
+    if q.dtype != k.dtype:  # the fused kernel reads both in one dtype
         return folded_mirror_map_reference(q, k, theta, gamma, eps=eps, delta_form=delta_form, pairing=pairing)
     acc = torch.promote_types(k.dtype, torch.float32)
     return torch.ops.mirrorla_cpu.folded_mirror_map(

@@ -216,15 +216,15 @@ std::tuple<at::Tensor, at::Tensor> rotate_relu_backward(const at::Tensor& x, con
           pair_coefficients(cp + a_off, sp + a_off, half, l.half, coef.data(), coef.data() + l.d);
           const opmath_t* cc = coef.data();
           const opmath_t* ss = coef.data() + l.d;
-          const int64_t row = (b * l.H + h) * l.N;
-          for (int64_t n = n0; n < n1; ++n) {
-            const scalar_t* xr = xp + b * l.sb + h * l.sh + n * l.sn;
-            scalar_t* dxr = dxp + b * db + h * dh + n * dn;
-            if (half) {
-              rotate_relu_backward_row<true>(xr, gp + (row + n) * l.d, cc, ss, dxr, dpair, l.half);
-            } else {
-              rotate_relu_backward_row<false>(xr, gp + (row + n) * l.d, cc, ss, dxr, dpair, l.half);
-            }
+          const scalar_t* xr = xp + b * l.sb + h * l.sh + n0 * l.sn;
+          const opmath_t* gr = gp + ((b * l.H + h) * l.N + n0) * l.d;
+          scalar_t* dxr = dxp + b * db + h * dh + n0 * dn;
+          if (half) {
+            for (int64_t n = n0; n < n1; ++n, xr += l.sn, gr += l.d, dxr += dn)
+              rotate_relu_backward_row<true>(xr, gr, cc, ss, dxr, dpair, l.half);
+          } else {
+            for (int64_t n = n0; n < n1; ++n, xr += l.sn, gr += l.d, dxr += dn)
+              rotate_relu_backward_row<false>(xr, gr, cc, ss, dxr, dpair, l.half);
           }
         });
   });
