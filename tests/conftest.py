@@ -67,3 +67,36 @@ def cast_shapes():
             return func(*args, **(kwargs or {}))
 
     return CastShapes
+
+
+class _LargestFp32:
+    """Records ``largest``, the element count of the largest fp32 tensor any operator makes inside the block."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        record = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                        record.largest = max(record.largest, t.numel())
+                return out
+
+        self.largest, self.mode = 0, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.fixture
+def largest_fp32():
+    """``with largest_fp32() as record: ...``, then ``record.largest``: how large the largest fp32 tensor made in
+    the block was (what the half-precision paths must keep to a chunk of tokens)."""
+    return _LargestFp32

@@ -212,7 +212,7 @@ def test_reference_core_under_autograd_makes_no_whole_fp32_copy(dtype, monkeypat
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_core_under_torch_func(dtype, monkeypatch):
-    """Under torch.func transforms (the Triton ops' fallback differentiates the reference under ``vjp``) the core
+    """Under torch.func transforms (per-sample gradients by ``vmap`` of ``grad``, for example) the core
     takes its plain form, whose ops functorch can run (an autograd Function without ``setup_context`` cannot),
     with the gradients autograd gives through the chunked form; ``vmap`` runs too."""
     from mirrorla.ops import reference
@@ -234,21 +234,192 @@ def test_reference_core_under_torch_func(dtype, monkeypatch):
     torch.testing.assert_close(batched, want_out.detach(), **tol)
 
 
-def test_chunked_reference_core_gradients_are_exact(monkeypatch):
-    """The chunked core's hand-written backward against autograd's numerical gradients, in fp64 (the same function
-    with fp64 accumulation), over several chunks and the last one partial, with only some inputs needing
-    gradients."""
+@pytest.mark.parametrize("feature,pairing,angle_batch", [
+    ("identity", "adjacent", None), ("relu", "adjacent", None), ("rotate_relu", "adjacent", 2),
+    ("rotate_relu", "half", 1),
+])
+def test_chunked_reference_core_gradients_are_exact(feature, pairing, angle_batch, monkeypatch):
+    """The chunked core's hand-written backward, the feature map's included (dq, dk, dv and the angle's
+    gradient), against autograd's numerical gradients in fp64 (the same function with fp64 accumulation), over
+    several chunks and the last one partial, with only some inputs needing gradients; its value against the plain
+    form's."""
     from mirrorla.ops import reference
 
     monkeypatch.setattr(reference, "_CHUNK_TOKENS", 4)
-    q = torch.rand(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)
-    k = torch.rand(1, 2, 11, 4, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, 2, 11, 3, dtype=torch.float64, requires_grad=True)
-    fn = reference._ChunkedLinearAttention.apply
-    assert torch.autograd.gradcheck(lambda *t: fn(*t, 1e-3), (q, k, v))
-    assert torch.autograd.gradcheck(lambda kk: fn(q.detach(), kk, v.detach(), 1e-3), (k,))
-    assert torch.autograd.gradcheck(lambda qq: fn(qq, k.detach(), v.detach(), 1e-3), (q,))
-    torch.testing.assert_close(fn(q, k, v, 1e-3), reference._linear_attention_torch(q, k, v, eps=1e-3))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 9, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    k = torch.randn(2, 2, 11, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    v = torch.randn(2, 2, 11, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    angle = (torch.randn(angle_batch, 2, 2, dtype=torch.float64, generator=gen).requires_grad_()
+             if angle_batch else None)
+    if feature != "identity":  # keep the ReLU's inputs off its kink, where a finite difference is no derivative
+        q, k = (torch.where(t.abs() < 0.05, 0.3, t).detach().requires_grad_() for t in (q, k))
+
+    def fn(qq, kk, vv, aa=angle):
+        return reference._ChunkedLinearAttention.apply(qq, kk, vv, aa, feature, pairing, 0.5)
+
+    leaves = (q, k, v) if angle is None else (q, k, v, angle)
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradcheck(lambda kk: fn(q.detach(), kk, v.detach()), (k,))
+    assert torch.autograd.gradcheck(lambda qq: fn(qq, k.detach(), v.detach()), (q,))
+    if angle is not None:  # the angle's gradient alone still runs both passes (its q and k parts)
+        assert torch.autograd.gradcheck(lambda aa: fn(q.detach(), k.detach(), v.detach(), aa), (angle,))
+    plain = reference._linear_attention_torch(q, k, v, eps=0.5, feature=feature, angle=angle, pairing=pairing)
+    torch.testing.assert_close(fn(q, k, v), plain)
+
+
+@pytest.mark.parametrize("feature,pairing", [("relu", "adjacent"), ("rotate_relu", "adjacent"),
+                                             ("rotate_relu", "half")])
+@pytest.mark.parametrize("grad", [False, True])
+def test_torch_core_maps_half_inputs_by_chunks(feature, pairing, grad, monkeypatch, largest_fp32):
+    """On the torch backend (a GPU without Triton, MIRRORLA_BACKEND=torch) the core applies ReLU or the rotation
+    and ReLU itself, to one chunk of tokens at a time, forward and backward: for bf16 inputs no fp32 tensor the size
+    of q, k, φ(q) or φ(k) is made (the map in torch before the core made them whole, and autograd saved them).
+    Output and gradients (q, k, v and the angle's) match autograd through the fp32 map and core on the same
+    values."""
+    from mirrorla.ops import reference
+
+    monkeypatch.setenv("MIRRORLA_BACKEND", "torch")
+    monkeypatch.setattr(reference, "_CHUNK_TOKENS", 7)  # several chunks, the last one partial
+    b, h, n, nq, d, dv = 2, 3, 30, 25, 8, 6
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(b, n, 3, h, d, generator=gen).bfloat16().permute(2, 0, 3, 1, 4)  # strided, as layers make
+    k, v = qkv[1], qkv[2, ..., :dv]
+    q = torch.randn(b, h, nq, d, generator=gen).bfloat16()
+    angle = torch.randn(b, h, d // 2, generator=gen) if feature == "rotate_relu" else None
+    inputs = [t for t in (q, k, v, angle) if t is not None]
+    upstream = torch.randn(b, h, nq, dv, generator=gen).bfloat16()
+
+    def run(*ts):
+        return mapped_linear_attention(*ts[:3], feature=feature, angle=ts[3] if len(ts) > 3 else None,
+                                       pairing=pairing)
+
+    leaves = [t.detach().requires_grad_(grad) for t in inputs]
+    with largest_fp32() as record:
+        out = run(*leaves)
+        if grad:
+            out.backward(upstream)
+    assert out.dtype == torch.bfloat16
+    assert 0 < record.largest <= b * h * 7 * (dv + 1) + b * h * d * (dv + 1)  # a chunk's, never [B, H, N, d]
+    ref_leaves = [t.detach().float().requires_grad_(grad) for t in inputs]
+    ref = run(*ref_leaves)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    if grad:
+        ref.backward(upstream.float())
+        for leaf, ref_leaf in zip(leaves, ref_leaves, strict=True):
+            assert leaf.grad.dtype == leaf.dtype
+            torch.testing.assert_close(leaf.grad.float(), ref_leaf.grad, rtol=3e-2, atol=3e-2)
+
+
+def test_token_sums_reference_under_autograd_makes_no_whole_fp32_copy(monkeypatch, largest_fp32):
+    """σ²'s path on the torch backend: the token sums of bf16 keys, forward and backward (``g₁ + 2 g₂ x``), a chunk
+    of tokens at a time; the same sums and gradient as autograd through the fp32 sums."""
+    from mirrorla.ops import reference, token_sums_reference
+
+    monkeypatch.setattr(reference, "_CHUNK_TOKENS", 7)
+    x = torch.randn(2, 3, 30, 8).bfloat16().requires_grad_()
+    grad = torch.randn(2, 3, 2, 8)
+    with largest_fp32() as record:
+        sums = token_sums_reference(x)
+        sums.backward(grad)
+    assert 0 < record.largest <= 2 * 3 * 7 * 8
+    ref_x = x.detach().float().requires_grad_()
+    ref = torch.stack([ref_x.sum(2), ref_x.square().sum(2)], 2)
+    ref.backward(grad)
+    torch.testing.assert_close(sums, ref)
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), ref_x.grad, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("dtype,pairing,delta_form", [
+    (torch.float32, "adjacent", "tanh_log"), (torch.float32, "half", "log"), (torch.float32, "adjacent", "rsqrt"),
+    (torch.bfloat16, "adjacent", "tanh_log"), (torch.bfloat16, "half", "tanh_log"),
+])
+def test_mirror_linear_attention_matches_the_map_then_the_core(backend, dtype, pairing, delta_form, monkeypatch):
+    """The MirrorLA op (σ², angles, rotation and ReLU, core) on the torch backend (the map inside the chunked core
+    for bf16) and on the CPU kernels gives the values and the q, k, v, θ, γ gradients of the reference map followed
+    by the reference core, computed in fp64 on the same values."""
+    from mirrorla.ops import folded_mirror_map_reference, mirror_linear_attention, reference
+
+    monkeypatch.setenv("MIRRORLA_BACKEND", backend)
+    monkeypatch.setattr(reference, "_CHUNK_TOKENS", 8)
+    b, h, n, d, dv = 2, 3, 21, 8, 5
+    gen = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(b, h, n, d, generator=gen).to(dtype) for _ in range(2))
+    v = torch.randn(b, h, n, dv, generator=gen).to(dtype)
+    theta, gamma = torch.randn(h, d // 2, generator=gen), torch.randn(h, d // 2, generator=gen) * 0.3
+    upstream = torch.randn(b, h, n, dv, generator=gen).to(dtype)
+    options = dict(pairing=pairing, delta_form=delta_form)
+
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, theta, gamma)]
+    out = mirror_linear_attention(*leaves, **options, map_eps=1e-5, eps=1e-4)
+    out.backward(upstream)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, theta, gamma)]
+    phi_q, phi_k = folded_mirror_map_reference(*ref_leaves[:2], *ref_leaves[3:], eps=1e-5, **options)
+    ref = linear_attention(phi_q, phi_k, ref_leaves[2], eps=1e-4)
+    ref.backward(upstream.double())
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for leaf, ref_leaf in zip(leaves, ref_leaves, strict=True):
+        assert leaf.grad.dtype == leaf.dtype
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, **tol)
+
+
+def test_mirror_linear_attention_on_the_torch_backend_makes_no_whole_fp32_copy(monkeypatch, largest_fp32):
+    """MirrorLA training on the torch backend with bf16 q, k, v (a GPU without Triton): the token sums, the
+    angles, the map and the core, forward and backward, make no fp32 tensor the size of q, k or φ of them."""
+    from mirrorla.ops import mirror_linear_attention, reference
+
+    monkeypatch.setenv("MIRRORLA_BACKEND", "torch")
+    monkeypatch.setattr(reference, "_CHUNK_TOKENS", 7)
+    b, h, n, d = 2, 3, 30, 8
+    q, k, v = (torch.randn(b, h, n, d).bfloat16().requires_grad_() for _ in range(3))
+    theta, gamma = (torch.randn(h, d // 2, requires_grad=True) for _ in range(2))
+    with largest_fp32() as record:
+        out = mirror_linear_attention(q, k, v, theta, gamma)
+        out.sum().backward()
+    assert 0 < record.largest <= b * h * 7 * (d + 1) + b * h * d * (d + 1)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, theta, gamma))
+
+
+def test_mirror_linear_attention_rejects_bad_parameters():
+    from mirrorla.ops import mirror_linear_attention
+
+    q = k = v = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match=r"theta must have shape \[H, d/2\] = \[2, 2\]"):
+        mirror_linear_attention(q, k, v, torch.zeros(2, 4), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="d must be even"):
+        mirror_linear_attention(q[..., :3], k[..., :3], v, torch.zeros(2, 1), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="delta_form must be one of"):
+        mirror_linear_attention(q, k, v, torch.zeros(2, 2), torch.zeros(2, 2), delta_form="exp")
+
+
+@pytest.mark.parametrize("delta_form", ["tanh_log", "log", "rsqrt"])
+@pytest.mark.parametrize("pairing", ["adjacent", "half"])
+def test_angles_from_sums_backward_is_autograds(delta_form, pairing):
+    """The closed-form gradients of the angles (what the Triton ops' fallback backward runs inside a custom op) are
+    autograd's through :func:`angles_from_sums`, in fp64: every Δα form's slope, both pairings, a γ of 0, and pairs
+    whose σ² is clamped at 0 (their σ² takes no gradient)."""
+    from mirrorla.ops.reference import angles_from_sums, angles_from_sums_backward
+
+    gen = torch.Generator().manual_seed(3)
+    b, h, d, n = 3, 2, 8, 10
+    x = torch.randn(b, h, n, d, dtype=torch.float64, generator=gen)
+    sums = torch.stack([x.sum(2), x.square().sum(2)], 2)
+    sums[0, 0, 1] = 0.0  # Σx² = 0 with Σx ≠ 0: negative σ² before the clamp, on every pair of this head
+    theta = torch.randn(h, d // 2, dtype=torch.float64, generator=gen)
+    gamma = torch.randn(h, d // 2, dtype=torch.float64, generator=gen)
+    gamma[0, 0] = 0.0
+    grad = torch.randn(b, h, d // 2, dtype=torch.float64, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (sums, theta, gamma)]
+    options = dict(eps=1e-3, delta_form=delta_form, pairing=pairing)
+    want = torch.autograd.grad(angles_from_sums(leaves[0], n, *leaves[1:], **options), leaves, grad)
+    got = angles_from_sums_backward(sums, n, theta, gamma, grad, **options)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert (got[0][0, 0, 1] == 0).all()
 
 
 def test_linear_attention_under_autocast_reduces_in_fp32():

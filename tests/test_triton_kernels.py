@@ -1036,6 +1036,43 @@ def test_configurations_too_large_for_the_gpu_run_the_reference(op, direction, c
     assert len(triton_ops._TOO_LARGE) == 1
 
 
+@pytest.mark.parametrize("op", ["mirror", "fused rotate_relu"])
+@pytest.mark.parametrize("custom", [False, True], ids=["function", "custom op"])
+def test_the_fallback_for_a_gpu_too_small_keeps_half_inputs_out_of_fp32(op, custom, monkeypatch, largest_fp32):
+    """Where the GPU cannot run a configuration, the torch core runs it by chunks of tokens, forward and backward
+    (the backward without recomputing under torch.func, whose plain form made whole fp32 copies of bf16 q, k and
+    φ of them): no fp32 tensor the size of an input is made, and values and gradients are the torch backend's."""
+    from mirrorla.ops import mapped_linear_attention, mirror_linear_attention, reference
+
+    monkeypatch.setattr(reference, "_CHUNK_TOKENS", 7)
+    monkeypatch.setattr(triton_ops, "_runs_kernels", lambda *args: False)
+    monkeypatch.setattr(triton_ops, "_use_custom_ops", lambda: custom)
+    b, h, n, d = 2, 2, 60, 16
+    q, k, v, angle, theta, gamma = _op_inputs(b, h, n, d)
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    inputs = [q, k, v, theta, gamma] if op == "mirror" else [q, k, v, angle]
+    upstream = torch.randn(b, h, n, d).bfloat16()
+
+    def call(backend_op):
+        if op == "mirror":
+            return backend_op(q, k, v, theta, gamma)
+        return mapped_linear_attention(q, k, v, angle=angle, feature="rotate_relu") if backend_op is None \
+            else backend_op(q, k, v, angle, feature="rotate_relu")
+
+    with largest_fp32() as record:
+        out = call(triton_ops.mirror_linear_attention if op == "mirror" else triton_ops.fused_linear_attention)
+        grads = torch.autograd.grad(out, inputs, upstream)
+    # a chunk's products, or the op's fp32 state [1 + moment, B·H, d, dv + 1]; never [B, H, N, d]
+    assert 0 < record.largest <= max(b * h * 7 * (d + 1), 2 * b * h * d * (d + 1)) < b * h * n * d
+    monkeypatch.setenv("MIRRORLA_BACKEND", "torch")
+    want = call(mirror_linear_attention if op == "mirror" else None)
+    want_grads = torch.autograd.grad(want, inputs, upstream)
+    torch.testing.assert_close(out, want)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("op", ["mirror", "fused relu"])  # the same fallback for every map: MirrorLA's and a plain one
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_a_row_kernel_too_large_for_the_gpu_hands_its_rows_to_the_chunked_kernels(op, direction, monkeypatch):

@@ -34,11 +34,11 @@ from .ops import (
     linear_attention,
     linear_attention_reference,
     mapped_linear_attention,
+    mirror_linear_attention,
     pair_channels,
     reflect_projection_rows,
     rotate_relu,
     rotate_relu_reference,
-    select_backend,
     token_sums,
 )
 from .ops._checks import check_eps
@@ -634,10 +634,8 @@ class MirrorFeatureMap(FeatureMap):
         if self.variance_scope == "running":  # one Θ for every sample: the rotation runs inside the fused core
             return mapped_linear_attention(q, k, v, feature="rotate_relu", angle=self._folded_angle(k),
                                            pairing=self.pairing, eps=eps)
-        if self.variance_scope == "token" or select_backend(q, k, v) != "triton":
-            return super().attend(q, k, v, eps=eps, folded=True)  # the CPU kernel or the reference
-        from .ops.triton_linear_attention import mirror_linear_attention
-
+        if self.variance_scope == "token":  # per-token angles: only the reference takes them
+            return super().attend(q, k, v, eps=eps, folded=True)
         return mirror_linear_attention(q, k, v, self.theta, self.gamma, pairing=self.pairing,
                                        delta_form=self.delta_form, map_eps=self.eps, eps=eps)
 

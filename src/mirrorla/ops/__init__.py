@@ -14,7 +14,12 @@ from .fused import (
     token_sums,
     token_sums_reference,
 )
-from .linear_attention import linear_attention, linear_attention_reference, mapped_linear_attention
+from .linear_attention import (
+    linear_attention,
+    linear_attention_reference,
+    mapped_linear_attention,
+    mirror_linear_attention,
+)
 from .reflect import (
     DELTA_FORMS,
     PAIRINGS,
@@ -49,6 +54,7 @@ __all__ = [
     "linear_attention",
     "linear_attention_reference",
     "mapped_linear_attention",
+    "mirror_linear_attention",
     "pair_channels",
     "reflect_projection_rows",
     "rotate_pairs",

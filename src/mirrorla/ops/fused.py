@@ -20,6 +20,7 @@ from .reference import (
     folded_mirror_map_reference,
     folded_variance,
     rotate_relu_reference,
+    token_sums_backward,
     token_sums_reference,
 )
 from .reflect import _functorch_active, _tracing, check_delta_form, check_pairing
@@ -98,7 +99,7 @@ class _TokenSumsCPU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return torch.addcmul(grad[:, :, 0:1], x, grad[:, :, 1:2], value=2.0).to(x.dtype)
+        return token_sums_backward(x, grad)
 
 
 # ---------------------------------------------------------------------------------------------- rotate + ReLU

@@ -6,13 +6,14 @@ import torch
 
 from ..backend import select_backend
 from ._checks import check_eps, check_floating, check_rank
-from .fused import rotate_relu
-from .reference import _accumulation_dtype, _linear_attention_torch
-from .reflect import check_pairing
+from .fused import _use_kernel, folded_angles, folded_mirror_map, rotate_relu
+from .reference import FEATURES, _accumulation_dtype, _linear_attention_torch
+from .reflect import check_delta_form, check_pairing
 
-__all__ = ["MAPPED_FEATURES", "linear_attention", "linear_attention_reference", "mapped_linear_attention"]
+__all__ = ["MAPPED_FEATURES", "linear_attention", "linear_attention_reference", "mapped_linear_attention",
+           "mirror_linear_attention"]
 
-MAPPED_FEATURES = ("identity", "relu", "rotate_relu")
+MAPPED_FEATURES = FEATURES
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -129,8 +130,57 @@ def mapped_linear_attention(
         from .triton_linear_attention import fused_linear_attention
 
         return fused_linear_attention(q, k, v, angle, feature=feature, pairing=pairing, eps=eps)
-    if feature == "relu":
-        q, k = torch.relu(q), torch.relu(k)
-    elif feature == "rotate_relu":
+    if feature == "rotate_relu" and _use_kernel(q, k, angle):  # the C++ kernel maps (fp32 out), the core sums
         q, k = rotate_relu(q, angle, pairing=pairing), rotate_relu(k, angle, pairing=pairing)
-    return _linear_attention_torch(q, k, v, eps=eps)
+        feature, angle = "identity", None
+    return _linear_attention_torch(q, k, v, eps=eps, feature=feature, angle=angle, pairing=pairing)
+
+
+def mirror_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    gamma: torch.Tensor,
+    *,
+    pairing: str = "adjacent",
+    delta_form: str = "tanh_log",
+    map_eps: float = 1e-6,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """MirrorLA's folded per-sample step and linear attention in one op: σ² of the folded keys, the angles
+    ``2Θ = 2(θ + Δα(σ²))`` and ``φ = ReLU(R(2Θ)·)`` of q and k (:func:`~mirrorla.ops.folded_mirror_map`), then
+    :func:`linear_attention` of ``φ(q), φ(k), v``.
+
+    Args:
+        q, k, v: folded queries and keys ``[B, H, Nq, d]``, ``[B, H, N, d]`` (d even) and values ``[B, H, N, dv]``.
+        theta, gamma: ``[H, d/2]`` angles and modulation gains.
+        pairing, delta_form, map_eps: the map's channel pairs, Δα form and ε (see :func:`folded_mirror_map`).
+        eps: added to the attention's normaliser.
+
+    Returns:
+        ``[B, H, Nq, dv]`` in v's dtype, differentiable in q, k (also through σ²), v, θ and γ. The Triton
+        backend runs it in the attention kernels; on CPUs the C++ kernel maps q and k; otherwise the torch core
+        maps them a chunk of tokens at a time (half-precision inputs: no whole fp32 copy of q, k, φ(q) or φ(k)).
+    """
+    _check_qkv(q, k, v)
+    check_pairing(pairing)
+    check_delta_form(delta_form)
+    map_eps, eps = check_eps("map_eps", map_eps, positive=True), check_eps("eps", eps)
+    b, h, _, d = q.shape
+    if d % 2:
+        raise ValueError(f"the map pairs channels: d must be even, got q {tuple(q.shape)}")
+    for name, t in (("theta", theta), ("gamma", gamma)):
+        check_floating(name, t)
+        if tuple(t.shape) != (h, d // 2):
+            raise ValueError(f"{name} must have shape [H, d/2] = [{h}, {d // 2}], got {tuple(t.shape)}")
+    if select_backend(q, k, v) == "triton":  # (the Triton op takes θ, γ in fp32 whatever their dtype)
+        from .triton_linear_attention import mirror_linear_attention as mirror_linear_attention_triton
+
+        return mirror_linear_attention_triton(q, k, v, theta, gamma, pairing=pairing, delta_form=delta_form,
+                                              map_eps=map_eps, eps=eps)
+    if _use_kernel(q, k, theta, gamma):
+        phi_q, phi_k = folded_mirror_map(q, k, theta, gamma, eps=map_eps, delta_form=delta_form, pairing=pairing)
+        return _linear_attention_torch(phi_q, phi_k, v, eps=eps)
+    angle = folded_angles(k, theta, gamma, eps=map_eps, delta_form=delta_form, pairing=pairing)
+    return _linear_attention_torch(q, k, v, eps=eps, feature="rotate_relu", angle=angle, pairing=pairing)

@@ -155,13 +155,15 @@ def token_moments(x: torch.Tensor, *, dim: int = -2, chunk: int = 4096) -> tuple
     angle modulation in fp32 (they are clamped at 0).
     """
     acc = torch.promote_types(x.dtype, torch.float32)
-    x = x.to(acc)
     n = x.shape[dim]
     if _tracing() or n <= chunk:
+        x = x.to(acc)
         return x.mean(dim=dim), x.square().mean(dim=dim)
-    # both sums per chunk: the second read of a chunk hits the cache, so x streams from memory once
+    # both sums per chunk: the second read of a chunk hits the cache, so x streams from memory once; half-precision
+    # x is converted a chunk at a time, never whole
     total = total_sq = None
     for part in x.split(chunk, dim=dim):
+        part = part.to(acc)
         s, sq = part.sum(dim=dim), part.square().sum(dim=dim)
         total = s if total is None else total.add_(s)
         total_sq = sq if total_sq is None else total_sq.add_(sq)
@@ -329,7 +331,7 @@ _TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambd
 def _functorch_active() -> bool:
     """Whether a ``torch.func`` transform (``vjp``, ``grad``, ``vmap``, ...) runs this call. The ops' own autograd
     Functions (the chunked torch core, the CPU kernels' backward) and the C++ kernels cannot run under one; the
-    plain reference ops can, and they take the call (the Triton ops' fallback differentiates under ``vjp``)."""
+    plain reference ops can, and they take the call (per-sample gradients by ``vmap`` of ``grad``, for example)."""
     return _TRANSFORMS_ACTIVE()
 
 
@@ -400,5 +402,29 @@ DELTA_FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tenso
 }
 """Forms of the variance-aware angle offset Δα(σ²) (docs/method.md §2.3, an open choice)."""
 
-if set(DELTA_FORMS) != set(DELTA_FORM_CODES):  # the kernels must know every form, and no other
-    raise ImportError(f"DELTA_FORMS {sorted(DELTA_FORMS)} and the kernels' codes {sorted(DELTA_FORM_CODES)} differ")
+
+def _slope_tanh_log(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    x = var + eps
+    return gamma * (1.0 - torch.tanh(torch.log(x)).square()) / x
+
+
+def _slope_log(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    return gamma / (var + eps)
+
+
+def _slope_rsqrt(var: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    return -0.5 * gamma * torch.rsqrt(var + eps) / (var + eps)
+
+
+DELTA_FORM_SLOPES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "tanh_log": _slope_tanh_log,
+    "log": _slope_log,
+    "rsqrt": _slope_rsqrt,
+}
+"""dΔα/dσ² of each form of :data:`DELTA_FORMS` (same arguments): the backward of the angles where autograd cannot
+record (the Triton ops' fallback inside a custom op). Tests check each against autograd of its form."""
+
+if set(DELTA_FORMS) != set(DELTA_FORM_CODES) or set(DELTA_FORMS) != set(DELTA_FORM_SLOPES):
+    # the kernels and the closed-form backward must know every form, and no other
+    raise ImportError(f"DELTA_FORMS {sorted(DELTA_FORMS)}, the kernels' codes {sorted(DELTA_FORM_CODES)} and the "
+                      f"slopes {sorted(DELTA_FORM_SLOPES)} differ")

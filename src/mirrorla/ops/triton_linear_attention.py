@@ -51,7 +51,14 @@ from triton.runtime import OutOfResources
 from ..backend import DELTA_FORM_CODES
 from ._checks import check_eps
 from ._launch import INTERPRETING, cdiv, graph_capturing, next_power_of_2, on_tensor_device, sizes_jit
-from .reference import _linear_attention_torch, folded_mirror_map_reference, rotate_relu_reference
+from .reference import (
+    _linear_attention_torch,
+    _linear_attention_torch_grads,
+    angles_from_sums,
+    angles_from_sums_backward,
+    token_sums_backward,
+    token_sums_reference,
+)
 from .tuning import DEFAULT_TUNING, kernel_tuning
 
 __all__ = ["FEATURES", "fused_linear_attention", "mirror_linear_attention", "token_sums_triton"]
@@ -988,6 +995,7 @@ and 8.9 (RTX 30xx and 40xx, A10, L4, L40S) give 99 KB, 7.5 (T4) 64 KB. ``benchma
 each configuration's needs for an architecture."""
 
 _PAIR_NAMES = {code: name for name, code in _PAIRINGS.items()}
+_FEATURE_NAMES = {code: name for name, code in FEATURES.items()}
 _FORM_NAMES = {code: name for name, code in DELTA_FORM_CODES.items()}
 
 
@@ -1043,27 +1051,19 @@ def _too_large(q, k, v, feature: int, pairing: int, mirror: bool, moment: bool, 
 
 
 def _fused_reference(q, k, v, angle, feature: int, pairing: int, eps: float) -> torch.Tensor:
-    """The fused op's value through the torch reference (φ in torch, then the reference core)."""
-    if feature == 1:
-        q, k = torch.relu(q), torch.relu(k)
-    elif feature == 2:
-        q = rotate_relu_reference(q, angle.unsqueeze(2), pairing=_PAIR_NAMES[pairing])
-        k = rotate_relu_reference(k, angle.unsqueeze(2), pairing=_PAIR_NAMES[pairing])
-    return _linear_attention_torch(q, k, v, eps=eps)
+    """The fused op's value through the torch core, which maps q and k itself (by chunks of tokens for
+    half-precision inputs, outside ``torch.func``)."""
+    return _linear_attention_torch(q, k, v, eps=eps, feature=_FEATURE_NAMES[feature], angle=angle,
+                                   pairing=_PAIR_NAMES[pairing])
 
 
 def _mirror_reference(q, k, v, theta, gamma, pairing: int, form: int, map_eps: float, eps: float) -> torch.Tensor:
-    """MirrorLA's op through the torch reference (the folded map in torch, then the reference core)."""
-    phi_q, phi_k = folded_mirror_map_reference(q, k, theta, gamma, eps=map_eps, delta_form=_FORM_NAMES[form],
-                                               pairing=_PAIR_NAMES[pairing])
-    return _linear_attention_torch(phi_q, phi_k, v, eps=eps)
-
-
-def _reference_grads(reference, inputs: tuple, grad_out: torch.Tensor) -> tuple:
-    """The gradients of ``reference(*inputs)`` for ``grad_out``, by recomputing it under ``torch.func.vjp``, which
-    also differentiates inside a custom op's implementation (where autograd does not record)."""
-    _, pullback = torch.func.vjp(reference, *inputs)
-    return pullback(grad_out)
+    """MirrorLA's op through the torch references: the angles from the keys' token sums, then the torch core with
+    the rotation and ReLU."""
+    angle = angles_from_sums(token_sums_reference(k), k.shape[2], theta, gamma, eps=map_eps,
+                             delta_form=_FORM_NAMES[form], pairing=_PAIR_NAMES[pairing])
+    return _linear_attention_torch(q, k, v, eps=eps, feature="rotate_relu", angle=angle,
+                                   pairing=_PAIR_NAMES[pairing])
 
 
 # --------------------------------------------------------------------------------------- torch.library ops
@@ -1109,12 +1109,10 @@ def _fused_backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing:
             if angle.shape[0] == 1 and b > 1:
                 dangle = dangle.sum(0, keepdim=True)
             return dq, dk, dv, dangle.to(angle.dtype)
-    if rotating:
-        return _reference_grads(lambda q_, k_, v_, a_: _fused_reference(q_, k_, v_, a_, feature, pairing, eps),
-                                (q, k, v, angle), grad_out)
-    # the angle (if any) rotates but takes no gradient
-    return (*_reference_grads(lambda q_, k_, v_: _fused_reference(q_, k_, v_, angle, feature, pairing, eps),
-                              (q, k, v), grad_out), None)
+    dq, dk, dv, dangle = _linear_attention_torch_grads(q, k, v, grad_out, eps=eps, feature=_FEATURE_NAMES[feature],
+                                                       angle=angle if feature == 2 else None,
+                                                       pairing=_PAIR_NAMES[pairing])
+    return dq, dk, dv, dangle if rotating else None  # an angle that takes no gradient still rotates
 
 
 # Each op exists twice over the same implementation: a torch.library custom op (with a fake kernel and autograd)
@@ -1400,8 +1398,15 @@ def _mirror_backward_impl(q, k, v, theta, gamma, state, sums, cos, ssin, grad_ou
             return dq, dk, dv, dtg.view(2, b, h, d // 2).sum(1)  # [dθ; dγ] over the batch: one launch for both
         except OutOfResources as error:
             _too_large(q, k, v, 2, pairing, True, True, "backward", error)
-    dq, dk, dv, dtheta, dgamma = _reference_grads(
-        lambda *inputs: _mirror_reference(*inputs, pairing, form, map_eps, eps), (q, k, v, theta, gamma), grad_out)
+    # the torch core's gradients by chunks of tokens, then the angle's through the angles and the keys' token sums,
+    # in closed form (autograd does not record here, and torch.func fails under a user's dispatch mode)
+    options = dict(eps=map_eps, delta_form=_FORM_NAMES[form], pairing=_PAIR_NAMES[pairing])
+    sums = token_sums_reference(k)
+    angle = angles_from_sums(sums, k.shape[2], theta, gamma, **options)
+    dq, dk, dv, dangle = _linear_attention_torch_grads(q, k, v, grad_out, eps=eps, feature="rotate_relu",
+                                                       angle=angle, pairing=options["pairing"])
+    dsums, dtheta, dgamma = angles_from_sums_backward(sums, k.shape[2], theta, gamma, dangle, **options)
+    dk.add_(token_sums_backward(k, dsums))
     return dq, dk, dv, torch.stack([dtheta, dgamma]).float()
 
 
