@@ -6,7 +6,8 @@
 # of the attention's pieces (with what a bare backward() costs, and a table at DeiT-T's 1024² layer shape: chunked
 # against row kernels), the op's kernels at 65,536 tokens and eager DeiT-T training steps (gpu_profile.py
 # --host --mode train --op 65536, ~1 minute), both with the settings tune chose (MIRRORLA_TUNING), and the local term's
-# convolution in both grid orders (local_term.py, ~20 s). About 9 minutes on one H100, start-up excluded.
+# convolution in both grid orders (local_term.py, ~20 s), and where budget is left the op at 65,536 tokens on the torch
+# backend. About 9 minutes on one H100, start-up excluded.
 #
 # Each step has its own time limit, and the whole session a budget (BUDGET seconds, default 570): a step gets at
 # most what is left of it, and a step with less than MIN_STEP seconds left (default 30) is skipped. So the session
@@ -53,6 +54,11 @@ step gpu_profile 120 gpu_profile.log $PY benchmarks/gpu_profile.py --host --mode
 # the local term's convolution with its grid channels-last (the layer's) and NCHW (before), bf16: the suspect of eager
 # DeiT-T's gap to softmax at 1024² (~20 s)
 step local_term 60 local_term.log $PY benchmarks/local_term.py --device cuda --dtype bf16 --out "$OUT/local_term.txt"
+# last, where budget is left: the torch backend (a GPU without Triton) at the longest rows, whose core maps q and k by
+# chunks of tokens since 78e9907 (op_torch_backend/ holds the H100 table from before: 2.5 and 2.1 GB forward)
+step torch_backend 60 torch_backend.log env MIRRORLA_BACKEND=torch $PY -m mirrorla bench op --device cuda --n 65536 \
+    --mode fwd,train --dtype bf16 --batch 8 --heads 3 --head-dim 64 --min-run-time 0.2 --timeout 40 --no-progress \
+    --attn relu,mirror --out "$OUT/op_torch_backend" --overwrite
 if [ -n "${PACK:-}" ]; then
     # written outside $OUT and renamed when complete: a killed pack never leaves a truncated archive under its name,
     # and a PACK inside $OUT is neither archived into itself (tar: "file changed as we read it") nor an old one

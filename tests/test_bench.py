@@ -215,16 +215,18 @@ def test_gpu_session_runs_its_steps_in_order_with_the_settings_tune_chose(tmp_pa
     stub, calls = _stub_python(tmp_path, slow_check=False)
     out, log = _gpu_session(tmp_path, stub, budget=570, min_step=30)
     assert [line.split(":")[0] for line in log] == ["gpu_check", "tune", "run_gpu", "gpu_profile", "local_term",
+                                                    "torch_backend",
                                                     "packed " + str(out) + " into " + str(tmp_path / "results.tgz")]
-    assert all(" exit 0 " in line for line in log[:5]), log
+    assert all(" exit 0 " in line for line in log[:6]), log
     assert (out / "gpu_check.txt").exists() and not list(out.glob("*.partial"))
     lines = calls.read_text().splitlines()
     # the checks and tune run with the library's settings; the snapshot and the profile with tune's
     assert "gpu_check.py" in lines[0] and lines[0].endswith("tuning=")
     assert "mirrorla tune" in lines[1] and lines[1].endswith("tuning=")
     later = lines[2:]
-    assert any("bench op" in line for line in later) and "gpu_profile.py" in later[-2]
-    assert "local_term.py --device cuda" in later[-1]
+    assert any("bench op" in line for line in later) and "gpu_profile.py" in later[-3]
+    assert "local_term.py --device cuda" in later[-2]
+    assert "bench op --device cuda --n 65536" in later[-1] and "op_torch_backend" in later[-1]
     assert all(line.endswith(f"tuning={out / 'kernel_tuning.json'}") for line in later)
     with tarfile.open(tmp_path / "results.tgz") as pack:
         assert "./session.log" in pack.getnames()
@@ -237,8 +239,9 @@ def test_gpu_session_keeps_within_its_budget_and_still_packs_what_it_has(tmp_pat
     out, log = _gpu_session(tmp_path, stub, budget=3, min_step=2)
     # gpu_check is cut at the budget (timeout's 124), not at its own 200 s; nothing after it starts
     assert log[0].startswith("gpu_check: exit 124") and "(limit 3 s)" in log[0], log
-    assert [line.split(":")[0] for line in log[1:5]] == ["tune", "run_gpu", "gpu_profile", "local_term"]
-    assert all("skipped" in line for line in log[1:5]), log
+    assert [line.split(":")[0] for line in log[1:6]] == ["tune", "run_gpu", "gpu_profile", "local_term",
+                                                         "torch_backend"]
+    assert all("skipped" in line for line in log[1:6]), log
     assert len(calls.read_text().splitlines()) == 1
     assert (out / "gpu_check.txt.partial").exists() and not (out / "gpu_check.txt").exists()
     with tarfile.open(tmp_path / "results.tgz") as pack:
