@@ -311,6 +311,32 @@ def test_torch_core_maps_half_inputs_by_chunks(feature, pairing, grad, monkeypat
             torch.testing.assert_close(leaf.grad.float(), ref_leaf.grad, rtol=3e-2, atol=3e-2)
 
 
+def test_torch_core_chunks_are_bounded_in_elements_for_large_batches(monkeypatch, largest_fp32):
+    """A chunk holds at most _CHUNK_TOKENS tokens and, above _MIN_CHUNK_TOKENS, at most _CHUNK_ELEMENTS elements:
+    more (b, h) rows take fewer tokens per chunk (B = 64, H = 12, N = 16,384 would otherwise convert 805 MB of fp32
+    per chunk)."""
+    from mirrorla.ops import reference
+
+    assert reference._chunk_tokens(torch.empty(1, 3, 0, 64)) == reference._CHUNK_TOKENS
+    assert reference._chunk_tokens(torch.empty(64, 12, 0, 64)) == (1 << 22) // (64 * 12 * 64)
+    assert reference._chunk_tokens(torch.empty(4096, 16, 0, 128)) == reference._MIN_CHUNK_TOKENS
+    monkeypatch.setenv("MIRRORLA_BACKEND", "torch")  # (the CPU kernels would map q and k whole)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 2 * 3 * 8 * 5)  # 5 tokens of [2, 3, ·, 8]
+    monkeypatch.setattr(reference, "_MIN_CHUNK_TOKENS", 1)
+    q, k, v = (torch.randn(2, 3, 23, 8).bfloat16().requires_grad_() for _ in range(3))
+    angle = torch.randn(2, 3, 4, requires_grad=True)
+    with largest_fp32() as record:
+        out = mapped_linear_attention(q, k, v, feature="rotate_relu", angle=angle)
+        out.sum().backward()
+    assert 0 < record.largest <= max(2 * 3 * 5 * 9, 2 * 3 * 8 * 9)
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v, angle)]
+    want = mapped_linear_attention(*ref[:3], feature="rotate_relu", angle=ref[3])
+    want.sum().backward()
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    for leaf, r in zip((q, k, v, angle), ref, strict=True):
+        torch.testing.assert_close(leaf.grad.float(), r.grad, rtol=3e-2, atol=3e-2)
+
+
 def test_token_sums_reference_under_autograd_makes_no_whole_fp32_copy(monkeypatch, largest_fp32):
     """σ²'s path on the torch backend: the token sums of bf16 keys, forward and backward (``g₁ + 2 g₂ x``), a chunk
     of tokens at a time; the same sums and gradient as autograd through the fp32 sums."""

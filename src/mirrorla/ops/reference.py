@@ -36,7 +36,18 @@ def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-_CHUNK_TOKENS = 4096  # tokens converted to fp32 at a time where the inputs are half precision
+_CHUNK_TOKENS = 4096
+"""The most tokens converted to fp32 at a time where the inputs are half precision."""
+_CHUNK_ELEMENTS = 1 << 22
+"""...and the most elements (16 MB in fp32) of one converted chunk ``[B, H, tokens, d]`` above
+:data:`_MIN_CHUNK_TOKENS`: large batches take shorter chunks, so the chunks' memory does not grow with B·H."""
+_MIN_CHUNK_TOKENS = 64  # fewer tokens per chunk would cost more per-op overhead than the memory is worth
+
+
+def _chunk_tokens(x: torch.Tensor) -> int:
+    """Tokens per converted chunk of ``x`` ``[B, H, N, d]``."""
+    per_token = max(1, x.shape[0] * x.shape[1] * x.shape[3])
+    return min(_CHUNK_TOKENS, max(_MIN_CHUNK_TOKENS, _CHUNK_ELEMENTS // per_token))
 
 FEATURES = ("identity", "relu", "rotate_relu")
 """The element-wise maps the torch core can apply to q and k itself (as the fused kernels do): φ(x) = x,
@@ -89,20 +100,24 @@ class _Features:
         # [1 or B, H, 1, d/2]: one angle per (sample, head, pair), broadcast over the tokens
         self.angle = None if angle is None else angle.detach().to(acc).unsqueeze(2)
 
-    def chunks(self, x: torch.Tensor):
-        """``(start, x, y, φ)`` for each run of :data:`_CHUNK_TOKENS` tokens of ``x`` ``[B, H, N, d]``: the chunk in
-        ``acc`` (for ``relu``, φ itself where the conversion made a copy), the rotated chunk before the ReLU
-        (``rotate_relu`` only, else None) and φ of it."""
-        for start in range(0, x.shape[2], _CHUNK_TOKENS):
-            xc = x[:, :, start:start + _CHUNK_TOKENS].to(self.acc)
+    def chunks(self, x: torch.Tensor, *, backward: bool = False):
+        """``(start, end, x, y, φ)`` for each chunk of tokens of ``x`` ``[B, H, N, d]`` (:func:`_chunk_tokens`): the
+        chunk in ``acc`` (for ``relu``, φ itself where the conversion made a copy) and the rotated chunk before the
+        ReLU (``rotate_relu`` only) where ``backward`` needs them (else None: freed at once), and φ of it."""
+        step = _chunk_tokens(x)
+        for start in range(0, x.shape[2], step):
+            xc = x[:, :, start:start + step].to(self.acc)
+            copied = x.dtype != self.acc
             if self.feature == "identity":
-                yield start, xc, None, xc
+                phi = xc
             elif self.feature == "relu":  # in place where .to made a copy: φ's sign is x's, all the backward needs
-                phi = xc.relu_() if x.dtype != self.acc else xc.relu()
-                yield start, phi, None, phi
+                phi = xc = xc.relu_() if copied else xc.relu()
             else:
                 (y,) = rotate_pairs(xc, angle=self.angle, pairing=self.pairing)
-                yield start, xc, y, y.relu()
+                phi = y.relu() if backward else y.relu_()
+                yield start, start + step, xc if backward else None, y if backward else None, phi
+                continue
+            yield start, start + step, xc if backward else None, None, phi
 
     def backward(self, x: torch.Tensor, y: torch.Tensor | None, dphi: torch.Tensor):
         """``(dx, d angle [B, H, d/2] or None)`` of a chunk from φ's gradient. Where the ReLU is off the gradient is
@@ -131,9 +146,8 @@ def _chunked_state(k: torch.Tensor, v: torch.Tensor, features: _Features) -> tor
     dv, acc = v.shape[3], features.acc
     with torch.autocast(device_type=k.device.type, enabled=False):
         state = torch.zeros(b, h, d, dv + 1, device=k.device, dtype=acc)
-        for start, _, _, phi in features.chunks(k):
-            state[..., :dv].add_(torch.matmul(phi.transpose(-2, -1),
-                                              v[:, :, start:start + _CHUNK_TOKENS].to(acc)))
+        for start, end, _, _, phi in features.chunks(k):
+            state[..., :dv].add_(torch.matmul(phi.transpose(-2, -1), v[:, :, start:end].to(acc)))
             state[..., dv].add_(phi.sum(dim=2))
         return state.mul_(1.0 / n)
 
@@ -145,9 +159,9 @@ def _chunked_output(q: torch.Tensor, state: torch.Tensor, eps: float, dtype: tor
     dv = state.shape[-1] - 1
     with torch.autocast(device_type=q.device.type, enabled=False):
         out = torch.empty(*q.shape[:3], dv, device=q.device, dtype=dtype)
-        for start, _, _, phi in features.chunks(q):
+        for start, end, _, _, phi in features.chunks(q):
             num_den = torch.matmul(phi, state)
-            out[:, :, start:start + _CHUNK_TOKENS] = num_den[..., :dv] / num_den[..., dv:].add_(eps)
+            out[:, :, start:end] = num_den[..., :dv] / num_den[..., dv:].add_(eps)
         return out
 
 
@@ -191,8 +205,7 @@ def _chunked_grads(q, k, v, state, features: _Features, eps: float, grad, needs,
     with torch.autocast(device_type=q.device.type, enabled=False):
         dstate = torch.zeros_like(state)
         state_t = state.transpose(-2, -1)
-        for start, qc, yc, phi in features.chunks(q):
-            end = start + _CHUNK_TOKENS
+        for start, end, qc, yc, phi in features.chunks(q, backward=True):
             num_den = torch.matmul(phi, state)
             inv_den = num_den[..., dv:].add_(eps).reciprocal_()  # [B, H, c, 1]
             g = grad[:, :, start:end].to(acc)
@@ -210,8 +223,7 @@ def _chunked_grads(q, k, v, state, features: _Features, eps: float, grad, needs,
         ds, dz = dstate[..., :dv], dstate[..., dv:].transpose(-2, -1)  # [B, H, d, dv], [B, H, 1, d]
         dk = torch.empty_like(k, memory_format=torch.contiguous_format) if need_k else None
         dvv = torch.empty_like(v, memory_format=torch.contiguous_format) if need_v else None
-        for start, kc, yc, phi in features.chunks(k) if need_k or need_v or need_angle else ():
-            end = start + _CHUNK_TOKENS
+        for start, end, kc, yc, phi in features.chunks(k, backward=True) if need_k or need_v or need_angle else ():
             if need_k or need_angle:
                 dphi = torch.matmul(v[:, :, start:end].to(acc), ds.transpose(-2, -1)).add_(dz)
                 dx, da = features.backward(kc, yc, dphi)
@@ -253,7 +265,7 @@ def token_sums_reference(x: torch.Tensor) -> torch.Tensor:
     if (x.dtype != _accumulation_dtype(x) and torch.is_grad_enabled() and x.requires_grad and not _tracing()
             and not _functorch_active()):
         return _ChunkedTokenSums.apply(x)
-    mean, mean_sq = token_moments(x, dim=2, chunk=_CHUNK_TOKENS)
+    mean, mean_sq = token_moments(x, dim=2, chunk=_chunk_tokens(x))
     return torch.stack([mean, mean_sq], dim=2).mul_(x.shape[2])
 
 
@@ -263,9 +275,9 @@ def token_sums_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     time, so no whole fp32 tensor is made for half-precision x."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     g1, g2 = grad[:, :, 0:1], grad[:, :, 1:2]
-    for start in range(0, x.shape[2], _CHUNK_TOKENS):
-        end = start + _CHUNK_TOKENS
-        out[:, :, start:end] = torch.addcmul(g1, x[:, :, start:end], g2, value=2.0)
+    step = _chunk_tokens(x)
+    for start in range(0, x.shape[2], step):
+        out[:, :, start:start + step] = torch.addcmul(g1, x[:, :, start:start + step], g2, value=2.0)
     return out
 
 
@@ -276,7 +288,7 @@ class _ChunkedTokenSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        mean, mean_sq = token_moments(x, dim=2, chunk=_CHUNK_TOKENS)
+        mean, mean_sq = token_moments(x, dim=2, chunk=_chunk_tokens(x))
         return torch.stack([mean, mean_sq], dim=2).mul_(x.shape[2])
 
     @staticmethod
