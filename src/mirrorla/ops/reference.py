@@ -99,6 +99,7 @@ class _Features:
         self.feature, self.pairing, self.acc = feature, pairing, acc
         # [1 or B, H, 1, d/2]: one angle per (sample, head, pair), broadcast over the tokens
         self.angle = None if angle is None else angle.detach().to(acc).unsqueeze(2)
+        self.inverse_angle = None if angle is None else -self.angle  # R(a)ᵀ = R(−a), for the backward
 
     def chunks(self, x: torch.Tensor, *, backward: bool = False):
         """``(start, end, x, y, φ)`` for each chunk of tokens of ``x`` ``[B, H, N, d]`` (:func:`_chunk_tokens`): the
@@ -127,7 +128,7 @@ class _Features:
         if self.feature == "relu":  # x may be φ itself: x > 0 exactly where φ > 0
             return _relu_backward(dphi, x), None
         dy = _relu_backward(dphi, y)
-        (dx,) = rotate_pairs(dy, angle=-self.angle, pairing=self.pairing)  # R(a)ᵀ = R(−a)
+        (dx,) = rotate_pairs(dy, angle=self.inverse_angle, pairing=self.pairing)
         # d y / d a = (−y₁, y₀) for each pair (y₀, y₁) = R(a)·(x₀, x₁)
         yp, dyp = pair_channels(y, self.pairing), pair_channels(dy, self.pairing)
         dangle = (dyp[..., 1] * yp[..., 0] - dyp[..., 0] * yp[..., 1]).sum(2)
