@@ -49,6 +49,7 @@ def _chunk_tokens(x: torch.Tensor) -> int:
     per_token = max(1, x.shape[0] * x.shape[1] * x.shape[3])
     return min(_CHUNK_TOKENS, max(_MIN_CHUNK_TOKENS, _CHUNK_ELEMENTS // per_token))
 
+
 FEATURES = ("identity", "relu", "rotate_relu")
 """The element-wise maps the torch core can apply to q and k itself (as the fused kernels do): φ(x) = x,
 ReLU(x) and ReLU(R(angle)·x)."""
