@@ -108,8 +108,9 @@ def mapped_linear_attention(
         pairing: channel pairs ``"adjacent"`` ``(2i, 2i+1)`` or ``"half"`` ``(i, i + d/2)``.
 
     Returns:
-        ``[B, H, Nq, dv]`` in v's dtype. The Triton backend never writes φ(q), φ(k) to memory; the torch backend
-        maps in torch (on CPUs the fused C++ kernel, forward and backward) and runs the reference core.
+        ``[B, H, Nq, dv]`` in v's dtype. The Triton backend never writes φ(q), φ(k) to memory; on CPUs the C++
+        kernel applies ``rotate_relu`` (forward and backward) before the torch core; otherwise the torch core maps q
+        and k itself, for half-precision inputs a chunk of tokens at a time (no whole fp32 q, k, φ(q) or φ(k)).
     """
     _check_qkv(q, k, v)
     eps = check_eps("eps", eps)
