@@ -43,6 +43,20 @@ def test_op_forward_cases_measure_memory_and_time():
     assert all(t["median_ms"] > 0 and t["iqr_ms"] >= 0 for t in times)
 
 
+def test_cpu_peak_memory_counts_pages_freed_while_the_step_was_built():
+    """The CPU workers keep freed memory in the heap, and half-precision op inputs are converted from fp32 tensors
+    that are freed before the step runs: the step's peak must still count what it allocates (here at least its
+    96 MB bf16 output), not reuse those resident pages unseen (it read 5 MB at 65,536 tokens)."""
+    from mirrorla.tools import bench
+
+    b, h, n, d = 8, 3, 32_768, 64
+    case = dict(kind="op", n=n, mode="fwd", dtype="bf16", device="cpu", batch=b, heads=h, head_dim=d,
+                compile=False, min_run_time=0.01, attn="relu")
+    out = bench._worker({"task": "memory", "case": case}, timeout=120)
+    assert out["status"] == "ok", out
+    assert out["peak_mem_mb"] >= b * h * n * d * 2 / 2**20, out
+
+
 def test_op_train_steps_drop_every_gradient_as_a_model_step_does(monkeypatch):
     """A train op step leaves no gradient behind, the feature map's parameters included (MirrorLA's θ, γ, u):
     gradients kept from step to step would be accumulated by an add kernel per parameter per step, a cost only the
