@@ -9,6 +9,10 @@ OUT=benchmarks/results/cpu
 $PY -m mirrorla bench op --n 196,1024,4096,16384,65536 --mode fwd,train --dtype fp32 --out $OUT/op --no-progress --overwrite
 $PY -m mirrorla bench op --n 1024,4096,16384 --attn softmax,relu,mirror,mirror_unfolded --mode fwd --dtype bf16 \
     --out $OUT/op_bf16 --no-progress --overwrite
+# the torch backend (what a GPU without Triton runs) on half-precision inputs at the GPU table's shape: its core maps
+# q and k by chunks of tokens
+MIRRORLA_BACKEND=torch $PY -m mirrorla bench op --n 4096,16384,65536 --attn relu,mirror --mode fwd,train --dtype bf16 \
+    --batch 8 --heads 3 --head-dim 64 --out $OUT/op_torch_bf16 --no-progress --overwrite
 # model level: DeiT-T images/s across resolutions (batch 8)
 $PY -m mirrorla bench model --model mirrorla_deit_tiny_patch16_224 --attn softmax,relu,mirror \
     --img-size 224,384,512,768,1024 --batch 8 --mode infer,train --out $OUT/model --no-progress --overwrite
