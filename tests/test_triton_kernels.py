@@ -1073,6 +1073,24 @@ def test_the_fallback_for_a_gpu_too_small_keeps_half_inputs_out_of_fp32(op, cust
         torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
 
 
+def test_the_fallback_rotates_by_an_angle_that_takes_no_gradient(monkeypatch):
+    """A fixed angle (no gradient) still rotates in the fallback's backward, which then skips the angle's own
+    gradient: q, k and v get the torch backend's gradients."""
+    from mirrorla.ops import mapped_linear_attention
+
+    monkeypatch.setattr(triton_ops, "_runs_kernels", lambda *args: False)
+    q, k, v, angle, _, _ = _op_inputs(2, 2, 30, 16)
+    fixed = angle.detach()
+    out = triton_ops.fused_linear_attention(q, k, v, fixed, feature="rotate_relu")
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    monkeypatch.setenv("MIRRORLA_BACKEND", "torch")
+    want = mapped_linear_attention(q, k, v, feature="rotate_relu", angle=fixed)
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, want)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("op", ["mirror", "fused relu"])  # the same fallback for every map: MirrorLA's and a plain one
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_a_row_kernel_too_large_for_the_gpu_hands_its_rows_to_the_chunked_kernels(op, direction, monkeypatch):

@@ -241,13 +241,15 @@ def _chunked_grads(q, k, v, state, features: _Features, eps: float, grad, needs,
 
 
 def _linear_attention_torch_grads(q, k, v, grad, *, eps: float, feature: str = "identity",
-                                  angle: torch.Tensor | None = None, pairing: str = "adjacent"):
+                                  angle: torch.Tensor | None = None, pairing: str = "adjacent",
+                                  angle_grad: bool = True):
     """``(dq, dk, dv, d angle or None)`` of :func:`_linear_attention_torch` for the output's gradient ``grad``, by
     chunks of tokens and without autograd (the state recomputed): the Triton ops' backward where a GPU cannot run
-    a kernel configuration. Gradients in their inputs' dtypes."""
+    a kernel configuration. Gradients in their inputs' dtypes; d angle only where ``angle_grad``."""
     features = _Features(feature, angle, pairing, _accumulation_dtype(q, k, v))
     state = _chunked_state(k, v, features)
-    dq, dk, dv, dangle = _chunked_grads(q, k, v, state, features, eps, grad, (True, True, True, angle is not None),
+    needs = (True, True, True, angle is not None and angle_grad)
+    dq, dk, dv, dangle = _chunked_grads(q, k, v, state, features, eps, grad, needs,
                                         angle_batch=1 if angle is None else angle.shape[0])
     return dq, dk, dv, None if dangle is None else dangle.to(angle.dtype)
 

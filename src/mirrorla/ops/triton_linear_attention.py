@@ -1109,10 +1109,10 @@ def _fused_backward_impl(q, k, v, angle, state, grad_out, feature: int, pairing:
             if angle.shape[0] == 1 and b > 1:
                 dangle = dangle.sum(0, keepdim=True)
             return dq, dk, dv, dangle.to(angle.dtype)
-    dq, dk, dv, dangle = _linear_attention_torch_grads(q, k, v, grad_out, eps=eps, feature=_FEATURE_NAMES[feature],
-                                                       angle=angle if feature == 2 else None,
-                                                       pairing=_PAIR_NAMES[pairing])
-    return dq, dk, dv, dangle if rotating else None  # an angle that takes no gradient still rotates
+    # an angle that takes no gradient still rotates
+    return _linear_attention_torch_grads(q, k, v, grad_out, eps=eps, feature=_FEATURE_NAMES[feature],
+                                         angle=angle if feature == 2 else None, pairing=_PAIR_NAMES[pairing],
+                                         angle_grad=rotating)
 
 
 # Each op exists twice over the same implementation: a torch.library custom op (with a fake kernel and autograd)
