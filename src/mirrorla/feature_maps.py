@@ -34,7 +34,6 @@ from .ops import (
     linear_attention,
     linear_attention_reference,
     mapped_linear_attention,
-    mirror_linear_attention,
     pair_channels,
     reflect_projection_rows,
     rotate_relu,
@@ -42,6 +41,7 @@ from .ops import (
     token_sums,
 )
 from .ops._checks import check_eps
+from .ops.linear_attention import _mirror_linear_attention
 
 __all__ = [
     "DELTA_FORMS",
@@ -636,8 +636,9 @@ class MirrorFeatureMap(FeatureMap):
                                            pairing=self.pairing, eps=eps)
         if self.variance_scope == "token":  # per-token angles: only the reference takes them
             return super().attend(q, k, v, eps=eps, folded=True)
-        return mirror_linear_attention(q, k, v, self.theta, self.gamma, pairing=self.pairing,
-                                       delta_form=self.delta_form, map_eps=self.eps, eps=eps)
+        # q, k checked above, the map's own θ, γ, pairing, form and ε at construction: the op's dispatch alone
+        return _mirror_linear_attention(q, k, v, self.theta, self.gamma, self.pairing, self.delta_form, self.eps,
+                                        check_eps("eps", eps))
 
     def elementwise_flops_per_token(self) -> int:
         c = self.num_heads * self.head_dim

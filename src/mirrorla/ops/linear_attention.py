@@ -175,6 +175,12 @@ def mirror_linear_attention(
         check_floating(name, t)
         if tuple(t.shape) != (h, d // 2):
             raise ValueError(f"{name} must have shape [H, d/2] = [{h}, {d // 2}], got {tuple(t.shape)}")
+    return _mirror_linear_attention(q, k, v, theta, gamma, pairing, delta_form, map_eps, eps)
+
+
+def _mirror_linear_attention(q, k, v, theta, gamma, pairing: str, delta_form: str, map_eps: float, eps: float):
+    """:func:`mirror_linear_attention`'s dispatch, for arguments already checked (``MirrorFeatureMap.attend`` checks
+    its own: each check is host time in every layer's forward)."""
     if select_backend(q, k, v) == "triton":  # (the Triton op takes θ, γ in fp32 whatever their dtype)
         from .triton_linear_attention import mirror_linear_attention as mirror_linear_attention_triton
 
