@@ -170,13 +170,11 @@ def test_reference_core_makes_no_whole_fp32_copy_of_half_inputs(dtype, monkeypat
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reference_core_under_autograd_makes_no_whole_fp32_copy(dtype, monkeypatch):
+def test_reference_core_under_autograd_makes_no_whole_fp32_copy(dtype, monkeypatch, largest_fp32):
     """With autograd too the torch core converts half-precision inputs a chunk of tokens at a time, forward and
     backward, and saves them in their own dtype: no fp32 tensor the size of a whole input (nor of the [B, H, Nq,
     dv + 1] products) is made. Output and gradients (in the inputs' dtypes) match autograd through the fp32
     computation on the same values, for strided inputs and a gradient that is a broadcast view."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from mirrorla.ops import reference
 
     monkeypatch.setattr(reference, "_CHUNK_TOKENS", 7)  # several chunks, the last one partial
@@ -186,21 +184,11 @@ def test_reference_core_under_autograd_makes_no_whole_fp32_copy(dtype, monkeypat
     q = torch.rand(b, h, nq, d).to(dtype)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
-    class LargestFp32(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                    LargestFp32.largest = max(LargestFp32.largest, t.numel())
-            return out
-
-    with LargestFp32():
+    with largest_fp32() as record:
         out = linear_attention(*leaves)
         out.sum().backward()  # the gradient reaches the op as an expanded (stride 0) tensor
     assert out.dtype == dtype and [t.grad.dtype for t in leaves] == [dtype] * 3
-    assert LargestFp32.largest <= b * h * 7 * (dv + 1) + b * h * d * (dv + 1)  # a chunk's, never [B, H, N, d]
+    assert record.largest <= b * h * 7 * (dv + 1) + b * h * d * (dv + 1)  # a chunk's, never [B, H, N, d]
     ref_leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ref = linear_attention(*ref_leaves)
     ref.sum().backward()

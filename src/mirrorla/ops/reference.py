@@ -269,6 +269,11 @@ def token_sums_reference(x: torch.Tensor) -> torch.Tensor:
     if (x.dtype != _accumulation_dtype(x) and torch.is_grad_enabled() and x.requires_grad and not _tracing()
             and not _functorch_active()):
         return _ChunkedTokenSums.apply(x)
+    return _token_sums(x)
+
+
+def _token_sums(x: torch.Tensor) -> torch.Tensor:
+    """The sums of :func:`token_sums_reference` from :func:`token_moments`, half precision by chunks of tokens."""
     mean, mean_sq = token_moments(x, dim=2, chunk=_chunk_tokens(x))
     return torch.stack([mean, mean_sq], dim=2).mul_(x.shape[2])
 
@@ -292,8 +297,7 @@ class _ChunkedTokenSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        mean, mean_sq = token_moments(x, dim=2, chunk=_chunk_tokens(x))
-        return torch.stack([mean, mean_sq], dim=2).mul_(x.shape[2])
+        return _token_sums(x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
