@@ -23,8 +23,15 @@ def test_bench_op_writes_records_tables_and_plot(tmp_path, capsys):
         assert REQUIRED <= set(r) and "n" in r
         assert r["status"] == "ok", r
         assert r["median_ms"] > 0 and r["iqr_ms"] >= 0 and r["peak_mem_mb"] is not None
+        assert r["rounds"] == 7 and len(r["round_ms"]) == 7 and all(t > 0 for t in r["round_ms"])
     md = (tmp_path / "bench.md").read_text()
     assert "× softmax" in md and "| 256 | mirror |" in md
+    # 7 rounds: each ratio with its interval, the median of the paired rounds' ratios inside it
+    (mirror_row,) = [line for line in md.splitlines() if line.startswith("| 256 | mirror |")]
+    cells = [c.strip() for c in mirror_row.strip("|").split("|")]
+    for cell in cells[5:7]:
+        ratio, low, high = (float(x) for x in cell.replace("(", " ").replace("–", " ").rstrip(")").split())
+        assert low <= ratio <= high
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "bench.md" in capsys.readouterr().out
 
@@ -41,6 +48,64 @@ def test_op_forward_cases_measure_memory_and_time():
     times = bench.measure_times(cases, min_run_time=0.01, max_call_seconds=30)
     assert [t["status"] for t in times] == ["ok"] * 3
     assert all(t["median_ms"] > 0 and t["iqr_ms"] >= 0 for t in times)
+
+
+def test_rounds_are_kept_in_order_and_their_number_is_an_option():
+    from mirrorla.tools import bench
+
+    case = dict(kind="op", n=32, mode="fwd", dtype="fp32", device="cpu", batch=1, heads=1, head_dim=16,
+                compile=False, min_run_time=0.01, attn="relu")
+    (one,) = bench.measure_times([case], min_run_time=0.01, max_call_seconds=30, rounds=1)
+    assert one["rounds"] == 1 and len(one["round_ms"]) == 1 and one["iqr_ms"] == 0
+    (many,) = bench.measure_times([case], min_run_time=0.01, max_call_seconds=30, rounds=9)
+    assert len(many["round_ms"]) == 9 and many["median_ms"] == pytest.approx(sorted(many["round_ms"])[4], rel=1e-3)
+    with pytest.raises(ValueError, match="rounds must be a positive int"):
+        bench.measure_times([case], min_run_time=0.01, max_call_seconds=30, rounds=0)
+
+
+def test_median_interval_is_the_sign_tests_order_statistics():
+    """From n values, the k-th smallest and largest with the largest k for which P(Binomial(n, 1/2) < k) ≤ 2.5%:
+    the interval holds the median with at least 95% probability whatever the distribution."""
+    from math import comb
+
+    from mirrorla.tools.bench import median_interval
+
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) is None  # 5 values: even min..max covers only 93.8%
+    assert median_interval([]) is None
+    assert median_interval([float(x) for x in (6, 0, 3, 1, 5, 2, 4)]) == (3.0, 0.0, 6.0)  # 7: min..max, 98.4%
+    assert median_interval([float(x) for x in range(15)]) == (7.0, 3.0, 11.0)  # 15: 4th smallest..largest, 96.5%
+    for n in range(6, 60):
+        median, low, high = median_interval([float(x) for x in range(n)])
+        k = int(low) + 1
+        assert high == n - k
+        below = sum(comb(n, i) for i in range(k)) / 2**n  # P(Binomial(n, 1/2) <= k - 1)
+        assert below <= 0.025 < below + comb(n, k) / 2**n
+    # 50%: P(Binomial(9, 1/2) <= 2) = 9.0% <= 25% < P(<= 3) = 25.4%: the 3rd smallest to the 3rd largest
+    assert median_interval([float(x) for x in range(9)], confidence=0.5)[1:] == (2.0, 6.0)
+    with pytest.raises(ValueError, match="confidence must be in"):
+        median_interval([1.0] * 9, confidence=1.0)
+
+
+def test_ratios_are_paired_by_round_so_drift_between_rounds_cancels():
+    """A machine whose speed halves between rounds: the case runs 2× faster than the base in every round, the
+    unpaired ratio of medians says otherwise, the paired one says 2 with an interval of exactly 2."""
+    from mirrorla.tools.bench import paired_ratio
+
+    drift = [1, 1, 1, 2, 2, 2, 2, 4, 4]
+    base_rounds = [10.0 * x for x in drift]
+    case_rounds = [5.0 * x for x in drift[::-1]][::-1]  # the same drift, round by round
+    base = {"status": "ok", "median_ms": 20.0, "round_ms": base_rounds}
+    case = {"status": "ok", "median_ms": 10.0, "round_ms": case_rounds}
+    assert paired_ratio(base, case) == {"ratio": 2.0, "low": 2.0, "high": 2.0, "paired": True}
+    shuffled = dict(case, round_ms=[5.0 * x for x in (4, 4, 2, 2, 2, 2, 1, 1, 1)])  # same times, other rounds
+    wide = paired_ratio(base, shuffled)
+    assert wide["low"] < 1 and wide["high"] > 4
+    # reports from before round_ms (or a case that did not run): the ratio of medians, unpaired, or nothing
+    assert paired_ratio({"status": "ok", "median_ms": 3.0}, {"status": "ok", "median_ms": 1.5}) == {
+        "ratio": 2.0, "paired": False}
+    assert paired_ratio(base, {"status": "timeout", "median_ms": None}) is None
+    few = paired_ratio(dict(base, round_ms=base_rounds[:5]), dict(case, round_ms=case_rounds[:5]))
+    assert few == {"ratio": 2.0, "paired": True}  # no interval from 5 rounds
 
 
 def test_cpu_peak_memory_counts_pages_freed_while_the_step_was_built():
@@ -349,3 +414,4 @@ def test_gpu_profile_pass_bandwidth_divides_each_pass_bytes_by_its_time(benchmar
     assert rows["_output_kernel"] == ["0.240", "403", "1678 |"]  # 2 × 201 MB in 0.24 ms
     assert rows["_state_kernel"][2] == "3909 |"
     assert gpu_profile.pass_bandwidth({"flash_fwd": 1.0}, tensor) == []
+

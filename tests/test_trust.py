@@ -147,6 +147,7 @@ def test_out_of_range_values_are_errors_before_any_work(capsys, tmp_path, flag, 
     (["--dtype", "fp8"], "--dtype: unknown value 'fp8'"),
     (["--compile", "--compile-mode", "fast"], "--compile-mode: unknown value 'fast'"),
     (["--compile", "--compile-scope", "layers"], "--compile-scope: unknown value 'layers'"),
+    (["--rounds", "0"], "--rounds must be a positive int"),
 ])
 def test_bench_arguments_are_checked(capsys, tmp_path, args, needle):
     err = _cli_error(capsys, ["bench", "op", *args, "--out", str(tmp_path / "b"), "--no-progress"])

@@ -12,8 +12,14 @@ memory is its own:
 Timing: the cases that differ only by attention run in one subprocess, interleaved, on the same input
 tensors: after warm-up, each round times a block of calls of every attention in turn (each round starting
 with the next attention) (``time.perf_counter`` on the CPU, CUDA events on
-GPUs); median and IQR are over rounds. Interleaving keeps the ratios fair on a machine whose speed drifts
-(the 2-core VMs this was developed on swing by up to 2× between processes).
+GPUs); median and IQR are over rounds (``--rounds``, 7 by default), and ``bench.json`` keeps every round's time
+(``round_ms``). Interleaving keeps the ratios fair on a machine whose speed drifts (the 2-core VMs this was
+developed on swing by up to 2× between processes).
+
+Ratios (``× softmax``, ``× relu`` in ``bench.md``) are paired by round: each round's time of the baseline over the
+case's, measured back to back, so drift between rounds cancels. The table gives their median and, from 6 rounds up,
+a distribution-free interval for it (:func:`median_interval`: order statistics, at least 95% coverage), so a ratio
+can be told apart from a target near it (``benchmarks/targets.py`` judges the GPU targets by these intervals).
 
 Cases (see ``docs/benchmarks.md`` of the project): **op** — q, k, v ``[B, H, N, d]`` given; the feature map
 plus the attention core, against ``scaled_dot_product_attention`` for softmax. ``mirror`` is the map as
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -41,7 +48,8 @@ import torch
 
 from .checkpoint import atomic_savefig, atomic_write_text
 
-__all__ = ["bench_model", "bench_op", "machine_info", "measure_memory", "measure_times", "run_cases", "write_report"]
+__all__ = ["bench_model", "bench_op", "machine_info", "measure_memory", "measure_times", "median_interval",
+           "paired_ratio", "run_cases", "write_report"]
 
 OP_EXTRA = ("mirror_unfolded",)
 # glibc returns large freed blocks to the OS and page-faults them back on the next call; which allocations
@@ -210,7 +218,8 @@ def _build_step(case: dict[str, Any], device: torch.device):
 
 
 _RESULT_FIELDS = ("median_ms", "iqr_ms", "peak_mem_mb", "status", "error", "calls_per_round", "rounds",
-                  "images_per_second", "note")
+                  "round_ms", "images_per_second", "note")
+DEFAULT_ROUNDS = 7
 
 
 def _new_step(case: dict[str, Any], device: torch.device):
@@ -245,9 +254,13 @@ def measure_memory(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_times(cases: list[dict[str, Any]], *, min_run_time: float, max_call_seconds: float,
-                  rounds: int = 7) -> list[dict[str, Any]]:
+                  rounds: int = DEFAULT_ROUNDS) -> list[dict[str, Any]]:
     """Median and IQR of the per-call time of each case, interleaved: every round times a block of calls of
-    each case in turn, so drift of a shared machine hits every attention alike and their ratios stay fair."""
+    each case in turn, so drift of a shared machine hits every attention alike and their ratios stay fair. Each
+    result keeps its rounds' times in round order (``round_ms``): round r of every case ran in the same round,
+    which is what pairs them (:func:`paired_ratio`)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be a positive int, got {rounds}")
     device = torch.device(cases[0]["device"])
     blocks: list[tuple[Any, int] | None] = []
     results: list[dict[str, Any]] = []
@@ -290,9 +303,9 @@ def measure_times(cases: list[dict[str, Any]], *, min_run_time: float, max_call_
     for case, result, ts in zip(cases, results, samples, strict=True):
         if result["status"] != "ok":
             continue
-        quartiles = statistics.quantiles(ts, n=4, method="inclusive")
+        quartiles = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
         result.update(median_ms=round(statistics.median(ts), 4), iqr_ms=round(quartiles[2] - quartiles[0], 4),
-                      rounds=len(ts))
+                      rounds=len(ts), round_ms=[round(t, 5) for t in ts])
         if case["kind"] == "model":
             result["images_per_second"] = round(case["batch"] / (result["median_ms"] / 1e3), 2)
     return results
@@ -372,7 +385,8 @@ def run_cases(cases: list[dict[str, Any]], *, timeout: float, progress: bool = T
         bar.set_postfix_str(f"time {key[0]} {key[4]} {key[2]} {key[3]}")
         if runnable:
             out = _worker({"task": "time", "cases": runnable, "min_run_time": runnable[0]["min_run_time"],
-                           "max_call_seconds": timeout / 4}, timeout * (len(runnable) + 1))
+                           "rounds": runnable[0].get("rounds", DEFAULT_ROUNDS), "max_call_seconds": timeout / 4},
+                          timeout * (len(runnable) + 1))
             for r, res in zip(runnable, out if isinstance(out, list) else [out] * len(runnable), strict=True):
                 r.update(res)
         bar.update(len(members))
@@ -409,7 +423,8 @@ def _run_cases_in_process(records: list[dict[str, Any]], *, timeout: float, prog
         runnable = [r for r in members if r["status"] == "ok"]
         if runnable:
             try:
-                out = measure_times(runnable, min_run_time=runnable[0]["min_run_time"], max_call_seconds=timeout / 4)
+                out = measure_times(runnable, min_run_time=runnable[0]["min_run_time"], max_call_seconds=timeout / 4,
+                                    rounds=runnable[0].get("rounds", DEFAULT_ROUNDS))
             except torch.OutOfMemoryError as err:
                 out = [{"status": "oom", "error": str(err).splitlines()[0][:300]}] * len(runnable)
             for r, res in zip(runnable, out, strict=True):
@@ -432,7 +447,7 @@ def _op_cases(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
                 for attn in _csv(args.attn):
                     cases.append(dict(kind="op", attn=attn, n=n, mode=mode, dtype=dtype, device=device,
                                       batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-                                      compile=args.compile, min_run_time=args.min_run_time,
+                                      compile=args.compile, min_run_time=args.min_run_time, rounds=args.rounds,
                                       **_compile_options(args, "op")))
     return cases
 
@@ -450,7 +465,7 @@ def _model_cases(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
                         for window in windows if attn == "softmax" and "swin" in model else [None]:
                             cases.append(dict(kind="model", model=model, attn=attn, img_size=size, mode=mode,
                                               dtype=dtype, device=device, batch=args.batch, window=window,
-                                              compile=args.compile, min_run_time=args.min_run_time,
+                                              compile=args.compile, min_run_time=args.min_run_time, rounds=args.rounds,
                                               **_compile_options(args, "model")))
     return cases
 
@@ -479,6 +494,52 @@ def _tuning_text(tuning: dict[str, Any] | None) -> str:
     return (f", row kernels up to {tuning['row_max_tiles']} tiles, chunked backward "
             f"{tuple(tuning['backward_blocks'])}, IEEE fp32 {tuple(tuning['ieee_backward_blocks'])}"
             + (f", rotation's training state pass {tuple(moment)}" if moment else "") + f" ({tuning['source']})")
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float] | None:
+    """``(median, low, high)`` of ``values``: the median with a distribution-free interval for it, the order
+    statistics ``x₍ₖ₎`` and ``x₍ₙ₊₁₋ₖ₎`` with the largest k for which ``P(Binomial(n, ½) < k) ≤ (1 − confidence)/2``
+    (the sign test's interval: it covers the median with at least ``confidence`` whatever the distribution, so a
+    few slow rounds, a GPU clock dip, cannot narrow or shift it as they would a t-interval). None where n is too
+    small for any such k (fewer than 6 values at 95%)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        return None
+    tail, k, below = (1 - confidence) / 2, 0, 0.0  # below: P(Binomial(n, ½) ≤ k − 1)
+    while k < n // 2 and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return None
+    return statistics.median(xs), xs[k - 1], xs[n - k]
+
+
+def paired_ratio(base: dict[str, Any], case: dict[str, Any], confidence: float = 0.95) -> dict[str, Any] | None:
+    """How many times faster ``case`` ran than ``base`` (records of one timing group): per round, the base's time
+    over the case's, then :func:`median_interval` of those ratios (``ratio``, ``low``, ``high``; no ``low``/``high``
+    below 6 rounds). Records without per-round times (reports from before ``round_ms``) give the ratio of their
+    medians, unpaired. None where either did not run."""
+    if base.get("status") != "ok" or case.get("status") != "ok" or not base.get("median_ms") or not case.get(
+            "median_ms"):
+        return None
+    b, c = base.get("round_ms"), case.get("round_ms")
+    if not b or not c or len(b) != len(c):
+        return {"ratio": base["median_ms"] / case["median_ms"], "paired": False}
+    interval = median_interval([x / y for x, y in zip(b, c, strict=True)], confidence)
+    if interval is None:
+        return {"ratio": statistics.median(x / y for x, y in zip(b, c, strict=True)), "paired": True}
+    return {"ratio": interval[0], "low": interval[1], "high": interval[2], "paired": True}
+
+
+def _ratio_text(ratio: dict[str, Any] | None) -> str:
+    if ratio is None:
+        return "–"
+    if "low" in ratio:
+        return f"{ratio['ratio']:.2f} ({ratio['low']:.2f}–{ratio['high']:.2f})"
+    return f"{ratio['ratio']:.2f}"
 
 
 def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, Any]) -> None:
@@ -511,9 +572,7 @@ def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, An
             soft, relu = row.get("softmax"), row.get("relu")
             for label, r in row.items():
                 def ratio(base, r=r):
-                    if not base or base.get("status") != "ok" or r.get("status") != "ok":
-                        return "–"
-                    return f"{base['median_ms'] / r['median_ms']:.2f}"
+                    return _ratio_text(paired_ratio(base, r) if base else None)
                 med = f"{r['median_ms']:.3f}" if r.get("median_ms") is not None else "–"
                 iqr = f"{r['iqr_ms']:.3f}" if r.get("iqr_ms") is not None else "–"
                 mem = f"{r['peak_mem_mb']:.1f}" if r.get("peak_mem_mb") is not None else "–"
@@ -522,7 +581,9 @@ def write_report(records: list[dict[str, Any]], out: Path, machine: dict[str, An
                 lines.append(f"| {key[4]} | {label} | {med} | {iqr} | {mem} | {ratio(soft)} | {ratio(relu)} | {last}")
         lines.append("")
     lines.append("× softmax / × relu: how many times faster than softmax / ReLU linear attention of the same size, "
-                 "measured in the same run (> 1 is faster).")
+                 "measured in the same run (> 1 is faster): the median over rounds of the baseline's time over this "
+                 "case's in the same round and, from 6 rounds up, in brackets an interval that holds that median "
+                 "with at least 95% confidence (order statistics of the rounds' ratios).")
     atomic_write_text(out / "bench.md", "\n".join(lines) + "\n")
     _plot(records, out / "bench.png")
 
@@ -627,6 +688,8 @@ def validate_args(args: argparse.Namespace, kind: str) -> None:
     for name in ("timeout", "min_run_time"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be a positive int (6 or more give the ratios an interval), got {args.rounds}")
     if args.batch < 1:
         raise ValueError(f"--batch must be a positive int, got {args.batch}")
     if kind == "op":
@@ -680,7 +743,7 @@ def _worker_main(payload: dict[str, Any]) -> Any:
     if payload["task"] == "memory":
         return measure_memory(payload["case"])
     return measure_times(payload["cases"], min_run_time=payload["min_run_time"],
-                         max_call_seconds=payload["max_call_seconds"])
+                         max_call_seconds=payload["max_call_seconds"], rounds=payload.get("rounds", DEFAULT_ROUNDS))
 
 
 if __name__ == "__main__":  # worker: python -m mirrorla.tools.bench PAYLOAD_JSON

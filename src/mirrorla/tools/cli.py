@@ -119,7 +119,9 @@ def _add_bench_options(p: argparse.ArgumentParser, modes: str) -> None:
     p.add_argument("--compile-scope", default="blocks", help="bench model --compile: blocks (each repeated block "
                    "compiled once and its code reused: fast to compile) or model (one graph)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per case before it is recorded as timeout")
-    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed repetitions per case (CPU)")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed repetitions per case")
+    p.add_argument("--rounds", type=int, default=7, help="timing rounds, every attention once per round: the "
+                   "median is over rounds, and from 6 rounds up the ratios get an interval (default 7)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace the report already in --out (its bench.json)")
 
