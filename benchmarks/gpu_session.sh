@@ -2,7 +2,8 @@
 # One GPU session's measurements, ordered so that each step can trust the one before and the speed targets come
 # before the diagnostics: the kernels against the torch backend on this GPU (gpu_check.py --kernels-only --quick,
 # ~110 s on an H100), then this GPU's launch settings (mirrorla tune: the row kernels against the chunked kernels,
-# the backward block options; ~2 minutes), then the snapshot (run_gpu.sh, ~270 s) and the profile: the host cost
+# the backward block options; ~2 minutes), then the snapshot (run_gpu.sh, ~270 s), the speed targets judged on it
+# (targets.py, seconds) and the profile: the host cost
 # of the attention's pieces (with what a bare backward() costs, and a table at DeiT-T's 1024² layer shape: chunked
 # against row kernels), the op's kernels at 65,536 tokens and eager DeiT-T training steps (gpu_profile.py
 # --host --mode train --op 65536, ~1 minute), both with the settings tune chose (MIRRORLA_TUNING), and the local term's
@@ -48,6 +49,8 @@ step tune 200 tune.log $PY -m mirrorla tune --out "$OUT/kernel_tuning.json" --re
 # the later steps run with the settings tune chose, where it finished
 if [ -f "$OUT/kernel_tuning.json" ]; then export MIRRORLA_TUNING="$OUT/kernel_tuning.json"; fi
 step run_gpu 420 run_gpu.log env OUT="$OUT" bash benchmarks/run_gpu.sh $PY
+# the targets judged on that snapshot (targets.md, targets.png), at once: a later step that fails leaves them written
+step targets 60 targets.log $PY benchmarks/targets.py "$OUT"
 # --op 65536: the op's kernels at the targets' longest rows, one by one (which pass holds MirrorLA's extra time)
 step gpu_profile 120 gpu_profile.log $PY benchmarks/gpu_profile.py --host --mode train --attn relu,mirror \
     --op 65536 --out "$OUT/profile_host.txt"

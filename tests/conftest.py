@@ -38,16 +38,25 @@ def fit_batch():
 def benchmark_script():
     """``load(name)``: the script ``benchmarks/<name>.py`` as a module (the scripts are not part of the package)."""
     import importlib.util
+    import sys
     from pathlib import Path
+
+    loaded = []
 
     def load(name: str):
         path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(name, path)
+        key = f"_benchmark_{name}"
+        spec = importlib.util.spec_from_file_location(key, path)
         module = importlib.util.module_from_spec(spec)
+        # registered while it runs, as an imported module is: dataclasses look their module up by name
+        sys.modules[key] = module
+        loaded.append(key)
         spec.loader.exec_module(module)
         return module
 
-    return load
+    yield load
+    for key in loaded:
+        sys.modules.pop(key, None)
 
 
 @pytest.fixture

@@ -293,10 +293,10 @@ def test_gpu_session_runs_its_steps_in_order_with_the_settings_tune_chose(tmp_pa
 
     stub, calls = _stub_python(tmp_path, slow_check=False)
     out, log = _gpu_session(tmp_path, stub, budget=570, min_step=30)
-    assert [line.split(":")[0] for line in log] == ["gpu_check", "tune", "run_gpu", "gpu_profile", "local_term",
-                                                    "torch_backend",
+    assert [line.split(":")[0] for line in log] == ["gpu_check", "tune", "run_gpu", "targets", "gpu_profile",
+                                                    "local_term", "torch_backend",
                                                     "packed " + str(out) + " into " + str(tmp_path / "results.tgz")]
-    assert all(" exit 0 " in line for line in log[:6]), log
+    assert all(" exit 0 " in line for line in log[:7]), log
     assert (out / "gpu_check.txt").exists() and not list(out.glob("*.partial"))
     lines = calls.read_text().splitlines()
     # the checks and tune run with the library's settings; the snapshot and the profile with tune's
@@ -304,6 +304,7 @@ def test_gpu_session_runs_its_steps_in_order_with_the_settings_tune_chose(tmp_pa
     assert "mirrorla tune" in lines[1] and lines[1].endswith("tuning=")
     later = lines[2:]
     assert any("bench op" in line for line in later) and "gpu_profile.py" in later[-3]
+    assert f"benchmarks/targets.py {out}" in later[-4]  # right after the snapshot's last bench
     assert "local_term.py --device cuda" in later[-2]
     assert "bench op --device cuda --n 65536" in later[-1] and "op_torch_backend" in later[-1]
     assert all(line.endswith(f"tuning={out / 'kernel_tuning.json'}") for line in later)
@@ -318,9 +319,9 @@ def test_gpu_session_keeps_within_its_budget_and_still_packs_what_it_has(tmp_pat
     out, log = _gpu_session(tmp_path, stub, budget=3, min_step=2)
     # gpu_check is cut at the budget (timeout's 124), not at its own 200 s; nothing after it starts
     assert log[0].startswith("gpu_check: exit 124") and "(limit 3 s)" in log[0], log
-    assert [line.split(":")[0] for line in log[1:6]] == ["tune", "run_gpu", "gpu_profile", "local_term",
+    assert [line.split(":")[0] for line in log[1:7]] == ["tune", "run_gpu", "targets", "gpu_profile", "local_term",
                                                          "torch_backend"]
-    assert all("skipped" in line for line in log[1:6]), log
+    assert all("skipped" in line for line in log[1:7]), log
     assert len(calls.read_text().splitlines()) == 1
     assert (out / "gpu_check.txt.partial").exists() and not (out / "gpu_check.txt").exists()
     with tarfile.open(tmp_path / "results.tgz") as pack:
@@ -415,3 +416,56 @@ def test_gpu_profile_pass_bandwidth_divides_each_pass_bytes_by_its_time(benchmar
     assert rows["_state_kernel"][2] == "3909 |"
     assert gpu_profile.pass_bandwidth({"flash_fwd": 1.0}, tensor) == []
 
+
+def _targets_report(folder, gpu: str, rows: dict) -> None:
+    """A bench.json in ``folder`` with ``rows``: {(attn, mode, size): (round_ms or None, peak MB)}."""
+    folder.mkdir(parents=True)
+    records = []
+    for (attn, mode, size), (rounds, peak) in rows.items():
+        r = {"kind": "op", "attn": attn, "mode": mode, "n": size, "dtype": "bf16", "status": "ok", "peak_mem_mb": peak,
+             "median_ms": sorted(rounds)[len(rounds) // 2]}
+        r["round_ms"] = rounds
+        records.append(r)
+    (folder / "bench.json").write_text(json.dumps({"machine": {"gpu": gpu}, "records": records}))
+
+
+def test_targets_are_judged_by_their_intervals(tmp_path, benchmark_script, capsys):
+    """benchmarks/targets.py on a made-up snapshot: a ratio whose whole interval is on the target's side is met, one
+    on the other side missed, one whose interval holds the limit undecided; values without rounds decide as points;
+    H100 times are not judged on another GPU; a missing report is 'not measured'. Table and plot are written."""
+    targets = benchmark_script("targets")
+    results = tmp_path / "snapshot"
+    relu = [1.0] * 9
+    op = {}
+    for n, mirror in ((4096, [1.1] * 9), (16384, [1.3] * 9), (65536, [1.0, 1.0, 1.0, 1.1, 1.1, 1.2, 1.2, 1.3, 1.3])):
+        op[("relu", "fwd", n)] = (relu, 10.0)
+        op[("mirror", "fwd", n)] = (mirror, 650.0)
+    op[("softmax", "fwd", 65536)] = ([50.0] * 9, 100.0)
+    _targets_report(results / "op", "NVIDIA H200", op)
+    _targets_report(results / "model_224", "NVIDIA H200", {("relu", "train", 224): ([10.0], 1.0),
+                                                            ("mirror", "train", 224): ([11.5], 1.0)})
+    assert targets.main([str(results)]) == 0
+    table = (results / "targets.md").read_text()
+    assert capsys.readouterr().out.startswith(table)
+    verdict = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[2].rstrip(" |")
+               for line in table.splitlines() if line.startswith("| ") and " | " in line}
+    assert verdict["op forward, N = 4,096: MirrorLA time / ReLU time ≤ 1.15"] == "met"
+    assert verdict["op forward, N = 16,384: MirrorLA time / ReLU time ≤ 1.15"] == "missed"
+    assert verdict["op forward, N = 65,536: MirrorLA time / ReLU time ≤ 1.15"] == "undecided"
+    assert verdict["op forward, N = 65,536: MirrorLA ≥ 36× faster than softmax"] == "met"  # 50 / 1.3 ≥ 36
+    assert verdict["op forward, N = 65,536: peak memory ≤ 700 MB"] == "met (point)"
+    assert verdict["DeiT-T eager 224² train: MirrorLA ≥ 0.9× ReLU's images/s"] == "missed (point)"  # 10/11.5
+    assert verdict["op forward, N = 65,536: MirrorLA ≤ 1.55 ms (H100)"].startswith("not judged here")
+    assert verdict["op forward+backward, N = 4,096: MirrorLA time / ReLU time ≤ 1.15"].startswith("not measured")
+    assert verdict["DeiT-T compiled 1024² train: MirrorLA ≥ 1.0× softmax's images/s"] == (
+        "not measured (no model_1024_compiled_train/bench.json)")
+    assert "3 met, 2 missed, 1 undecided" in table
+    assert (results / "targets.png").stat().st_size > 10_000
+    # on an H100 its absolute times are judged, by the median round's interval
+    h100 = tmp_path / "h100"
+    _targets_report(h100 / "op", "NVIDIA H100 80GB HBM3", {("mirror", "fwd", 65536): ([1.4] * 9, 1.0)})
+    targets.main([str(h100)])
+    assert "| op forward, N = 65,536: MirrorLA ≤ 1.55 ms (H100) | 1.400 ms (1.400–1.400) | met |" in (
+        h100 / "targets.md").read_text()
+    assert targets.main([str(tmp_path / "absent")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
