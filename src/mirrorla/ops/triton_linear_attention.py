@@ -28,8 +28,10 @@ sets of kernels run these passes:
 
 q, k and v are read in their own dtype (and may be strided views of a qkv tensor); states, normalisers and
 gradients of the angle are fp32; the matmuls run on tensor cores (bf16/fp16 inputs with fp32 accumulation, tf32
-for the fp32 states), except for fp32 inputs at torch's default matmul precision, whose matmuls run in IEEE fp32
-(see :func:`_ieee_dots`). ``benchmarks/compile_check.py`` compiles every configuration for a GPU without one.
+for the fp32 states; with bf16 inputs the output pass splits S and z in two bf16 halves instead, see
+:func:`_output_tiles`), except for fp32 inputs at torch's default matmul precision, whose matmuls run in IEEE fp32
+(see :func:`_ieee_dots`). φ is computed in fp32 and rounded once to the inputs' dtype where a matmul takes it.
+``benchmarks/compile_check.py`` compiles every configuration for a GPU without one.
 
 The ops are registered with :mod:`torch.library` (``mirrorla::fused_linear_attention``), with fake kernels and
 autograd, so ``torch.compile(fullgraph=True)`` and CUDA graphs see one op; eager calls run the same
@@ -137,6 +139,14 @@ def _features(ptr, offs_n, offs_d, partner, nmask, dmask, s_n, s_d, cos, ssin, M
         y_p = x
         phi = x
     return phi, y, y_p, x
+
+
+@triton.jit
+def _split_half(x, dtype: tl.constexpr):
+    """fp32 ``x`` as two values of the 16-bit ``dtype``, ``hi + lo``: about 16 bits of x's mantissa, so that a
+    product with a 16-bit operand runs on the 16-bit tensor cores, twice, more exactly than once in TF32 (10 bits)."""
+    hi = x.to(dtype)
+    return hi, (x - hi.to(tl.float32)).to(dtype)
 
 
 @triton.jit
@@ -319,14 +329,45 @@ def _output_tiles(q_ptr, o_ptr, first, TILES, NQ, s_qn, s_qd, s_on, s_od, s, z, 
                   dmask, vmask, cos, ssin, BD: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr,
                   PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
     """o = φ(q) S / (φ(q)·z + ε·N) for the query tiles ``first .. first + TILES`` (state ``s``, ``z`` fp32)."""
+    # bf16 queries: φ(q) is rounded to bf16, as the state pass rounds φ(k), and meets S and z on the bf16 tensor
+    # cores, each split in two bf16 halves (_split_half; z as the first two columns of a [BD, 16] block), so φ is
+    # not converted and the denominator needs no sum over channels on the CUDA cores. S and z keep ~16 bits of
+    # mantissa where the TF32 product kept 10, φ(q) 8 where it kept 10. ptxas, sm_90, d = 64, instructions per
+    # tile: ReLU 449 -> 278, MirrorLA 444 -> 391 (adjacent pairs). Emulated in fp64 with round-to-nearest (B = 4,
+    # H = 3, N = 1,000, randn inputs), error of o against exact arithmetic relative to its row's largest value,
+    # before o's own rounding to bf16: ReLU mean 2.4e-5 -> 3.0e-7, MirrorLA 1.9e-4 -> 2.4e-4; after it (what a
+    # caller gets) ReLU 4.4e-4 both, MirrorLA 5.1e-4 -> 5.4e-4. Half pairs, whose rotation crosses threads, took
+    # 601 -> 690 instructions, and heads of 128 (32-token tiles, 8 warps: 236 registers where 128 had done, 631 ->
+    # 1,764 instructions), so those keep the TF32 product, as fp16 does (S can exceed fp16's range)
+    HALF_DOTS: tl.constexpr = (q_ptr.dtype.element_ty == tl.bfloat16 and not IEEE and BD <= 64
+                               and not (MAP == 2 and PAIRING == 1))
+    if HALF_DOTS:
+        s_hi, s_lo = _split_half(s, tl.bfloat16)
+        z_hi = z.to(tl.bfloat16).to(tl.float32)
+        column = tl.arange(0, 16)[None, :]
+        # built in fp32 and cast (the interpreter has no bf16 constants); z - z_hi is rounded by the cast
+        z_cols = tl.where(column == 0, z_hi[:, None], tl.where(column == 1, (z - z_hi)[:, None], 0.0))
+        z_cols = z_cols.to(tl.bfloat16)
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < NQ
         phi, y, y_p, _ = _features(q_ptr, offs_n, offs_d, partner, nmask, dmask, s_qn, s_qd, cos, ssin,
                                    MAP, SWAP, PAIRING, BN, BD)
-        num = _dot(phi, s, IEEE, UPCAST)
-        den = tl.sum(phi * z[None, :], axis=1) + eps_n
-        o = num / den[:, None]
+        if HALF_DOTS:
+            phi = phi.to(tl.bfloat16)
+            num = _dot(phi, s_hi, IEEE, UPCAST) + _dot(phi, s_lo, IEEE, UPCAST)
+            den = tl.sum(_dot(phi, z_cols, IEEE, UPCAST), axis=1)
+        else:
+            num = _dot(phi, s, IEEE, UPCAST)
+            den = tl.sum(phi * z[None, :], axis=1)
+        if IEEE:
+            # fp32 inputs on IEEE dots: the reciprocal below left ptxas 255 registers and up to 7.7 KB of spills
+            o = num / (den + eps_n)[:, None]
+        else:
+            # one reciprocal per token, then products: a division per element compiled to a product and, for the
+            # range of its divisor, a scaling and a select of each element (ReLU, bf16: 538 -> 449 per tile)
+            inv_den = 1.0 / (den + eps_n)
+            o = num * inv_den[:, None]
         tl.store(o_ptr + offs_n[:, None] * s_on + offs_v[None, :] * s_od, o.to(o_ptr.dtype.element_ty),
                  mask=nmask[:, None] & vmask[None, :])
 
