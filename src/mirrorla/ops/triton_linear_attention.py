@@ -327,8 +327,10 @@ def _store_state(base, acc, zacc, offs_d, offs_v, dmask, vmask, DV: tl.constexpr
 @triton.jit
 def _output_tiles(q_ptr, o_ptr, first, TILES, NQ, s_qn, s_qd, s_on, s_od, s, z, eps_n, offs_d, offs_v, partner,
                   dmask, vmask, cos, ssin, BD: tl.constexpr, BN: tl.constexpr, MAP: tl.constexpr,
-                  PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
-    """o = φ(q) S / (φ(q)·z + ε·N) for the query tiles ``first .. first + TILES`` (state ``s``, ``z`` fp32)."""
+                  PAIRING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
+                  SPLIT: tl.constexpr):
+    """o = φ(q) S / (φ(q)·z + ε·N) for the query tiles ``first .. first + TILES`` (state ``s``, ``z`` fp32).
+    ``SPLIT``: bf16 queries may take the split products below."""
     # bf16 queries: φ(q) is rounded to bf16, as the state pass rounds φ(k), and meets S and z on the bf16 tensor
     # cores, each split in two bf16 halves (_split_half; z as the first two columns of a [BD, 16] block), so φ is
     # not converted and the denominator needs no sum over channels on the CUDA cores. S and z keep ~16 bits of
@@ -338,8 +340,10 @@ def _output_tiles(q_ptr, o_ptr, first, TILES, NQ, s_qn, s_qd, s_on, s_od, s, z, 
     # before o's own rounding to bf16: ReLU mean 2.4e-5 -> 3.0e-7, MirrorLA 1.9e-4 -> 2.4e-4; after it (what a
     # caller gets) ReLU 4.4e-4 both, MirrorLA 5.1e-4 -> 5.4e-4. Half pairs, whose rotation crosses threads, took
     # 601 -> 690 instructions, and heads of 128 (32-token tiles, 8 warps: 236 registers where 128 had done, 631 ->
-    # 1,764 instructions), so those keep the TF32 product, as fp16 does (S can exceed fp16's range)
-    HALF_DOTS: tl.constexpr = (q_ptr.dtype.element_ty == tl.bfloat16 and not IEEE and BD <= 64
+    # 1,764 instructions), so those keep the TF32 product, as fp16 does (S can exceed fp16's range). So does the
+    # training row forward (no SPLIT), which holds the moment as well: ptxas for sm_80 spilled 12 -> 48 B there
+    # (7 local accesses per tile), while its few query tiles of a short row gain little
+    HALF_DOTS: tl.constexpr = (SPLIT and q_ptr.dtype.element_ty == tl.bfloat16 and not IEEE and BD <= 64
                                and not (MAP == 2 and PAIRING == 1))
     if HALF_DOTS:
         s_hi, s_lo = _split_half(s, tl.bfloat16)
@@ -540,7 +544,7 @@ def _output_kernel(Q, STATE, COS, SSIN, O, NQ, H, eps_n, TILES,
     s, z, s_p, z_p = _load_state(STATE + bh * D * (DV + 1), offs_d, offs_v, partner, dmask, vmask, DV)
     _output_tiles(Q + b * s_qb + h * s_qh, O + b * s_ob + h * s_oh, chunk * TILES, TILES, NQ, s_qn, s_qd, s_on,
                   s_od, s, z, eps_n, offs_d, offs_v, partner, dmask, vmask, cos, ssin, BD, BN, MAP, PAIRING, IEEE,
-                  UPCAST, SWAP)
+                  UPCAST, SWAP, True)
 
 
 @sizes_jit("NQ", "H", "TILES")
@@ -682,7 +686,7 @@ def _row_forward_kernel(Q, K, V, COS, SSIN, STATE, O, NQ, N, H, eps_n,
                      DV)
     _output_tiles(Q + b * s_qb + h * s_qh, O + b * s_ob + h * s_oh, 0, tl.cdiv(NQ, BN), NQ, s_qn, s_qd, s_on, s_od,
                   acc, zacc, eps_n, offs_d, offs_v, partner, dmask, vmask, cos, ssin, BD, BN, MAP, PAIRING, IEEE,
-                  UPCAST, SWAP)
+                  UPCAST, SWAP, not MOMENT)
 
 
 @sizes_jit("NQ", "N", "H")
