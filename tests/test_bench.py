@@ -418,14 +418,12 @@ def test_gpu_profile_pass_bandwidth_divides_each_pass_bytes_by_its_time(benchmar
 
 
 def _targets_report(folder, gpu: str, rows: dict) -> None:
-    """A bench.json in ``folder`` with ``rows``: {(attn, mode, size): (round_ms or None, peak MB)}."""
+    """A bench.json in ``folder`` with ``rows``: {(attn, mode, size): (round_ms, peak MB)}."""
     folder.mkdir(parents=True)
     records = []
     for (attn, mode, size), (rounds, peak) in rows.items():
-        r = {"kind": "op", "attn": attn, "mode": mode, "n": size, "dtype": "bf16", "status": "ok", "peak_mem_mb": peak,
-             "median_ms": sorted(rounds)[len(rounds) // 2]}
-        r["round_ms"] = rounds
-        records.append(r)
+        records.append({"kind": "op", "attn": attn, "mode": mode, "n": size, "dtype": "bf16", "status": "ok",
+                        "peak_mem_mb": peak, "median_ms": sorted(rounds)[len(rounds) // 2], "round_ms": rounds})
     (folder / "bench.json").write_text(json.dumps({"machine": {"gpu": gpu}, "records": records}))
 
 

@@ -313,10 +313,16 @@ def folded_variance(sums: torch.Tensor, n: int, *, pairing: str = "adjacent") ->
     ``H(0)`` negates the first channel of each pair: second moments are unchanged and the block mean of the
     unfolded keys is ``(m₁ − m₀)/2``, so σ² = E[a² + b²]/2 − ((m₁ − m₀)/2)².
     """
+    return _variance_before_clamp(sums, n, pairing)[1].clamp_min_(0)
+
+
+def _variance_before_clamp(sums: torch.Tensor, n: int, pairing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m₁ − m₀, σ² before its clamp at 0)``, both ``[B, H, d/2]``, for :func:`folded_variance` and the closed-form
+    backward of the angles."""
     paired = pair_channels(sums, pairing)  # [B, H, 2, d/2, 2]
     diff = (paired[:, :, 0, :, 1] - paired[:, :, 0, :, 0]).mul_(1.0 / n)
     mean_sq = paired[:, :, 1].sum(-1).mul_(1.0 / n)
-    return torch.addcmul(mean_sq, diff, diff, value=-0.5).mul_(0.5).clamp_min_(0)
+    return diff, torch.addcmul(mean_sq, diff, diff, value=-0.5).mul_(0.5)
 
 
 def angles_from_sums(sums: torch.Tensor, n: int, theta: torch.Tensor, gamma: torch.Tensor, *, eps: float = 1e-6,
@@ -334,9 +340,7 @@ def angles_from_sums_backward(sums: torch.Tensor, n: int, theta: torch.Tensor, g
     """The gradients ``(d sums [B, H, 2, d], dθ, dγ [H, d/2])`` of :func:`angles_from_sums` for the angles' gradient
     ``grad`` ``[B, H, d/2]``, in closed form (autograd's, without autograd: for the Triton ops' fallback, which runs
     inside a custom op). ``2Θ = 2(θ + γ·f(σ²))``, σ² clamped at 0 as in :func:`folded_variance`."""
-    paired = pair_channels(sums, pairing)  # [B, H, 2, d/2, 2]
-    diff = (paired[:, :, 0, :, 1] - paired[:, :, 0, :, 0]) * (1.0 / n)
-    raw = (paired[:, :, 1].sum(-1) * (1.0 / n) - 0.5 * diff * diff) * 0.5  # σ² before the clamp
+    diff, raw = _variance_before_clamp(sums, n, pairing)
     var = raw.clamp_min(0)
     acc = var.dtype
     g = grad.to(acc) * 2.0

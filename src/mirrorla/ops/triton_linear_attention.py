@@ -347,11 +347,11 @@ def _output_tiles(q_ptr, o_ptr, first, TILES, NQ, s_qn, s_qd, s_on, s_od, s, z, 
                                and not (MAP == 2 and PAIRING == 1))
     if HALF_DOTS:
         s_hi, s_lo = _split_half(s, tl.bfloat16)
-        z_hi = z.to(tl.bfloat16).to(tl.float32)
+        z_hi, z_lo = _split_half(z, tl.bfloat16)
         column = tl.arange(0, 16)[None, :]
-        # built in fp32 and cast (the interpreter has no bf16 constants); z - z_hi is rounded by the cast
-        z_cols = tl.where(column == 0, z_hi[:, None], tl.where(column == 1, (z - z_hi)[:, None], 0.0))
-        z_cols = z_cols.to(tl.bfloat16)
+        # built in fp32 and cast back, exactly (the interpreter has no bf16 constants)
+        z_cols = tl.where(column == 0, z_hi.to(tl.float32)[:, None],
+                          tl.where(column == 1, z_lo.to(tl.float32)[:, None], 0.0)).to(tl.bfloat16)
     for t in range(0, TILES):
         offs_n = _token_offsets(first + t, BN)
         nmask = offs_n < NQ

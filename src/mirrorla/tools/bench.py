@@ -522,15 +522,15 @@ def paired_ratio(base: dict[str, Any], case: dict[str, Any], confidence: float =
     over the case's, then :func:`median_interval` of those ratios (``ratio``, ``low``, ``high``; no ``low``/``high``
     below 6 rounds). Records without per-round times (reports from before ``round_ms``) give the ratio of their
     medians, unpaired. None where either did not run."""
-    if base.get("status") != "ok" or case.get("status") != "ok" or not base.get("median_ms") or not case.get(
-            "median_ms"):
+    if any(r.get("status") != "ok" or not r.get("median_ms") for r in (base, case)):
         return None
     b, c = base.get("round_ms"), case.get("round_ms")
     if not b or not c or len(b) != len(c):
         return {"ratio": base["median_ms"] / case["median_ms"], "paired": False}
-    interval = median_interval([x / y for x, y in zip(b, c, strict=True)], confidence)
+    ratios = [x / y for x, y in zip(b, c, strict=True)]
+    interval = median_interval(ratios, confidence)
     if interval is None:
-        return {"ratio": statistics.median(x / y for x, y in zip(b, c, strict=True)), "paired": True}
+        return {"ratio": statistics.median(ratios), "paired": True}
     return {"ratio": interval[0], "low": interval[1], "high": interval[2], "paired": True}
 
 
